@@ -1,0 +1,173 @@
+//! Typed configuration read from the environment (or the equivalent `--flag`).
+//!
+//! Every setting has a default that matches the services `scripts/` starts on loopback, so a
+//! developer sets nothing. Values are parsed when a binary starts: an invalid one stops it with
+//! a message that names the variable, the value and what was expected (clap's errors), instead
+//! of failing later deep inside a connection attempt.
+
+use std::time::Duration;
+
+/// Where the shared infrastructure lives. Flattened into each binary's own arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InfraConfig {
+    /// PostgreSQL connection URL (event store, outbox, read models).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://shop:shop@127.0.0.1:5432/shop",
+        value_parser = parse_postgres_url
+    )]
+    pub database_url: String,
+
+    /// Largest number of pooled PostgreSQL connections this process opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_max_connections: u32,
+
+    /// Kafka bootstrap servers, comma separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", value_parser = parse_brokers)]
+    pub kafka_brokers: String,
+
+    /// Prefix put in front of every Kafka topic name (e.g. `staging.` or a per-test prefix).
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    pub kafka_topic_prefix: String,
+
+    /// Partition count used when the project creates its topics.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub kafka_partitions: i32,
+
+    /// RabbitMQ connection URL (the vhost is the URL's path, `%2f` for `/`).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_parser = parse_amqp_url
+    )]
+    pub amqp_url: String,
+}
+
+impl Default for InfraConfig {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://shop:shop@127.0.0.1:5432/shop".into(),
+            database_max_connections: 16,
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_topic_prefix: String::new(),
+            kafka_partitions: 6,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        }
+    }
+}
+
+impl InfraConfig {
+    /// Reads the settings from the environment alone (tests, tools without flags).
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(clap::Parser)]
+        struct EnvOnly {
+            #[command(flatten)]
+            infra: InfraConfig,
+        }
+        <EnvOnly as clap::Parser>::try_parse_from(["shop"]).map(|e| e.infra)
+    }
+
+    /// The full name of one of the project's topics, prefix included.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.kafka_topic_prefix, name)
+    }
+}
+
+fn parse_postgres_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a URL like postgres://user:password@host:5432/database".into())
+    }
+}
+
+fn parse_amqp_url(s: &str) -> Result<String, String> {
+    if s.starts_with("amqp://") || s.starts_with("amqps://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a URL like amqp://user:password@host:5672/%2f".into())
+    }
+}
+
+fn parse_brokers(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split(',').all(|b| {
+            b.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected comma separated host:port pairs, e.g. 127.0.0.1:9092".into())
+    }
+}
+
+/// Parses durations written as `250ms`, `5s`, `2m` or `1h` (for flags such as poll intervals).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; write e.g. 250ms, 5s, 2m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("unknown unit in `{s}`; use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        infra: InfraConfig,
+    }
+
+    #[test]
+    fn defaults_match_the_local_scripts() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        let d = InfraConfig::default();
+        assert_eq!(cli.infra.database_url, d.database_url);
+        assert_eq!(cli.infra.kafka_brokers, d.kafka_brokers);
+        assert_eq!(cli.infra.amqp_url, d.amqp_url);
+        assert_eq!(cli.infra.kafka_partitions, d.kafka_partitions);
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        for (flag, value, expect) in [
+            ("--database-url", "mysql://x", "postgres://"),
+            ("--kafka-brokers", "localhost", "host:port"),
+            ("--kafka-partitions", "0", "0"),
+            ("--amqp-url", "http://x", "amqp://"),
+        ] {
+            let err = Cli::try_parse_from(["x", flag, value])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(flag), "{err}");
+            assert!(err.contains(expect), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! Shared plumbing for every shop service (write side, relay, read side, saga, participants).
+//!
+//! Each service binary is thin: it parses [`config`], calls [`telemetry::init`], creates one
+//! [`shutdown::token`] and hands both to its library. Nothing here knows about orders.
+//!
+//! # Layout
+//! - [`config`]: typed settings from the environment, defaults matching `scripts/`.
+//! - [`telemetry`]: `tracing` set-up (JSON when stdout is not a terminal, `RUST_LOG`).
+//! - [`shutdown`]: the one cancellation token, cancelled by SIGTERM or Ctrl-C.
+//! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` routes for any axum server.
+//! - [`db`], [`kafka`], [`amqp`]: connecting to PostgreSQL, Kafka and RabbitMQ the same way
+//!   everywhere (pool sizes, idempotent producer, publisher confirms, topic creation).
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod config;
+pub mod db;
+pub mod kafka;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;

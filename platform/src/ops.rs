@@ -1,0 +1,166 @@
+//! Operational endpoints every service exposes: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! `/healthz` says the process is alive (always 200 while it can answer). `/readyz` runs the
+//! service's named dependency checks and answers 503 with the failing ones when any fails, so a
+//! load balancer stops sending work while, say, PostgreSQL is unreachable. `/metrics` renders
+//! the process-wide Prometheus recorder that every crate writes to through the `metrics` macros.
+
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::future::{BoxFuture, join_all};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+
+type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// How long one readiness check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The named checks `/readyz` runs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(&'static str, CheckFn)>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a check; it fails when the future returns `Err` or takes longer than 2 s.
+    pub fn check<F, Fut>(mut self, name: &'static str, f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push((name, Arc::new(move || Box::pin(f()))));
+        self
+    }
+
+    /// Ready while the pool can run `SELECT 1`.
+    pub fn postgres(self, pool: sqlx::PgPool) -> Self {
+        self.check("postgres", move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+    }
+
+    /// Ready while a worker says so (e.g. the relay while its broker connection is up).
+    pub fn flag(self, name: &'static str, flag: Arc<AtomicBool>) -> Self {
+        self.check(name, move || {
+            let up = flag.load(Ordering::Relaxed);
+            async move { if up { Ok(()) } else { Err("not ready".into()) } }
+        })
+    }
+
+    /// Runs every check concurrently; returns whether all passed and a per-check report.
+    pub async fn report(&self) -> (bool, serde_json::Value) {
+        let results = join_all(self.checks.iter().map(|(name, f)| async move {
+            let r = match tokio::time::timeout(CHECK_TIMEOUT, f()).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+            };
+            (*name, r)
+        }))
+        .await;
+        let ready = results.iter().all(|(_, r)| r.is_ok());
+        let checks: serde_json::Map<_, _> = results
+            .into_iter()
+            .map(|(name, r)| {
+                let v = match r {
+                    Ok(()) => json!({"status": "up"}),
+                    Err(e) => json!({"status": "down", "error": e}),
+                };
+                (name.to_owned(), v)
+            })
+            .collect();
+        (ready, json!({"ready": ready, "checks": checks}))
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is already global; then ours renders nothing,
+            // which `/metrics` makes visible rather than crashing the service.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Routes for `/healthz`, `/readyz` and `/metrics`, to merge into a service's router.
+pub fn router(readiness: Readiness) -> Router {
+    let handle = metrics_handle();
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz).with_state(readiness))
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move {
+                    handle.run_upkeep();
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        handle.render(),
+                    )
+                }
+            }),
+        )
+}
+
+async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
+    let (ready, body) = readiness.report().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_fails_when_any_check_fails() {
+        let flag = Arc::new(AtomicBool::new(true));
+        let r = Readiness::new()
+            .flag("broker", flag.clone())
+            .check("ok", || async { Ok(()) });
+        assert!(r.report().await.0);
+        flag.store(false, Ordering::Relaxed);
+        let (ready, body) = r.report().await;
+        assert!(!ready);
+        assert_eq!(body["checks"]["broker"]["status"], "down");
+        assert_eq!(body["checks"]["ok"]["status"], "up");
+    }
+
+    #[test]
+    fn metrics_are_rendered() {
+        let handle = metrics_handle();
+        metrics::counter!("platform_test_total").increment(3);
+        assert!(handle.render().contains("platform_test_total 3"));
+    }
+}

@@ -1,0 +1,48 @@
+# shellcheck shell=bash
+# Shared helpers for the service scripts: paths, logging, port probes, waiting.
+# Sourced, never run. Every service script is idempotent: it reuses a service that already
+# answers on its address and only installs/starts what is missing.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+mkdir -p "$LOCAL/logs"
+
+# Defaults shared with the Rust config (platform::config). Override through the environment.
+export DATABASE_URL="${DATABASE_URL:-postgres://shop:shop@127.0.0.1:5432/shop}"
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+
+log() { printf '\033[1m[%s]\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; }
+die() { printf '\033[31m[%s] error:\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; exit 1; }
+
+# port_open HOST PORT -> 0 when something accepts TCP connections there.
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# wait_for SECONDS DESCRIPTION COMMAND... : polls COMMAND every half second.
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS >= deadline )); then return 1; fi
+    sleep 0.5
+  done
+  log "$what is up"
+}
+
+apt_updated=""
+apt_install() {
+  if [[ -z "$apt_updated" ]]; then
+    log "apt-get update"
+    apt-get update -qq >"$LOCAL/logs/apt.log" 2>&1 || die "apt-get update failed, see $LOCAL/logs/apt.log"
+    apt_updated=1
+  fi
+  log "installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >>"$LOCAL/logs/apt.log" 2>&1 \
+    || die "apt-get install $* failed, see $LOCAL/logs/apt.log"
+}
+
+# host and port out of a URL like scheme://user:pass@host:port/path
+url_host() { local r=${1#*://}; r=${r#*@}; r=${r%%/*}; echo "${r%%:*}"; }
+url_port() { local r=${1#*://}; r=${r#*@}; r=${r%%/*}; [[ $r == *:* ]] && echo "${r##*:}" || echo "$2"; }

@@ -1,0 +1,213 @@
+//! Helpers for integration tests against the real services started by `scripts/services.sh`.
+//!
+//! Every test gets its own PostgreSQL database, its own Kafka topic names and its own RabbitMQ
+//! queue names (all derived from one random prefix), so tests run in parallel without seeing
+//! each other. A missing service makes the helper fail the test with the address it tried:
+//! nothing is skipped silently.
+//!
+//! # Layout
+//! - [`TestDb`]: a fresh, migrated database, dropped when the value is dropped.
+//! - [`TestKafka`]: per-test topic names, created with the admin API and deleted afterwards.
+//! - [`TestRabbit`]: a connection plus a per-test name prefix; queues it declared are deleted.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use lapin::options::QueueDeleteOptions;
+use platform::config::InfraConfig;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+/// The shared settings, read from the environment like the services read them.
+pub fn infra() -> InfraConfig {
+    InfraConfig::from_env().expect("invalid service environment for tests")
+}
+
+/// A short random name part, e.g. `t3f9a0c1b2d4e`.
+pub fn unique_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Replaces the database name (the URL's last path segment) in a Postgres URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// A database of its own for one test, with all migrations applied.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+/// Prefix of every test database; `scripts/test.sh` drops leftovers carrying it.
+pub const TEST_DB_PREFIX: &str = "shoptest_";
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::with_pool_size(8).await
+    }
+
+    pub async fn with_pool_size(max: u32) -> Self {
+        let admin_url = infra().database_url;
+        let name = format!("{TEST_DB_PREFIX}{}", unique_prefix());
+        let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!("cannot reach PostgreSQL at {admin_url}: {e} (run scripts/services.sh up)")
+        });
+        admin
+            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let pool = platform::db::connect(&url, max)
+            .await
+            .expect("connect to test database");
+        platform::db::migrate(&pool)
+            .await
+            .expect("apply migrations");
+        Self {
+            pool,
+            name,
+            url,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop may run inside a Tokio runtime; do the async clean-up on a thread of its own.
+        let (admin_url, name, pool) =
+            (self.admin_url.clone(), self.name.clone(), self.pool.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                pool.close().await;
+                let mut admin = PgConnection::connect(&admin_url).await.ok()?;
+                admin
+                    .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Per-test Kafka topic names; the topics it created are deleted on drop.
+pub struct TestKafka {
+    pub brokers: String,
+    pub prefix: String,
+    created: Vec<String>,
+}
+
+impl TestKafka {
+    pub async fn new() -> Self {
+        let brokers = infra().kafka_brokers;
+        platform::kafka::wait_ready(&brokers, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e} (run scripts/services.sh up)"));
+        Self {
+            brokers,
+            prefix: format!("{}.", unique_prefix()),
+            created: Vec::new(),
+        }
+    }
+
+    /// The per-test name of a topic.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// Creates per-test topics with `partitions` partitions and returns their full names.
+    pub async fn create_topics(&mut self, names: &[&str], partitions: i32) -> Vec<String> {
+        let topics: Vec<String> = names.iter().map(|n| self.topic(n)).collect();
+        platform::kafka::ensure_topics(&self.brokers, &topics, partitions)
+            .await
+            .expect("create test topics");
+        self.created.extend(topics.iter().cloned());
+        topics
+    }
+}
+
+impl Drop for TestKafka {
+    fn drop(&mut self) {
+        if self.created.is_empty() {
+            return;
+        }
+        let (brokers, topics) = (self.brokers.clone(), std::mem::take(&mut self.created));
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(platform::kafka::delete_topics(&brokers, &topics))
+                .ok()
+        })
+        .join();
+    }
+}
+
+/// A RabbitMQ connection and a per-test prefix for queue and exchange names.
+pub struct TestRabbit {
+    pub conn: lapin::Connection,
+    pub url: String,
+    pub prefix: String,
+}
+
+impl TestRabbit {
+    pub async fn new() -> Self {
+        let url = infra().amqp_url;
+        let conn = platform::amqp::connect(&url, "shop-tests")
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot reach RabbitMQ at {url}: {e} (run scripts/services.sh up)")
+            });
+        Self {
+            conn,
+            url,
+            prefix: format!("{}.", unique_prefix()),
+        }
+    }
+
+    pub fn name(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// Deletes per-test queues (call at the end of a test; queues are durable).
+    pub async fn delete_queues(&self, queues: &[String]) {
+        let ch = self.conn.create_channel().await.expect("channel");
+        for q in queues {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .expect("delete test queue");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            super::with_database("postgres://u:p@h:5432/shop", "x"),
+            "postgres://u:p@h:5432/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u:p@h/shop?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+    }
+}
