@@ -1,0 +1,714 @@
+//! The checkout saga as a pure state machine: `transition(SagaState, SagaInput) -> (SagaState,
+//! Vec<SagaCommand>)`.
+//!
+//! Steps: reserve inventory -> authorize payment -> create shipment -> confirm the order. Each
+//! step arms a deadline; a deadline that fires re-sends the step (participants are idempotent
+//! per order) until `max_attempts`, then the saga compensates. Compensation releases inventory
+//! and voids payment for everything that *may* be held: a step that timed out may have
+//! succeeded at the participant without us hearing of it, so it is compensated too (release and
+//! void are idempotent, and harmless when nothing is held). Replies that arrive after the saga
+//! ended are answered with the compensation they need (a late `PaymentAuthorized` on a cancelled
+//! saga gets a `VoidPayment`), so nothing is ever left held.
+//!
+//! Replies that do not match the current step (duplicates, stale deadlines) change nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    order::OrderLine,
+    values::{Currency, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress, Sku},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Inventory,
+    Payment,
+    Shipment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    NotStarted,
+    Awaiting(Step),
+    Confirmed,
+    Cancelled,
+}
+
+/// What the saga needs from the placed order to run every step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaOrder {
+    pub order_id: OrderId,
+    pub lines: Vec<(Sku, Quantity)>,
+    pub amount_minor: MinorUnits,
+    pub currency: Currency,
+    pub payment_token: PaymentToken,
+    pub shipping_address: ShippingAddress,
+}
+
+impl SagaOrder {
+    pub fn from_lines(
+        order_id: OrderId,
+        lines: &[OrderLine],
+        amount_minor: MinorUnits,
+        currency: Currency,
+        payment_token: PaymentToken,
+        shipping_address: ShippingAddress,
+    ) -> Self {
+        Self {
+            order_id,
+            lines: lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect(),
+            amount_minor,
+            currency,
+            payment_token,
+            shipping_address,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SagaInput {
+    OrderPlaced {
+        order: SagaOrder,
+    },
+    InventoryReserved {
+        reservation_id: String,
+    },
+    InventoryUnavailable {
+        reason: String,
+    },
+    PaymentAuthorized {
+        authorization_id: String,
+    },
+    PaymentDeclined {
+        reason: String,
+    },
+    ShipmentCreated {
+        shipment_id: String,
+    },
+    ShipmentFailed {
+        reason: String,
+    },
+    /// The deadline armed for `attempt` of `step` passed without a reply.
+    DeadlineExpired {
+        step: Step,
+        attempt: u32,
+    },
+    /// The order was cancelled outside the saga (by the customer or an operator).
+    OrderCancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SagaCommand {
+    // to participants
+    ReserveInventory {
+        order_id: OrderId,
+        lines: Vec<(Sku, Quantity)>,
+    },
+    ReleaseInventory {
+        order_id: OrderId,
+    },
+    AuthorizePayment {
+        order_id: OrderId,
+        amount_minor: MinorUnits,
+        currency: Currency,
+        payment_token: PaymentToken,
+    },
+    VoidPayment {
+        order_id: OrderId,
+    },
+    CreateShipment {
+        order_id: OrderId,
+        address: ShippingAddress,
+    },
+    // to the order aggregate
+    MarkInventoryReserved {
+        order_id: OrderId,
+        reservation_id: String,
+    },
+    MarkPaymentAuthorized {
+        order_id: OrderId,
+        authorization_id: String,
+    },
+    ConfirmOrder {
+        order_id: OrderId,
+        shipment_id: String,
+    },
+    CancelOrder {
+        order_id: OrderId,
+        reason: String,
+    },
+    // to the runtime
+    ArmDeadline {
+        step: Step,
+        attempt: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaState {
+    pub phase: Phase,
+    pub order: Option<SagaOrder>,
+    /// Attempt number of the current step (1-based).
+    pub attempt: u32,
+    /// How many times a step is sent before the saga gives up on it.
+    pub max_attempts: u32,
+    /// A ReserveInventory went out and was not refused: inventory may be held.
+    pub inventory_maybe_held: bool,
+    /// An AuthorizePayment went out and was not declined: money may be held.
+    pub payment_maybe_held: bool,
+    /// Why the saga cancelled the order, when it did.
+    pub cancel_reason: Option<String>,
+}
+
+impl SagaState {
+    pub fn new(max_attempts: u32) -> Self {
+        Self {
+            phase: Phase::NotStarted,
+            order: None,
+            attempt: 0,
+            max_attempts: max_attempts.max(1),
+            inventory_maybe_held: false,
+            payment_maybe_held: false,
+            cancel_reason: None,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase, Phase::Confirmed | Phase::Cancelled)
+    }
+}
+
+pub fn transition(mut s: SagaState, input: SagaInput) -> (SagaState, Vec<SagaCommand>) {
+    use SagaInput as I;
+    let mut out = Vec::new();
+    match (s.phase, input) {
+        (Phase::NotStarted, I::OrderPlaced { order }) => {
+            s.order = Some(order);
+            start_step(&mut s, Step::Inventory, &mut out);
+        }
+        (Phase::Awaiting(Step::Inventory), I::InventoryReserved { reservation_id }) => {
+            let order_id = s.order_id();
+            out.push(SagaCommand::MarkInventoryReserved {
+                order_id,
+                reservation_id,
+            });
+            start_step(&mut s, Step::Payment, &mut out);
+        }
+        (Phase::Awaiting(Step::Inventory), I::InventoryUnavailable { reason }) => {
+            s.inventory_maybe_held = false;
+            cancel(
+                &mut s,
+                format!("inventory unavailable: {reason}"),
+                true,
+                &mut out,
+            );
+        }
+        (Phase::Awaiting(Step::Payment), I::PaymentAuthorized { authorization_id }) => {
+            let order_id = s.order_id();
+            out.push(SagaCommand::MarkPaymentAuthorized {
+                order_id,
+                authorization_id,
+            });
+            start_step(&mut s, Step::Shipment, &mut out);
+        }
+        (Phase::Awaiting(Step::Payment), I::PaymentDeclined { reason }) => {
+            s.payment_maybe_held = false;
+            cancel(
+                &mut s,
+                format!("payment declined: {reason}"),
+                true,
+                &mut out,
+            );
+        }
+        (Phase::Awaiting(Step::Shipment), I::ShipmentCreated { shipment_id }) => {
+            let order_id = s.order_id();
+            out.push(SagaCommand::ConfirmOrder {
+                order_id,
+                shipment_id,
+            });
+            s.phase = Phase::Confirmed;
+        }
+        (Phase::Awaiting(Step::Shipment), I::ShipmentFailed { reason }) => {
+            cancel(&mut s, format!("shipment failed: {reason}"), true, &mut out);
+        }
+        (
+            Phase::Awaiting(step),
+            I::DeadlineExpired {
+                step: expired,
+                attempt,
+            },
+        ) if expired == step && attempt == s.attempt => {
+            if s.attempt < s.max_attempts {
+                s.attempt += 1;
+                send_step(&mut s, step, &mut out);
+            } else {
+                let reason = format!(
+                    "{} step timed out after {} attempts",
+                    step_name(step),
+                    s.attempt
+                );
+                cancel(&mut s, reason, true, &mut out);
+            }
+        }
+        (Phase::Awaiting(_), I::OrderCancelled) => {
+            cancel(&mut s, "order cancelled".into(), false, &mut out);
+        }
+        // Late successes after the saga gave up, or successes for a step it never asked for
+        // yet (a misrouted or forged reply): undo them. A duplicate of a step already taken
+        // is ignored below.
+        (Phase::Cancelled, I::InventoryReserved { .. }) => {
+            out.push(SagaCommand::ReleaseInventory {
+                order_id: s.order_id(),
+            });
+        }
+        (Phase::Cancelled | Phase::Awaiting(Step::Inventory), I::PaymentAuthorized { .. }) => {
+            out.push(SagaCommand::VoidPayment {
+                order_id: s.order_id(),
+            });
+        }
+        // Duplicates, stale deadlines, replies for other steps, anything after the end.
+        _ => {}
+    }
+    (s, out)
+}
+
+/// Folds recorded inputs into the state, discarding the commands (used to load a saga).
+pub fn replay<'a>(max_attempts: u32, inputs: impl IntoIterator<Item = &'a SagaInput>) -> SagaState {
+    inputs
+        .into_iter()
+        .fold(SagaState::new(max_attempts), |s, i| {
+            transition(s, i.clone()).0
+        })
+}
+
+impl SagaState {
+    fn order_id(&self) -> OrderId {
+        self.order
+            .as_ref()
+            .expect("a started saga has its order")
+            .order_id
+    }
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Inventory => "inventory",
+        Step::Payment => "payment",
+        Step::Shipment => "shipment",
+    }
+}
+
+fn start_step(s: &mut SagaState, step: Step, out: &mut Vec<SagaCommand>) {
+    s.phase = Phase::Awaiting(step);
+    s.attempt = 1;
+    send_step(s, step, out);
+}
+
+fn send_step(s: &mut SagaState, step: Step, out: &mut Vec<SagaCommand>) {
+    match step {
+        Step::Inventory => s.inventory_maybe_held = true,
+        Step::Payment => s.payment_maybe_held = true,
+        Step::Shipment => {}
+    }
+    let o = s.order.as_ref().expect("a started saga has its order");
+    out.push(match step {
+        Step::Inventory => SagaCommand::ReserveInventory {
+            order_id: o.order_id,
+            lines: o.lines.clone(),
+        },
+        Step::Payment => SagaCommand::AuthorizePayment {
+            order_id: o.order_id,
+            amount_minor: o.amount_minor,
+            currency: o.currency,
+            payment_token: o.payment_token.clone(),
+        },
+        Step::Shipment => SagaCommand::CreateShipment {
+            order_id: o.order_id,
+            address: o.shipping_address.clone(),
+        },
+    });
+    out.push(SagaCommand::ArmDeadline {
+        step,
+        attempt: s.attempt,
+    });
+}
+
+fn cancel(s: &mut SagaState, reason: String, cancel_order: bool, out: &mut Vec<SagaCommand>) {
+    let order_id = s.order_id();
+    if s.payment_maybe_held {
+        out.push(SagaCommand::VoidPayment { order_id });
+    }
+    if s.inventory_maybe_held {
+        out.push(SagaCommand::ReleaseInventory { order_id });
+    }
+    if cancel_order {
+        out.push(SagaCommand::CancelOrder {
+            order_id,
+            reason: reason.clone(),
+        });
+    }
+    s.cancel_reason = Some(reason);
+    s.phase = Phase::Cancelled;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: u32 = 3;
+
+    fn order() -> SagaOrder {
+        SagaOrder {
+            order_id: OrderId(uuid::Uuid::from_u128(7)),
+            lines: vec![(Sku::parse("A").unwrap(), Quantity::parse(2).unwrap())],
+            amount_minor: MinorUnits::parse(500).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            payment_token: PaymentToken::parse("tok").unwrap(),
+            shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+        }
+    }
+
+    fn oid() -> OrderId {
+        order().order_id
+    }
+
+    /// given the inputs so far, when `input`, then (phase, commands).
+    fn given(history: &[SagaInput], input: SagaInput) -> (SagaState, Vec<SagaCommand>) {
+        transition(replay(MAX, history), input)
+    }
+
+    fn placed() -> Vec<SagaInput> {
+        vec![SagaInput::OrderPlaced { order: order() }]
+    }
+
+    fn reserved() -> Vec<SagaInput> {
+        let mut h = placed();
+        h.push(SagaInput::InventoryReserved {
+            reservation_id: "r".into(),
+        });
+        h
+    }
+
+    fn authorized() -> Vec<SagaInput> {
+        let mut h = reserved();
+        h.push(SagaInput::PaymentAuthorized {
+            authorization_id: "a".into(),
+        });
+        h
+    }
+
+    fn kinds(cmds: &[SagaCommand]) -> Vec<&'static str> {
+        cmds.iter()
+            .map(|c| match c {
+                SagaCommand::ReserveInventory { .. } => "reserve",
+                SagaCommand::ReleaseInventory { .. } => "release",
+                SagaCommand::AuthorizePayment { .. } => "authorize",
+                SagaCommand::VoidPayment { .. } => "void",
+                SagaCommand::CreateShipment { .. } => "ship",
+                SagaCommand::MarkInventoryReserved { .. } => "mark_reserved",
+                SagaCommand::MarkPaymentAuthorized { .. } => "mark_authorized",
+                SagaCommand::ConfirmOrder { .. } => "confirm",
+                SagaCommand::CancelOrder { .. } => "cancel",
+                SagaCommand::ArmDeadline { .. } => "deadline",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn order_placed_reserves_inventory_and_arms_a_deadline() {
+        let (s, cmds) = given(&[], SagaInput::OrderPlaced { order: order() });
+        assert_eq!(s.phase, Phase::Awaiting(Step::Inventory));
+        assert_eq!(kinds(&cmds), ["reserve", "deadline"]);
+        assert_eq!(
+            cmds[1],
+            SagaCommand::ArmDeadline {
+                step: Step::Inventory,
+                attempt: 1
+            }
+        );
+    }
+
+    #[test]
+    fn inventory_reserved_marks_the_order_and_authorizes_payment() {
+        let (s, cmds) = given(
+            &placed(),
+            SagaInput::InventoryReserved {
+                reservation_id: "r".into(),
+            },
+        );
+        assert_eq!(s.phase, Phase::Awaiting(Step::Payment));
+        assert_eq!(kinds(&cmds), ["mark_reserved", "authorize", "deadline"]);
+        let SagaCommand::AuthorizePayment { amount_minor, .. } = &cmds[1] else {
+            panic!()
+        };
+        assert_eq!(amount_minor.get(), 500);
+    }
+
+    #[test]
+    fn payment_authorized_creates_the_shipment() {
+        let (s, cmds) = given(
+            &reserved(),
+            SagaInput::PaymentAuthorized {
+                authorization_id: "a".into(),
+            },
+        );
+        assert_eq!(s.phase, Phase::Awaiting(Step::Shipment));
+        assert_eq!(kinds(&cmds), ["mark_authorized", "ship", "deadline"]);
+    }
+
+    #[test]
+    fn shipment_created_confirms_the_order() {
+        let (s, cmds) = given(
+            &authorized(),
+            SagaInput::ShipmentCreated {
+                shipment_id: "s".into(),
+            },
+        );
+        assert_eq!(s.phase, Phase::Confirmed);
+        assert_eq!(
+            cmds,
+            vec![SagaCommand::ConfirmOrder {
+                order_id: oid(),
+                shipment_id: "s".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn out_of_stock_cancels_without_compensation() {
+        let (s, cmds) = given(
+            &placed(),
+            SagaInput::InventoryUnavailable { reason: "A".into() },
+        );
+        assert_eq!(s.phase, Phase::Cancelled);
+        assert_eq!(kinds(&cmds), ["cancel"]);
+    }
+
+    #[test]
+    fn payment_declined_releases_inventory_and_cancels() {
+        let (s, cmds) = given(
+            &reserved(),
+            SagaInput::PaymentDeclined {
+                reason: "insufficient funds".into(),
+            },
+        );
+        assert_eq!(s.phase, Phase::Cancelled);
+        assert_eq!(kinds(&cmds), ["release", "cancel"]);
+        let SagaCommand::CancelOrder { reason, .. } = &cmds[1] else {
+            panic!()
+        };
+        assert_eq!(reason, "payment declined: insufficient funds");
+    }
+
+    #[test]
+    fn shipment_failed_voids_payment_and_releases_inventory() {
+        let (s, cmds) = given(
+            &authorized(),
+            SagaInput::ShipmentFailed {
+                reason: "no carrier".into(),
+            },
+        );
+        assert_eq!(s.phase, Phase::Cancelled);
+        assert_eq!(kinds(&cmds), ["void", "release", "cancel"]);
+    }
+
+    #[test]
+    fn a_deadline_resends_the_step_then_compensates() {
+        let mut h = reserved();
+        for attempt in 1..MAX {
+            let (s, cmds) = given(
+                &h,
+                SagaInput::DeadlineExpired {
+                    step: Step::Payment,
+                    attempt,
+                },
+            );
+            assert_eq!(kinds(&cmds), ["authorize", "deadline"], "attempt {attempt}");
+            assert_eq!(s.attempt, attempt + 1);
+            h.push(SagaInput::DeadlineExpired {
+                step: Step::Payment,
+                attempt,
+            });
+        }
+        let (s, cmds) = given(
+            &h,
+            SagaInput::DeadlineExpired {
+                step: Step::Payment,
+                attempt: MAX,
+            },
+        );
+        assert_eq!(s.phase, Phase::Cancelled);
+        // The payment may have gone through unheard: it is voided too.
+        assert_eq!(kinds(&cmds), ["void", "release", "cancel"]);
+    }
+
+    #[test]
+    fn stale_deadlines_and_duplicate_replies_change_nothing() {
+        let h = reserved();
+        let before = replay(MAX, &h);
+        for input in [
+            SagaInput::DeadlineExpired {
+                step: Step::Inventory,
+                attempt: 1,
+            },
+            SagaInput::DeadlineExpired {
+                step: Step::Payment,
+                attempt: 2,
+            },
+            SagaInput::InventoryReserved {
+                reservation_id: "r".into(),
+            },
+            SagaInput::OrderPlaced { order: order() },
+            SagaInput::ShipmentCreated {
+                shipment_id: "s".into(),
+            },
+        ] {
+            let (s, cmds) = given(&h, input.clone());
+            assert_eq!(s, before, "{input:?}");
+            assert!(cmds.is_empty(), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn an_external_cancel_compensates_without_cancelling_again() {
+        let (s, cmds) = given(&reserved(), SagaInput::OrderCancelled);
+        assert_eq!(s.phase, Phase::Cancelled);
+        assert_eq!(kinds(&cmds), ["void", "release"]);
+    }
+
+    #[test]
+    fn late_successes_after_cancellation_are_undone() {
+        let mut h = reserved();
+        h.push(SagaInput::PaymentDeclined { reason: "x".into() });
+        let (_, cmds) = given(
+            &h,
+            SagaInput::PaymentAuthorized {
+                authorization_id: "late".into(),
+            },
+        );
+        assert_eq!(kinds(&cmds), ["void"]);
+        let (_, cmds) = given(
+            &h,
+            SagaInput::InventoryReserved {
+                reservation_id: "late".into(),
+            },
+        );
+        assert_eq!(kinds(&cmds), ["release"]);
+    }
+
+    #[test]
+    fn nothing_happens_after_confirmation() {
+        let mut h = authorized();
+        h.push(SagaInput::ShipmentCreated {
+            shipment_id: "s".into(),
+        });
+        for input in [
+            SagaInput::OrderCancelled,
+            SagaInput::PaymentDeclined { reason: "x".into() },
+        ] {
+            let (s, cmds) = given(&h, input);
+            assert_eq!(s.phase, Phase::Confirmed);
+            assert!(cmds.is_empty());
+        }
+    }
+
+    fn any_input() -> impl Strategy<Value = SagaInput> {
+        let step = prop_oneof![
+            Just(Step::Inventory),
+            Just(Step::Payment),
+            Just(Step::Shipment)
+        ];
+        prop_oneof![
+            Just(SagaInput::InventoryReserved {
+                reservation_id: "r".into()
+            }),
+            Just(SagaInput::InventoryUnavailable { reason: "x".into() }),
+            Just(SagaInput::PaymentAuthorized {
+                authorization_id: "a".into()
+            }),
+            Just(SagaInput::PaymentDeclined { reason: "x".into() }),
+            Just(SagaInput::ShipmentCreated {
+                shipment_id: "s".into()
+            }),
+            Just(SagaInput::ShipmentFailed { reason: "x".into() }),
+            Just(SagaInput::OrderCancelled),
+            (step, 1..=MAX + 1)
+                .prop_map(|(step, attempt)| SagaInput::DeadlineExpired { step, attempt }),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of replies, followed by the deadlines of whatever is still pending,
+        /// ends CONFIRMED or CANCELLED; a cancelled saga has released the inventory and voided
+        /// the payment it may hold (after the last success it heard of), a confirmed one has
+        /// compensated nothing.
+        #[test]
+        fn every_saga_ends_and_cancelled_ones_hold_nothing(
+            inputs in proptest::collection::vec(any_input(), 0..40)
+        ) {
+            let mut s = SagaState::new(MAX);
+            let mut all = Vec::new();
+            let feed = |s: SagaState, i: SagaInput, all: &mut Vec<(SagaInput, Vec<SagaCommand>)>| {
+                let (s, cmds) = transition(s, i.clone());
+                all.push((i, cmds));
+                s
+            };
+            s = feed(s, SagaInput::OrderPlaced { order: order() }, &mut all);
+            for i in inputs {
+                s = feed(s, i, &mut all);
+            }
+            let mut guard = 0;
+            while let Phase::Awaiting(step) = s.phase {
+                let attempt = s.attempt;
+                s = feed(s, SagaInput::DeadlineExpired { step, attempt }, &mut all);
+                guard += 1;
+                prop_assert!(guard <= 3 * MAX, "saga does not end on deadlines");
+            }
+            prop_assert!(s.is_terminal());
+
+            let cmds: Vec<&SagaCommand> = all.iter().flat_map(|(_, c)| c).collect();
+            let last = |pred: &dyn Fn(&SagaCommand) -> bool| cmds.iter().rposition(|c| pred(c));
+            let reserve_sent = last(&|c| matches!(c, SagaCommand::ReserveInventory { .. }));
+            let release_sent = last(&|c| matches!(c, SagaCommand::ReleaseInventory { .. }));
+            let authorize_sent = last(&|c| matches!(c, SagaCommand::AuthorizePayment { .. }));
+            let void_sent = last(&|c| matches!(c, SagaCommand::VoidPayment { .. }));
+            let refused_stock = all.iter().any(|(i, _)| matches!(i, SagaInput::InventoryUnavailable { .. }));
+            let declined = all.iter().any(|(i, _)| matches!(i, SagaInput::PaymentDeclined { .. }));
+            match s.phase {
+                Phase::Cancelled => {
+                    if reserve_sent.is_some() && !refused_stock {
+                        prop_assert!(release_sent > reserve_sent, "inventory may be held: {all:?}");
+                    }
+                    if authorize_sent.is_some() && !declined {
+                        prop_assert!(void_sent > authorize_sent, "payment may be held: {all:?}");
+                    }
+                    // Every success heard (also late ones) is followed by its compensation.
+                    for (idx, (input, _)) in all.iter().enumerate() {
+                        let after: Vec<&SagaCommand> = all[idx..].iter().flat_map(|(_, c)| c).collect();
+                        if matches!(input, SagaInput::InventoryReserved { .. }) {
+                            prop_assert!(after.iter().any(|c| matches!(c, SagaCommand::ReleaseInventory { .. })), "reservation not released: {:?}", all);
+                        }
+                        if matches!(input, SagaInput::PaymentAuthorized { .. }) && s.phase == Phase::Cancelled {
+                            prop_assert!(after.iter().any(|c| matches!(c, SagaCommand::VoidPayment { .. })), "authorization not voided: {:?}", all);
+                        }
+                    }
+                    prop_assert!(cmds.iter().all(|c| !matches!(c, SagaCommand::ConfirmOrder { .. })), "cancelled saga confirmed");
+                }
+                Phase::Confirmed => {
+                    prop_assert_eq!(cmds.iter().filter(|c| matches!(c, SagaCommand::ConfirmOrder { .. })).count(), 1);
+                    prop_assert!(release_sent.is_none(), "confirmed saga released inventory");
+                    // The only voids allowed are for authorizations never asked for.
+                    let first_authorize = cmds.iter().position(|c| matches!(c, SagaCommand::AuthorizePayment { .. }));
+                    prop_assert!(void_sent.is_none() || void_sent < first_authorize, "confirmed saga voided its payment");
+                    prop_assert!(cmds.iter().all(|c| !matches!(c, SagaCommand::CancelOrder { .. })), "confirmed saga cancelled");
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+}
