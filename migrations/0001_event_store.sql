@@ -78,3 +78,17 @@ CREATE TABLE idempotency_keys (
     created_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (principal, key)
 );
+
+-- One row per stream: its head. Appends update it in the same statement that inserts the
+-- events, which serialises writers of one stream (row lock) and gives two more guarantees:
+--  * head_hash/version anchor the hash chain, so deleting the newest events is detected too;
+--  * last_tx only grows: an append from a transaction older than the stream's last writer is
+--    refused as a conflict (and retried by the caller in a new transaction), so a stream's
+--    versions are in tx_id order and the (tx_id, position) feed never reorders a stream.
+CREATE TABLE streams (
+    stream_id   uuid   PRIMARY KEY,
+    stream_type text   NOT NULL,
+    version     bigint NOT NULL,
+    head_hash   bytea  NOT NULL,
+    last_tx     xid8   NOT NULL
+);

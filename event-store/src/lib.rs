@@ -1,1 +1,45 @@
+//! The PostgreSQL event store and transactional outbox shared by every service.
+//!
+//! Streams are generic (an order, a saga): this crate knows rows, versions, hashes and
+//! outbox messages, not orders. Callers open a transaction, [`append`] events together with
+//! the outbox messages that announce them (one statement, one round trip), add whatever else
+//! must be atomic with them (an idempotency record), and commit.
+//!
+//! # Guarantees
+//! - Optimistic concurrency: an append states the version it expects; if another writer got
+//!   there first the append writes nothing and returns [`StoreError::Conflict`].
+//! - Gap-free global feed ([`read_feed`]): pages by `(tx_id, position)` and only returns rows of
+//!   transactions older than every running one, so a late-committing transaction is never
+//!   skipped, and each stream comes out in version order.
+//! - Tamper evidence: a per-stream SHA-256 chain anchored in the `streams` head row;
+//!   [`audit::verify_stream`] reports the first broken event.
+//!
+//! # Layout
+//! - [`model`]: rows in and out (`NewEvent`, `StoredEvent`, `Metadata`, `OutboxMessage`).
+//! - [`hash`]: canonical encoding and the chain hash.
+//! - [`append`](mod@append): the one-statement append.
+//! - [`read`]: loading a stream, the global feed.
+//! - [`audit`]: hash-chain verification.
 #![forbid(unsafe_code)]
+
+pub mod append;
+pub mod audit;
+pub mod hash;
+pub mod model;
+pub mod read;
+
+pub use append::{AppendOutcome, append};
+pub use model::{Destination, Metadata, NewEvent, OutboxMessage, StoredEvent};
+pub use read::{FeedCursor, load_stream, read_feed};
+
+/// Errors of the store. A conflict is an expected outcome of concurrency, not a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("stream {stream_id} is not at version {expected}")]
+    Conflict {
+        stream_id: uuid::Uuid,
+        expected: i64,
+    },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}

@@ -85,24 +85,13 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop may run inside a Tokio runtime; do the async clean-up on a thread of its own.
-        let (admin_url, name, pool) =
-            (self.admin_url.clone(), self.name.clone(), self.pool.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                pool.close().await;
-                let mut admin = PgConnection::connect(&admin_url).await.ok()?;
-                admin
-                    .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        // Synchronous on purpose: async clean-up from Drop would need the test's runtime,
+        // which is blocked right here. FORCE ends the pool's sessions.
+        let sql = format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name);
+        let _ = std::process::Command::new("psql")
+            .args([self.admin_url.as_str(), "-qXc", sql.as_str()])
+            .stdout(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -1,0 +1,93 @@
+//! Reading: one stream (to decide a command), and the global feed (to replay everything).
+
+use sqlx::{PgConnection, Row, postgres::PgRow};
+use uuid::Uuid;
+
+use crate::{StoredEvent, append::Expected};
+
+const COLUMNS: &str = "position, stream_id, stream_type, stream_version, event_id, event_type, \
+                       schema_version, payload, metadata, recorded_at, prev_hash, hash";
+
+fn from_row(r: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+    Ok(StoredEvent {
+        position: r.try_get("position")?,
+        stream_id: r.try_get("stream_id")?,
+        stream_type: r.try_get("stream_type")?,
+        stream_version: r.try_get("stream_version")?,
+        event_id: r.try_get("event_id")?,
+        event_type: r.try_get("event_type")?,
+        schema_version: r.try_get("schema_version")?,
+        payload: r.try_get("payload")?,
+        metadata: r.try_get("metadata")?,
+        recorded_at: r.try_get("recorded_at")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
+}
+
+/// All events of a stream in version order, and what to expect when appending to it next.
+pub async fn load_stream(
+    conn: &mut PgConnection,
+    stream_id: Uuid,
+) -> Result<(Vec<StoredEvent>, Expected), sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version"
+    ))
+    .bind(stream_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let events = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+    let expected = match events.last() {
+        Some(e) => Expected {
+            version: e.stream_version,
+            head_hash: e.hash.clone(),
+        },
+        None => Expected::new_stream(),
+    };
+    Ok((events, expected))
+}
+
+/// Where a feed reader is: the `(tx_id, position)` of the last event it has seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FeedCursor {
+    pub tx_id: u64,
+    pub position: i64,
+}
+
+/// The next `limit` events of the global feed after `after`.
+///
+/// Only transactions that finished before every still-running one are read
+/// (`tx_id < pg_snapshot_xmin`): an event whose transaction commits late has a smaller
+/// `tx_id` than its neighbours, and would be skipped forever by a reader paging on position.
+/// Here it is simply not visible yet, and is read in its place once it commits. Within one
+/// stream, versions are in `(tx_id, position)` order (guaranteed by the append).
+pub async fn read_feed(
+    conn: &mut PgConnection,
+    after: FeedCursor,
+    limit: i64,
+) -> Result<(Vec<StoredEvent>, FeedCursor), sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS}, tx_id::text AS tx FROM events
+         WHERE (tx_id, position) > ($1::text::xid8, $2)
+           AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY tx_id, position
+         LIMIT $3"
+    ))
+    .bind(after.tx_id.to_string())
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut cursor = after;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let tx: String = r.try_get("tx")?;
+        let e = from_row(r)?;
+        cursor = FeedCursor {
+            tx_id: tx.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            position: e.position,
+        };
+        events.push(e);
+    }
+    Ok((events, cursor))
+}
