@@ -63,8 +63,7 @@ SELECT count(*) FROM head
 "#;
 
 /// Appends `events` to the stream if it is at `expected`, with `outbox` messages, in the
-/// caller's transaction. `recorded_at` is taken here (microsecond precision) because it is
-/// part of the hash.
+/// caller's transaction, recorded now (see [`append_at`]).
 pub async fn append(
     conn: &mut PgConnection,
     stream_id: Uuid,
@@ -73,7 +72,30 @@ pub async fn append(
     events: &[NewEvent],
     outbox: &[OutboxMessage],
 ) -> Result<AppendOutcome, StoreError> {
-    let recorded_at = now_micros();
+    append_at(
+        conn,
+        stream_id,
+        stream_type,
+        expected,
+        events,
+        outbox,
+        now_micros(),
+    )
+    .await
+}
+
+/// [`append`] with the recorded time chosen by the caller (from [`now_micros`]), for callers
+/// that put the time into the outbox messages too. It is part of the hash, so it must have
+/// microsecond precision, like `timestamptz`.
+pub async fn append_at(
+    conn: &mut PgConnection,
+    stream_id: Uuid,
+    stream_type: &str,
+    expected: &Expected,
+    events: &[NewEvent],
+    outbox: &[OutboxMessage],
+    recorded_at: DateTime<Utc>,
+) -> Result<AppendOutcome, StoreError> {
     if events.is_empty() {
         return Ok(AppendOutcome {
             version: expected.version,
@@ -210,7 +232,8 @@ fn map_conflict(e: sqlx::Error, stream_id: Uuid, expected: i64) -> StoreError {
     StoreError::Database(e)
 }
 
-fn now_micros() -> DateTime<Utc> {
+/// The current time truncated to microseconds (what `timestamptz` keeps).
+pub fn now_micros() -> DateTime<Utc> {
     let now = Utc::now();
     DateTime::from_timestamp_micros(now.timestamp_micros()).expect("current time is in range")
 }

@@ -28,7 +28,7 @@ pub mod hash;
 pub mod model;
 pub mod read;
 
-pub use append::{AppendOutcome, append};
+pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
 pub use model::{Destination, Metadata, NewEvent, OutboxMessage, StoredEvent};
 pub use read::{FeedCursor, load_stream, read_feed};
 

@@ -7,12 +7,14 @@
 //! - [`config`]: typed settings from the environment, defaults matching `scripts/`.
 //! - [`telemetry`]: `tracing` set-up (JSON when stdout is not a terminal, `RUST_LOG`).
 //! - [`shutdown`]: the one cancellation token, cancelled by SIGTERM or Ctrl-C.
+//! - [`auth`]: bearer JWTs (HS256) with a role, shared by the command API and GraphQL.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` routes for any axum server.
 //! - [`db`], [`kafka`], [`amqp`]: connecting to PostgreSQL, Kafka and RabbitMQ the same way
 //!   everywhere (pool sizes, idempotent producer, publisher confirms, topic creation).
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod kafka;

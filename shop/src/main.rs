@@ -4,11 +4,15 @@
 //! libraries. Every subcommand's work lives in a library crate where tests can drive it.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use platform::{config::InfraConfig, ops::Readiness};
+use platform::{
+    auth::{AuthConfig, Authenticator, Role},
+    config::InfraConfig,
+};
+use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(
@@ -29,11 +33,41 @@ enum Command {
     Setup,
     /// Applies pending database migrations only.
     Migrate,
-    /// Runs every service role in this process until SIGTERM/Ctrl-C.
+    /// Runs every service role in this process until SIGTERM/Ctrl-C (today: the command API).
     Run {
-        /// Address of the operations endpoint (/healthz, /readyz, /metrics).
-        #[arg(long, env = "OPS_ADDR", default_value = "127.0.0.1:9090")]
-        ops_addr: SocketAddr,
+        #[command(flatten)]
+        write_side: write_side::WriteSideConfig,
+    },
+    /// Prints a bearer token for development.
+    Token {
+        #[arg(long, value_enum)]
+        role: Role,
+        /// The token's subject: the customer id for customers, a name for operators.
+        #[arg(
+            long = "customer-id",
+            visible_alias = "subject",
+            default_value = "operator"
+        )]
+        subject: String,
+        /// Lifetime, e.g. 15m, 12h.
+        #[arg(long, default_value = "12h", value_parser = platform::config::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        auth: AuthConfig,
+    },
+    /// Tamper evidence of the event store.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recomputes the hash chain of every order (or one) and reports the first broken event.
+    Verify {
+        #[arg(long = "order")]
+        order: Option<Uuid>,
     },
 }
 
@@ -41,14 +75,29 @@ enum Command {
 const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     platform::telemetry::init();
     match cli.command {
-        Command::Migrate => migrate(&cli.infra).await,
-        Command::Setup => setup(&cli.infra).await,
-        Command::Run { ops_addr } => run(&cli.infra, ops_addr).await,
+        Command::Migrate => migrate(&cli.infra).await?,
+        Command::Setup => setup(&cli.infra).await?,
+        Command::Run { write_side } => run(&cli.infra, &write_side).await?,
+        Command::Token {
+            role,
+            subject,
+            ttl,
+            auth,
+        } => {
+            println!(
+                "{}",
+                Authenticator::new(&auth.jwt_secret).issue(&subject, role, ttl)
+            );
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { order },
+        } => return audit_verify(&cli.infra, order).await,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
@@ -65,7 +114,7 @@ async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
 async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
     migrate(infra).await?;
     let topics: Vec<String> = TOPICS.iter().map(|t| infra.topic(t)).collect();
-    platform::kafka::wait_ready(&infra.kafka_brokers, std::time::Duration::from_secs(60)).await?;
+    platform::kafka::wait_ready(&infra.kafka_brokers, Duration::from_secs(60)).await?;
     platform::kafka::ensure_topics(&infra.kafka_brokers, &topics, infra.kafka_partitions)
         .await
         .context("creating Kafka topics")?;
@@ -77,20 +126,50 @@ async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(infra: &InfraConfig, ops_addr: SocketAddr) -> anyhow::Result<()> {
+async fn run(infra: &InfraConfig, write_cfg: &write_side::WriteSideConfig) -> anyhow::Result<()> {
     setup(infra).await?;
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
-    let readiness = Readiness::new().postgres(pool.clone());
-    let listener = tokio::net::TcpListener::bind(ops_addr)
-        .await
-        .with_context(|| {
-            format!("binding the ops endpoint to {ops_addr} (port taken? set OPS_ADDR)")
-        })?;
-    tracing::info!(%ops_addr, "ops endpoint listening");
-    axum::serve(listener, platform::ops::router(readiness))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let api = write_side::build(write_cfg, pool).await?;
+    api.run(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn audit_verify(infra: &InfraConfig, order: Option<Uuid>) -> anyhow::Result<ExitCode> {
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    let mut conn = pool.acquire().await?;
+    let (broken, checked) = match order {
+        Some(id) => {
+            let r = event_store::audit::verify_stream(&mut conn, id).await?;
+            anyhow::ensure!(r.events > 0, "order {id} has no events");
+            (r.broken.into_iter().map(|b| (id, b)).collect::<Vec<_>>(), 1)
+        }
+        None => {
+            let (reports, checked) =
+                event_store::audit::verify_all(&mut conn, Some("order")).await?;
+            (
+                reports
+                    .into_iter()
+                    .filter_map(|r| r.broken.map(|b| (r.stream_id, b)))
+                    .collect(),
+                checked,
+            )
+        }
+    };
+    for (id, b) in &broken {
+        println!(
+            "BROKEN order {id}: first bad event at version {} (position {}, event {}): {:?}",
+            b.stream_version,
+            b.position.map_or("-".into(), |p| p.to_string()),
+            b.event_id.map_or("-".into(), |e| e.to_string()),
+            b.problem
+        );
+    }
+    println!("{checked} stream(s) checked, {} broken", broken.len());
+    Ok(if broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

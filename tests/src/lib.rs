@@ -186,6 +186,93 @@ impl TestRabbit {
     }
 }
 
+/// The command API served on a free loopback port over its own database.
+pub struct TestApi {
+    pub db: TestDb,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub auth: platform::auth::Authenticator,
+    /// Stops the server when the `TestApi` is dropped.
+    pub shutdown: tokio_util::sync::DropGuard,
+}
+
+pub const TEST_JWT_SECRET: &str = "test-secret-0123456789";
+
+impl TestApi {
+    pub async fn new() -> Self {
+        Self::with_db(TestDb::with_pool_size(20).await).await
+    }
+
+    /// Starts an API instance over an existing database (e.g. to show state survives a restart).
+    pub async fn with_db(db: TestDb) -> Self {
+        let cfg = write_side::WriteSideConfig {
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            max_body_bytes: 64 * 1024,
+            auth: platform::auth::AuthConfig {
+                jwt_secret: TEST_JWT_SECRET.into(),
+            },
+        };
+        let app = write_side::build(&cfg, db.pool.clone())
+            .await
+            .expect("bind command api");
+        let base = format!("http://{}", app.local_addr());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        Self {
+            db,
+            base,
+            http: reqwest::Client::new(),
+            auth: platform::auth::Authenticator::new(TEST_JWT_SECRET),
+            shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    pub fn token(&self, role: platform::auth::Role, subject: &str) -> String {
+        self.auth.issue(subject, role, Duration::from_secs(600))
+    }
+
+    pub fn customer(&self, id: &str) -> String {
+        self.token(platform::auth::Role::Customer, id)
+    }
+
+    pub fn operator(&self) -> String {
+        self.token(platform::auth::Role::Operator, "ops")
+    }
+
+    /// POSTs a JSON body with a bearer token and an idempotency key.
+    /// The returned future owns everything it needs, so many can run at once.
+    pub fn post(
+        &self,
+        path: &str,
+        token: &str,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> impl Future<Output = reqwest::Response> + use<> {
+        let request = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send();
+        async move { request.await.expect("request") }
+    }
+}
+
+/// A valid checkout body.
+pub fn checkout_body() -> serde_json::Value {
+    serde_json::json!({
+        "currency": "EUR",
+        "items": [
+            {"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250},
+            {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 499}
+        ],
+        "shipping_address": {"name": "Ada Lovelace", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
+        "payment_token": "tok_visa"
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,1 +1,75 @@
+//! The command API: `POST /orders` (checkout) and `POST /orders/{id}/cancel`.
+//!
+//! A request is authenticated, parsed into domain values, decided by the pure order aggregate,
+//! and its events are appended with their outbox messages and the idempotency record in one
+//! PostgreSQL transaction. Nothing on this path talks to a broker.
+//!
+//! # Layout
+//! - [`problem`]: every error as `application/problem+json` with a stable `type`.
+//! - [`dto`]: request bodies and their conversion into domain commands.
+//! - [`records`]: domain events -> stored events + outbox messages (the wire envelope).
+//! - [`commands`]: the transaction: idempotency, load, decide, append.
+//! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
 #![forbid(unsafe_code)]
+
+pub mod commands;
+pub mod dto;
+pub mod http;
+pub mod problem;
+pub mod records;
+
+use std::net::SocketAddr;
+
+use platform::auth::{AuthConfig, Authenticator};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WriteSideConfig {
+    /// Address the command API listens on.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+}
+
+/// A bound, not yet serving, command API (STYLE 11: `build` binds, `run` serves).
+pub struct App {
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+}
+
+impl App {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "command api listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+pub async fn build(cfg: &WriteSideConfig, pool: PgPool) -> std::io::Result<App> {
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("binding the command api to {}: {e}", cfg.http_addr),
+            )
+        })?;
+    let state = http::AppState::new(pool, Authenticator::from_config(&cfg.auth));
+    Ok(App {
+        listener,
+        router: http::router(state, cfg.max_body_bytes),
+    })
+}

@@ -1,0 +1,66 @@
+//! The `shop` binary's operator commands, run as a real process against a real database.
+
+use std::process::Command;
+
+use platform::auth::{Authenticator, Role};
+use shop_tests::{TEST_JWT_SECRET, TestApi, checkout_body};
+
+fn shop(db_url: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("JWT_SECRET", TEST_JWT_SECRET)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run shop");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn audit_verify_reports_the_first_broken_event() {
+    let api = TestApi::new().await;
+    let token = api.customer("c-1");
+    let r = api.post("/orders", &token, "k", &checkout_body()).await;
+    let id = r.json::<serde_json::Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.post(
+        &format!("/orders/{id}/cancel"),
+        &token,
+        "k2",
+        &serde_json::json!({"reason": "x"}),
+    )
+    .await;
+
+    let (ok, out) = shop(&api.db.url, &["audit", "verify"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 stream(s) checked, 0 broken"), "{out}");
+
+    sqlx::query("UPDATE events SET payload = jsonb_set(payload, '{reason}', '\"y\"') WHERE stream_version = 2")
+        .execute(&api.db.pool)
+        .await
+        .unwrap();
+    let (ok, out) = shop(&api.db.url, &["audit", "verify", "--order", &id]);
+    assert!(!ok, "tampering not reported: {out}");
+    assert!(
+        out.contains(&format!("BROKEN order {id}: first bad event at version 2")),
+        "{out}"
+    );
+    assert!(out.contains("ContentChanged"), "{out}");
+}
+
+#[test]
+fn token_prints_a_token_the_services_accept() {
+    let (ok, out) = shop(
+        "postgres://unused@127.0.0.1/x",
+        &["token", "--role", "customer", "--customer-id", "c-9"],
+    );
+    assert!(ok, "{out}");
+    let p = Authenticator::new(TEST_JWT_SECRET)
+        .verify(out.trim())
+        .unwrap();
+    assert_eq!((p.subject.as_str(), p.role), ("c-9", Role::Customer));
+}

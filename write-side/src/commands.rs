@@ -1,0 +1,260 @@
+//! Executing a command: one transaction holding the idempotency check, the load, the pure
+//! decision, the append (events + outbox) and the idempotency record.
+//!
+//! Idempotency: the first successful response for `(principal, key)` is stored in the same
+//! transaction as the events, so it survives restarts and is never stored without its events.
+//! A retry with the same key and the same request gets that response back; with a different
+//! request, a 422. Two concurrent requests with one key: the second one's insert of the key
+//! waits for the first transaction, finds the key taken, rolls back everything it did, and
+//! answers with the first one's stored response.
+
+use domain::{
+    order::{self, CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
+    values::{OrderId, Reason},
+    wire,
+};
+use event_store::{Expected, Metadata, StoreError};
+use platform::auth::{Principal, Role};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{
+    problem::ApiError,
+    records::{ORDER_STREAM, order_records},
+};
+
+/// Who asks, with which key and request, in which trace.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub principal: Principal,
+    pub idempotency_key: String,
+    /// SHA-256 of method, path and canonical body: "the same request".
+    pub request_hash: Vec<u8>,
+    pub traceparent: String,
+    /// Causation id of the events: this request.
+    pub request_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+pub enum Command {
+    Checkout(PlaceOrder),
+    Cancel {
+        order_id: OrderId,
+        if_match: Option<i64>,
+        reason: Reason,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Checkout(_) => "checkout",
+            Command::Cancel { .. } => "cancel",
+        }
+    }
+}
+
+pub async fn execute(
+    pool: &PgPool,
+    ctx: &CommandContext,
+    command: &Command,
+) -> Result<CommandResponse, ApiError> {
+    // Two rounds at most: the second only runs after losing an idempotency-key race, and then
+    // finds the winner's response.
+    for _ in 0..2 {
+        let mut tx = pool.begin().await?;
+        if let Some(stored) = stored_response(&mut tx, ctx).await? {
+            return Ok(stored);
+        }
+        let response = match command {
+            Command::Checkout(cmd) => checkout(&mut tx, ctx, cmd.clone()).await?,
+            Command::Cancel {
+                order_id,
+                if_match,
+                reason,
+            } => cancel(&mut tx, ctx, *order_id, *if_match, reason.clone()).await?,
+        };
+        if remember_response(&mut tx, ctx, &response).await? {
+            tx.commit().await?;
+            return Ok(response);
+        }
+        tx.rollback().await?;
+    }
+    Err(ApiError::Internal(
+        "idempotency key neither free nor readable".into(),
+    ))
+}
+
+async fn stored_response(
+    conn: &mut PgConnection,
+    ctx: &CommandContext,
+) -> Result<Option<CommandResponse>, ApiError> {
+    let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
+        "SELECT request_hash, response_status, response_body FROM idempotency_keys
+         WHERE principal = $1 AND key = $2",
+    )
+    .bind(ctx.principal.actor())
+    .bind(&ctx.idempotency_key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok(None),
+        Some((hash, _, _)) if hash != ctx.request_hash => Err(ApiError::IdempotencyKeyReused),
+        Some((_, status, body)) => Ok(Some(CommandResponse {
+            status: status as u16,
+            body,
+        })),
+    }
+}
+
+/// Stores the response under the key; `false` if a concurrent request took the key first.
+async fn remember_response(
+    conn: &mut PgConnection,
+    ctx: &CommandContext,
+    r: &CommandResponse,
+) -> Result<bool, ApiError> {
+    let done = sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(ctx.principal.actor())
+    .bind(&ctx.idempotency_key)
+    .bind(&ctx.request_hash)
+    .bind(r.status as i16)
+    .bind(&r.body)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
+    Metadata {
+        correlation_id: order_id.0,
+        causation_id: ctx.request_id,
+        actor: ctx.principal.actor(),
+        traceparent: Some(ctx.traceparent.clone()),
+        command_id: Some(ctx.idempotency_key.clone()),
+    }
+}
+
+fn rejected(e: OrderRejected) -> ApiError {
+    match e {
+        OrderRejected::NotFound => ApiError::NotFound("no such order".into()),
+        other => ApiError::Rejected(other.to_string()),
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Conflict { .. } => {
+            ApiError::VersionConflict("the order was changed concurrently; reload and retry".into())
+        }
+        StoreError::Database(e) => e.into(),
+    }
+}
+
+async fn checkout(
+    conn: &mut PgConnection,
+    ctx: &CommandContext,
+    cmd: PlaceOrder,
+) -> Result<CommandResponse, ApiError> {
+    let order_id = cmd.order_id;
+    let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd)).map_err(rejected)?;
+    let recorded_at = event_store::now_micros();
+    let (stored, outbox) =
+        order_records(order_id, 1, &events, &metadata(ctx, order_id), recorded_at);
+    let out = event_store::append_at(
+        conn,
+        order_id.0,
+        ORDER_STREAM,
+        &Expected::new_stream(),
+        &stored,
+        &outbox,
+        recorded_at,
+    )
+    .await
+    .map_err(store_error)?;
+    Ok(CommandResponse {
+        status: 202,
+        body: json!({"order_id": order_id, "status": "PENDING", "version": out.version}),
+    })
+}
+
+/// Loads an order for `principal`: a customer sees only their own orders (others' are
+/// reported missing, so existence does not leak).
+pub async fn load_order(
+    conn: &mut PgConnection,
+    principal: &Principal,
+    order_id: OrderId,
+) -> Result<(Order, Expected), ApiError> {
+    let (stored, expected) = event_store::load_stream(conn, order_id.0).await?;
+    let events = stored
+        .iter()
+        .map(|e| wire::decode(&e.event_type, e.schema_version, &e.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ApiError::Internal(format!("order {order_id} has an unreadable event: {e}"))
+        })?;
+    let state = order::replay(&events);
+    let visible = match (principal.role, state.customer_id()) {
+        (_, None) => false,
+        (Role::Operator, Some(_)) => true,
+        (Role::Customer, Some(c)) => c.as_str() == principal.subject,
+    };
+    if !visible {
+        return Err(ApiError::NotFound("no such order".into()));
+    }
+    Ok((state, expected))
+}
+
+async fn cancel(
+    conn: &mut PgConnection,
+    ctx: &CommandContext,
+    order_id: OrderId,
+    if_match: Option<i64>,
+    reason: Reason,
+) -> Result<CommandResponse, ApiError> {
+    let (state, expected) = load_order(conn, &ctx.principal, order_id).await?;
+    if let Some(v) = if_match
+        && v != expected.version
+    {
+        return Err(ApiError::VersionConflict(format!(
+            "If-Match names version {v} but the order is at version {}",
+            expected.version
+        )));
+    }
+    let by = match ctx.principal.role {
+        Role::Customer => CancelledBy::Customer,
+        Role::Operator => CancelledBy::Operator,
+    };
+    let events = order::decide(&state, OrderCommand::Cancel { reason, by }).map_err(rejected)?;
+    let recorded_at = event_store::now_micros();
+    let (stored, outbox) = order_records(
+        order_id,
+        expected.version + 1,
+        &events,
+        &metadata(ctx, order_id),
+        recorded_at,
+    );
+    let out = event_store::append_at(
+        conn,
+        order_id.0,
+        ORDER_STREAM,
+        &expected,
+        &stored,
+        &outbox,
+        recorded_at,
+    )
+    .await
+    .map_err(store_error)?;
+    Ok(CommandResponse {
+        status: 202,
+        body: json!({"order_id": order_id, "status": "CANCELLED", "version": out.version}),
+    })
+}
