@@ -14,6 +14,8 @@ use platform::{
 };
 use uuid::Uuid;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "shop",
@@ -55,11 +57,22 @@ enum Command {
         #[command(flatten)]
         auth: AuthConfig,
     },
+    /// Benchmarks that print their numbers beside a same-run baseline.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Tamper evidence of the event store.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Write path: plain INSERT baseline, event-store append, POST /orders over HTTP.
+    Append(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -93,6 +106,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 Authenticator::new(&auth.jwt_secret).issue(&subject, role, ttl)
             );
         }
+        Command::Bench {
+            command: BenchCommand::Append(args),
+        } => bench::append(&cli.infra.database_url, &args).await?,
         Command::Audit {
             command: AuditCommand::Verify { order },
         } => return audit_verify(&cli.infra, order).await,

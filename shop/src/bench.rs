@@ -1,0 +1,335 @@
+//! `shop bench ...`: throughput and latency of the write path, each beside a baseline run in
+//! the same process against the same PostgreSQL, because this machine is noisy and only
+//! ratios compare across runs.
+//!
+//! `shop bench append` runs, in order, on a fresh scratch database:
+//! 1. baseline: plain `INSERT`s of the same event row and outbox row, one transaction each;
+//! 2. the event-store append path in-process (decide + records + one-statement append);
+//! 3. `POST /orders` over HTTP against the command API served in this process.
+//!
+//! All three use the same number of concurrent clients (default 64) and report
+//! operations/s and p50/p99 latency. Results go in `docs/benchmarks.md`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use domain::{
+    order::{self, NewLine, Order, OrderCommand, PlaceOrder},
+    values::{
+        Currency, CustomerId, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress, Sku,
+    },
+};
+use event_store::{Expected, Metadata};
+use platform::auth::{Authenticator, Role};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use uuid::Uuid;
+use write_side::records::{ORDER_STREAM, order_records};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Operations per measured phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+struct Stats {
+    name: &'static str,
+    ops: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i]
+    }
+
+    fn row(&self, baseline: Option<&Stats>) -> String {
+        let ratio = baseline.map_or("-".to_owned(), |b| {
+            format!("{:.0}%", 100.0 * self.per_sec() / b.per_sec())
+        });
+        format!(
+            "| {:<36} | {:>7} | {:>10.0} | {:>8.2} | {:>8.2} | {:>10} |",
+            self.name,
+            self.ops,
+            self.per_sec(),
+            self.pct(0.50).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3,
+            ratio
+        )
+    }
+}
+
+/// Runs `op(i)` for i in 0..n with `concurrency` workers; collects per-op latency.
+async fn load<F, Fut>(
+    name: &'static str,
+    n: usize,
+    concurrency: usize,
+    op: F,
+) -> anyhow::Result<Stats>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, next) = (op.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok::<_, anyhow::Error>(lat);
+                    }
+                    let t = Instant::now();
+                    op(i).await?;
+                    lat.push(t.elapsed());
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(n);
+    for w in workers {
+        latencies.extend(w.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Stats {
+        name,
+        ops: n,
+        elapsed,
+        latencies,
+    })
+}
+
+fn place_command(i: usize) -> PlaceOrder {
+    PlaceOrder {
+        order_id: OrderId(Uuid::now_v7()),
+        customer_id: CustomerId::parse(&format!("bench-{}", i % 1000)).unwrap(),
+        currency: Currency::parse("EUR").unwrap(),
+        lines: vec![
+            NewLine {
+                sku: Sku::parse("SKU-1").unwrap(),
+                quantity: Quantity::parse(2).unwrap(),
+                unit_price_minor: MinorUnits::parse(1250).unwrap(),
+            },
+            NewLine {
+                sku: Sku::parse("SKU-2").unwrap(),
+                quantity: Quantity::parse(1).unwrap(),
+                unit_price_minor: MinorUnits::parse(499).unwrap(),
+            },
+        ],
+        shipping_address: ShippingAddress::parse(
+            "Ada Lovelace",
+            "1 Main St",
+            "Berlin",
+            "10115",
+            "DE",
+        )
+        .unwrap(),
+        payment_token: PaymentToken::parse("tok_visa").unwrap(),
+    }
+}
+
+fn bench_metadata(order_id: OrderId) -> Metadata {
+    Metadata {
+        correlation_id: order_id.0,
+        causation_id: Uuid::now_v7(),
+        actor: "customer:bench".into(),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        command_id: Some(Uuid::new_v4().to_string()),
+    }
+}
+
+/// The same rows the append path writes, as plain INSERTs in one transaction.
+async fn baseline_op(pool: PgPool, i: usize) -> anyhow::Result<()> {
+    let cmd = place_command(i);
+    let id = cmd.order_id;
+    let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd))?;
+    let at = event_store::now_micros();
+    let (stored, outbox) = order_records(id, 1, &events, &bench_metadata(id), at);
+    let (e, m) = (&stored[0], &outbox[0]);
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_type, stream_version, event_id, event_type, schema_version,
+                             payload, metadata, recorded_at, prev_hash, hash)
+         VALUES ($1, 'baseline', 1, $2, $3, $4, $5, $6, $7, $8, $8)",
+    )
+    .bind(id.0)
+    .bind(e.event_id)
+    .bind(&e.event_type)
+    .bind(e.schema_version)
+    .bind(&e.payload)
+    .bind(serde_json::to_value(&e.metadata)?)
+    .bind(at)
+    .bind(vec![0u8; 32])
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
+         VALUES ($1, 'kafka', $2, $3, $4, $5, $6)",
+    )
+    .bind(m.message_id)
+    .bind(&m.target)
+    .bind(&m.routing_key)
+    .bind(&m.ordering_key)
+    .bind(&m.headers)
+    .bind(&m.payload)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn append_op(pool: PgPool, i: usize) -> anyhow::Result<()> {
+    let cmd = place_command(i);
+    let id = cmd.order_id;
+    let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd))?;
+    let at = event_store::now_micros();
+    let (stored, outbox) = order_records(id, 1, &events, &bench_metadata(id), at);
+    let mut tx = pool.begin().await?;
+    event_store::append_at(
+        &mut tx,
+        id.0,
+        ORDER_STREAM,
+        &Expected::new_stream(),
+        &stored,
+        &outbox,
+        at,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A scratch database for one benchmark run, dropped afterwards.
+async fn scratch_db(admin_url: &str, max: u32) -> anyhow::Result<(PgPool, String, String)> {
+    let name = format!("shopbench_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let mut admin = PgConnection::connect(admin_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    admin
+        .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+        .await?;
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(admin_url);
+    let url = format!("{base}/{name}");
+    let pool = platform::db::connect(&url, max).await?;
+    platform::db::migrate(&pool).await?;
+    Ok((pool, name, url))
+}
+
+pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let (n, c) = (args.requests, args.concurrency);
+    let (pool, name, _) = scratch_db(database_url, c as u32).await?;
+    println!(
+        "shop bench append: {n} operations per phase, {c} concurrent clients, scratch database {name}\n"
+    );
+
+    // Warm-up: connections, caches, the API's first requests.
+    let p = pool.clone();
+    load("warm-up", 500, c, move |i| baseline_op(p.clone(), i)).await?;
+
+    let p = pool.clone();
+    let baseline = load("baseline: plain INSERTs (1 tx each)", n, c, move |i| {
+        baseline_op(p.clone(), i)
+    })
+    .await?;
+    let p = pool.clone();
+    let appended = load("event-store append (in-process)", n, c, move |i| {
+        append_op(p.clone(), i)
+    })
+    .await?;
+
+    let cfg = write_side::WriteSideConfig {
+        http_addr: "127.0.0.1:0".parse()?,
+        max_body_bytes: 64 * 1024,
+        auth: platform::auth::AuthConfig {
+            jwt_secret: platform::auth::DEV_SECRET.into(),
+        },
+    };
+    let app = write_side::build(&cfg, pool.clone()).await?;
+    let url = format!("http://{}/orders", app.local_addr());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    let auth = Authenticator::new(platform::auth::DEV_SECRET);
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..100)
+            .map(|i| {
+                auth.issue(
+                    &format!("bench-{i}"),
+                    Role::Customer,
+                    Duration::from_secs(3600),
+                )
+            })
+            .collect(),
+    );
+    let body = serde_json::json!({
+        "currency": "EUR",
+        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250}, {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 499}],
+        "shipping_address": {"name": "Ada Lovelace", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
+        "payment_token": "tok_visa"
+    })
+    .to_string();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(c)
+        .build()?;
+    let run_id = Uuid::new_v4();
+    let http_op = move |i: usize| {
+        let req = client
+            .post(&url)
+            .bearer_auth(&tokens[i % tokens.len()])
+            .header("Idempotency-Key", format!("{run_id}-{i}"))
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send();
+        async move {
+            let r = req.await?;
+            anyhow::ensure!(r.status() == 202, "unexpected status {}", r.status());
+            Ok(())
+        }
+    };
+    let warm = http_op.clone();
+    load("warm-up", 500, c, move |i| warm(n + i)).await?;
+    let http = load("POST /orders over HTTP", n, c, http_op).await?;
+    shutdown.cancel();
+    let _ = server.await;
+
+    println!(
+        "| {:<36} | {:>7} | {:>10} | {:>8} | {:>8} | {:>10} |",
+        "phase", "ops", "ops/s", "p50 ms", "p99 ms", "vs baseline"
+    );
+    println!(
+        "|{:-<38}|{:-<9}|{:-<12}|{:-<10}|{:-<10}|{:-<13}|",
+        "", "", "", "", "", ""
+    );
+    println!("{}", baseline.row(None));
+    println!("{}", appended.row(Some(&baseline)));
+    println!("{}", http.row(Some(&baseline)));
+
+    pool.close().await;
+    let mut admin = PgConnection::connect(database_url).await?;
+    admin
+        .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+        .await?;
+    Ok(())
+}
