@@ -1,1 +1,377 @@
+//! The outbox relay: publishes committed outbox rows to Kafka and RabbitMQ.
+//!
+//! # Guarantees
+//! - **At least once**: a row is marked published only after the broker confirmed it (Kafka
+//!   delivery report with `acks=all`, RabbitMQ publisher confirm). A crash in between
+//!   republishes it; consumers deduplicate on the message id (= event id).
+//! - **Per-key order**: rows are published in id order, which is append order for one key
+//!   (appends to one stream are serialised by its head row). Only one relay instance publishes
+//!   at a time: instances elect a leader with a PostgreSQL advisory lock held on a dedicated
+//!   session; the others stand by and take over within one poll interval when the leader's
+//!   session ends (crash, SIGKILL, network loss).
+//! - **Failures**: a broker that is down is retried with capped exponential backoff and
+//!   jitter (the backlog waits in PostgreSQL, `/readyz` reports unready). A row the broker
+//!   rejects for good is set aside with its error and blocks only the later rows of its key
+//!   until an operator retries it (`shop outbox failed|retry`).
+//!
+//! # Layout
+//! - [`store`]: SQL over the outbox table.
+//! - [`kafka`], [`amqp`]: the two sinks; each turns rows into per-row [`Delivery`] outcomes.
+//! - [`Relay::try_execute_once`]: one batch (a testable step); [`run`]: leader election,
+//!   NOTIFY/poll wake-ups, backoff, pruning, metrics, shutdown.
 #![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod kafka;
+pub mod store;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use rand::Rng;
+use sqlx::{Connection, PgConnection, PgPool, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::OutboxRow;
+
+/// After this long without delivery reports the relay reports itself unready.
+const STALL: Duration = Duration::from_secs(5);
+
+/// How long a batch in flight may take to finish once shutdown was asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Advisory lock key of relay leadership ("outbox" in ASCII).
+pub const LEADER_LOCK: i64 = 0x6f7574626f78;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayConfig {
+    /// Rows published per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i64,
+    /// How often to look for rows when no NOTIFY arrives (and how often a standby instance
+    /// tries to become leader).
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = platform::config::parse_duration)]
+    pub poll_interval: Duration,
+    /// Published rows are deleted after this long.
+    #[arg(long, env = "RELAY_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
+    pub retention: Duration,
+    /// Longest wait between retries while a broker is failing.
+    #[arg(long, env = "RELAY_MAX_BACKOFF", default_value = "30s", value_parser = platform::config::parse_duration)]
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a broker said about one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Published,
+    /// Permanent: set the row aside.
+    Rejected(String),
+    /// Try again later.
+    Transient(String),
+    /// Not sent: an earlier row of its key failed in this batch.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Rows published (some rows of the batch may have failed and be counted separately).
+    Did { published: usize, failed: usize },
+    /// Nothing to publish.
+    Idle,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    kafka: kafka::KafkaSink,
+    amqp: amqp::AmqpSink,
+    cfg: RelayConfig,
+    /// Up while the last batch reached its brokers.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub fn new(
+        pool: PgPool,
+        infra: &platform::config::InfraConfig,
+        cfg: RelayConfig,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool,
+            kafka: kafka::KafkaSink::new(&infra.kafka_brokers, &infra.kafka_topic_prefix)
+                .context("creating the Kafka producer")?,
+            amqp: amqp::AmqpSink::new(&infra.amqp_url),
+            cfg,
+            ready: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Publishes one batch. Transient broker failures come back as `Err` after counting the
+    /// attempt on the rows (the caller backs off); permanent ones set rows aside.
+    pub async fn try_execute_once(&mut self) -> anyhow::Result<Outcome> {
+        let rows = store::next_batch(&self.pool, self.cfg.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(Outcome::Idle);
+        }
+        metrics::histogram!("outbox_batch_size").record(rows.len() as f64);
+        let (to_kafka, to_amqp): (Vec<&OutboxRow>, Vec<&OutboxRow>) =
+            rows.iter().partition(|r| r.destination == "kafka");
+        let mut results: Vec<(&OutboxRow, Delivery)> = Vec::with_capacity(rows.len());
+        if !to_kafka.is_empty() {
+            let started = Instant::now();
+            // Deliveries wait (in order) while Kafka is unreachable: report unready meanwhile.
+            let d = {
+                let publish = self.kafka.publish(&to_kafka);
+                tokio::pin!(publish);
+                tokio::select! {
+                    d = &mut publish => d,
+                    _ = tokio::time::sleep(STALL) => {
+                        self.ready.store(false, Ordering::Relaxed);
+                        tracing::warn!("kafka deliveries stalled; waiting for the broker");
+                        publish.await
+                    }
+                }
+            };
+            metrics::histogram!("outbox_send_duration_seconds", "destination" => "kafka")
+                .record(started.elapsed().as_secs_f64());
+            results.extend(to_kafka.into_iter().zip(d));
+        }
+        if !to_amqp.is_empty() {
+            let started = Instant::now();
+            let d = self.amqp.publish(&to_amqp).await;
+            metrics::histogram!("outbox_send_duration_seconds", "destination" => "amqp")
+                .record(started.elapsed().as_secs_f64());
+            results.extend(to_amqp.into_iter().zip(d));
+        }
+
+        let now = chrono::Utc::now();
+        let mut published = Vec::new();
+        let mut transient = Vec::new();
+        let mut failed = 0;
+        let mut transient_error = String::new();
+        // Only the first rejected row of a key is set aside; later rows of that key that were
+        // also refused stay pending behind it (they were sent before the first refusal was
+        // known: RabbitMQ confirms arrive after the whole batch is out).
+        let mut failed_keys = std::collections::HashSet::new();
+        for (row, d) in &mut results {
+            if let Delivery::Rejected(_) = d
+                && !failed_keys.insert((row.destination.clone(), row.ordering_key.clone()))
+            {
+                *d = Delivery::Skipped;
+            }
+        }
+        for (row, d) in &results {
+            let dest = if row.destination == "kafka" {
+                "kafka"
+            } else {
+                "amqp"
+            };
+            match d {
+                Delivery::Published => {
+                    published.push(row.id);
+                    let age = (now - row.created_at).to_std().unwrap_or_default();
+                    metrics::histogram!("outbox_publish_latency_seconds", "destination" => dest)
+                        .record(age.as_secs_f64());
+                }
+                Delivery::Rejected(e) => {
+                    tracing::error!(id = row.id, message_id = %row.message_id, key = %row.ordering_key, error = %e,
+                        "broker rejected an outbox message for good; its key is blocked until it is retried");
+                    store::mark_failed(&self.pool, row.id, e).await?;
+                    failed += 1;
+                }
+                Delivery::Transient(e) => {
+                    transient.push(row.id);
+                    transient_error.clone_from(e);
+                }
+                Delivery::Skipped => {}
+            }
+            let outcome = match d {
+                Delivery::Published => "published",
+                Delivery::Rejected(_) => "rejected",
+                Delivery::Transient(_) => "transient_error",
+                Delivery::Skipped => "skipped",
+            };
+            metrics::counter!("outbox_messages_total", "destination" => dest, "outcome" => outcome)
+                .increment(1);
+        }
+        store::mark_published(&self.pool, &published).await?;
+        if !transient.is_empty() {
+            store::record_attempt(&self.pool, &transient, &transient_error).await?;
+            self.ready.store(false, Ordering::Relaxed);
+            anyhow::bail!(
+                "{} message(s) not delivered: {transient_error}",
+                transient.len()
+            );
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        Ok(Outcome::Did {
+            published: published.len(),
+            failed,
+        })
+    }
+
+    /// Publishes until nothing is pending (tests and tools); stops at the first transient error.
+    pub async fn drain(&mut self) -> anyhow::Result<usize> {
+        let mut total = 0;
+        while let Outcome::Did { published, failed } = self.try_execute_once().await? {
+            total += published;
+            if published == 0 && failed == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Holds relay leadership while the session lives.
+struct Leadership {
+    conn: PgConnection,
+}
+
+impl Leadership {
+    async fn try_acquire(url: &str) -> anyhow::Result<Option<Self>> {
+        let mut conn = PgConnection::connect(url).await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(got.then_some(Self { conn }))
+    }
+
+    /// Still leader if the session answers (the lock lives exactly as long as the session).
+    async fn check(&mut self) -> bool {
+        self.conn.ping().await.is_ok()
+    }
+}
+
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(16));
+    let capped = base.min(max);
+    capped.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// Runs the relay until `shutdown`: stands by until it is leader, then publishes batches as
+/// NOTIFYs arrive (or every poll interval), backs off on broker trouble, prunes old rows and
+/// exports backlog metrics. On shutdown the batch in flight is finished (or, if its broker is
+/// unreachable, abandoned unmarked, to be republished by the next leader).
+pub async fn run(
+    mut relay: Relay,
+    database_url: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (poll_interval, max_backoff) = (relay.cfg.poll_interval, relay.cfg.max_backoff);
+    let mut listener = PgListener::connect_with(&relay.pool).await?;
+    listener.listen("outbox").await?;
+    let mut leader: Option<Leadership> = None;
+    let mut failures = 0u32;
+    let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    let mut last_stats = Instant::now() - Duration::from_secs(3600);
+    while !shutdown.is_cancelled() {
+        if last_stats.elapsed() >= Duration::from_secs(2) {
+            if let Ok((n, age)) = store::backlog(&relay.pool).await {
+                metrics::gauge!("outbox_backlog").set(n as f64);
+                metrics::gauge!("outbox_oldest_unpublished_age_seconds").set(age);
+            }
+            last_stats = Instant::now();
+        }
+        let is_leader = match &mut leader {
+            Some(l) => l.check().await,
+            None => false,
+        };
+        if !is_leader {
+            if leader.take().is_some() {
+                tracing::warn!("lost relay leadership");
+            }
+            match Leadership::try_acquire(&database_url).await {
+                Ok(Some(l)) => {
+                    tracing::info!("became the publishing relay instance");
+                    leader = Some(l);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach PostgreSQL for leadership"),
+            }
+            metrics::gauge!("outbox_relay_leader").set(if leader.is_some() { 1.0 } else { 0.0 });
+            if leader.is_none() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(poll_interval) => continue,
+                }
+            }
+        }
+        if last_prune.elapsed() >= Duration::from_secs(60) {
+            match store::prune(&relay.pool, relay.cfg.retention).await {
+                Ok(n) if n > 0 => tracing::info!(rows = n, "pruned published outbox rows"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning the outbox failed"),
+            }
+            last_prune = Instant::now();
+        }
+        // On shutdown the batch in flight gets a grace period to finish (and be marked);
+        // past it (a broker is down) it is abandoned unmarked and republished later.
+        let batch = relay.try_execute_once();
+        tokio::pin!(batch);
+        let step = tokio::select! {
+            r = &mut batch => r,
+            _ = shutdown.cancelled() => {
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut batch).await.is_err() {
+                    tracing::warn!("batch in flight abandoned at shutdown; it will be republished");
+                }
+                break;
+            }
+        };
+        match step {
+            Ok(Outcome::Did { .. }) => failures = 0,
+            Ok(Outcome::Idle) => {
+                failures = 0;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = listener.recv() => {}
+                    _ = tokio::time::sleep(poll_interval) => {}
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures, max_backoff);
+                tracing::warn!(error = %e, retry_in = ?wait, "publishing failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let max = Duration::from_secs(30);
+        assert!(backoff(1, max) <= Duration::from_millis(200));
+        assert!(backoff(1, max) >= Duration::from_millis(100));
+        for _ in 0..100 {
+            let b = backoff(40, max);
+            assert!(b <= max && b >= max / 2, "{b:?}");
+        }
+    }
+}

@@ -35,10 +35,26 @@ enum Command {
     Setup,
     /// Applies pending database migrations only.
     Migrate,
-    /// Runs every service role in this process until SIGTERM/Ctrl-C (today: the command API).
+    /// Runs every service role in this process until SIGTERM/Ctrl-C: the command API and the
+    /// outbox relay.
     Run {
         #[command(flatten)]
         write_side: write_side::WriteSideConfig,
+        #[command(flatten)]
+        relay: outbox_relay::RelayConfig,
+    },
+    /// Runs only the outbox relay (several may run; one publishes at a time).
+    Relay {
+        #[command(flatten)]
+        relay: outbox_relay::RelayConfig,
+        /// Address of the relay's /healthz, /readyz and /metrics.
+        #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
+        ops_addr: std::net::SocketAddr,
+    },
+    /// Outbox messages the brokers rejected for good.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
     },
     /// Prints a bearer token for development.
     Token {
@@ -70,6 +86,14 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum OutboxCommand {
+    /// Lists rows set aside after a permanent rejection (they block later rows of their key).
+    Failed,
+    /// Puts a failed row back in line; the relay publishes it (and unblocks its key).
+    Retry { id: i64 },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Write path: plain INSERT baseline, event-store append, POST /orders over HTTP.
     Append(bench::BenchArgs),
@@ -94,7 +118,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => migrate(&cli.infra).await?,
         Command::Setup => setup(&cli.infra).await?,
-        Command::Run { write_side } => run(&cli.infra, &write_side).await?,
+        Command::Run { write_side, relay } => run(&cli.infra, &write_side, relay).await?,
+        Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
+        Command::Outbox { command } => return outbox(&cli.infra, command).await,
         Command::Token {
             role,
             subject,
@@ -142,14 +168,85 @@ async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(infra: &InfraConfig, write_cfg: &write_side::WriteSideConfig) -> anyhow::Result<()> {
+async fn run(
+    infra: &InfraConfig,
+    write_cfg: &write_side::WriteSideConfig,
+    relay_cfg: outbox_relay::RelayConfig,
+) -> anyhow::Result<()> {
     setup(infra).await?;
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
+    let relay = outbox_relay::Relay::new(pool.clone(), infra, relay_cfg)?;
+    let relay_task = tokio::spawn(outbox_relay::run(
+        relay,
+        infra.database_url.clone(),
+        shutdown.clone(),
+    ));
     let api = write_side::build(write_cfg, pool).await?;
-    api.run(shutdown).await?;
+    let served = api.run(shutdown.clone()).await;
+    shutdown.cancel();
+    relay_task.await??;
+    served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn run_relay(
+    infra: &InfraConfig,
+    relay_cfg: outbox_relay::RelayConfig,
+    ops_addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let shutdown = platform::shutdown::token();
+    let pool = platform::db::connect_config(infra).await?;
+    let relay = outbox_relay::Relay::new(pool.clone(), infra, relay_cfg)?;
+    let readiness = platform::ops::Readiness::new()
+        .postgres(pool)
+        .flag("brokers", relay.ready.clone());
+    let listener = tokio::net::TcpListener::bind(ops_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the relay's ops endpoint to {ops_addr} (port taken? set RELAY_OPS_ADDR)"
+            )
+        })?;
+    let ops = axum::serve(listener, platform::ops::router(readiness))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let ops_task = tokio::spawn(async move { ops.await });
+    outbox_relay::run(relay, infra.database_url.clone(), shutdown.clone()).await?;
+    shutdown.cancel();
+    ops_task.await??;
+    Ok(())
+}
+
+async fn outbox(infra: &InfraConfig, command: OutboxCommand) -> anyhow::Result<ExitCode> {
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    match command {
+        OutboxCommand::Failed => {
+            let rows = outbox_relay::store::list_failed(&pool).await?;
+            for r in &rows {
+                println!(
+                    "{}\t{}\t{} {}\tkey={}\tattempts={}\tfailed_at={}\t{}",
+                    r.id,
+                    r.message_id,
+                    r.destination,
+                    r.target,
+                    r.ordering_key,
+                    r.attempts,
+                    r.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    r.last_error.as_deref().unwrap_or("")
+                );
+            }
+            println!("{} failed message(s)", rows.len());
+        }
+        OutboxCommand::Retry { id } => {
+            if !outbox_relay::store::retry_failed(&pool, id).await? {
+                eprintln!("no failed outbox message with id {id}");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("outbox message {id} queued again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn audit_verify(infra: &InfraConfig, order: Option<Uuid>) -> anyhow::Result<ExitCode> {

@@ -260,6 +260,143 @@ impl TestApi {
     }
 }
 
+/// Appends `n_orders` orders concurrently, each with three events in three transactions
+/// (placed, inventory reserved, cancelled), with their outbox messages, like the command path.
+/// Returns the order ids.
+pub async fn append_orders(pool: &PgPool, n_orders: usize, concurrency: usize) -> Vec<uuid::Uuid> {
+    use domain::{order::*, values::*};
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (pool, next) = (pool.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n_orders {
+                    let id = OrderId(uuid::Uuid::now_v7());
+                    let place = OrderCommand::Place(PlaceOrder {
+                        order_id: id,
+                        customer_id: CustomerId::parse("c-1").unwrap(),
+                        currency: Currency::parse("EUR").unwrap(),
+                        lines: vec![NewLine {
+                            sku: Sku::parse("SKU-1").unwrap(),
+                            quantity: Quantity::parse(1).unwrap(),
+                            unit_price_minor: MinorUnits::parse(100).unwrap(),
+                        }],
+                        shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+                        payment_token: PaymentToken::parse("tok").unwrap(),
+                    });
+                    let cancel = OrderCommand::Cancel {
+                        reason: Reason::parse("test").unwrap(),
+                        by: CancelledBy::Customer,
+                    };
+                    let reserve = OrderCommand::MarkInventoryReserved {
+                        reservation_id: "r".into(),
+                    };
+                    let mut history = Vec::new();
+                    for cmd in [place, reserve, cancel] {
+                        let events = decide(&replay(&history), cmd).unwrap();
+                        let meta = event_store::Metadata {
+                            correlation_id: id.0,
+                            causation_id: uuid::Uuid::now_v7(),
+                            actor: "test".into(),
+                            traceparent: None,
+                            command_id: None,
+                        };
+                        let at = event_store::now_micros();
+                        let mut tx = pool.begin().await.unwrap();
+                        let (_, expected) = event_store::load_stream(&mut tx, id.0).await.unwrap();
+                        let (stored, outbox) = write_side::records::order_records(
+                            id,
+                            expected.version + 1,
+                            &events,
+                            &meta,
+                            at,
+                        );
+                        event_store::append_at(
+                            &mut tx, id.0, "order", &expected, &stored, &outbox, at,
+                        )
+                        .await
+                        .unwrap();
+                        tx.commit().await.unwrap();
+                        history.extend(events);
+                    }
+                    ids.push(id.0);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    ids
+}
+
+/// Reads envelopes from `topic` in a fresh consumer group until `want` distinct event ids
+/// were seen (or 60 s passed); returns, per order id, the stream versions in arrival order
+/// (duplicates included) and the set of event ids.
+pub async fn consume_envelopes(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+) -> (
+    std::collections::HashMap<String, Vec<i64>>,
+    std::collections::HashSet<String>,
+) {
+    use rdkafka::{
+        Message,
+        consumer::{Consumer, StreamConsumer},
+    };
+    let group = format!("{}check", unique_prefix());
+    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut per_key: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let mut ids = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ids.len() < want {
+        let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(m) => m.unwrap(),
+            Err(_) => break,
+        };
+        let key = String::from_utf8(msg.key().unwrap().to_vec()).unwrap();
+        let env: serde_json::Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+        assert_eq!(
+            env["stream_id"].as_str(),
+            Some(key.as_str()),
+            "message key is the order id"
+        );
+        per_key
+            .entry(key)
+            .or_default()
+            .push(env["stream_version"].as_i64().unwrap());
+        ids.insert(env["event_id"].as_str().unwrap().to_owned());
+    }
+    (per_key, ids)
+}
+
+/// Asserts that, ignoring redeliveries, each key's versions arrived as 1, 2, 3, ...
+pub fn assert_in_version_order(
+    per_key: &std::collections::HashMap<String, Vec<i64>>,
+    events_per_key: i64,
+) {
+    for (key, versions) in per_key {
+        let mut firsts = Vec::new();
+        for v in versions {
+            if !firsts.contains(v) {
+                firsts.push(*v);
+            }
+        }
+        assert_eq!(
+            firsts,
+            (1..=events_per_key).collect::<Vec<_>>(),
+            "order {key} arrived as {versions:?}"
+        );
+    }
+}
+
 /// A valid checkout body.
 pub fn checkout_body() -> serde_json::Value {
     serde_json::json!({
