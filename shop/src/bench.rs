@@ -220,7 +220,10 @@ async fn append_op(pool: PgPool, i: usize) -> anyhow::Result<()> {
 }
 
 /// A scratch database for one benchmark run, dropped afterwards.
-async fn scratch_db(admin_url: &str, max: u32) -> anyhow::Result<(PgPool, String, String)> {
+pub(crate) async fn scratch_db(
+    admin_url: &str,
+    max: u32,
+) -> anyhow::Result<(PgPool, String, String)> {
     let name = format!("shopbench_{}", &Uuid::new_v4().simple().to_string()[..8]);
     let mut admin = PgConnection::connect(admin_url)
         .await
@@ -327,7 +330,11 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     println!("{}", http.row(Some(&baseline)));
 
     pool.close().await;
-    let mut admin = PgConnection::connect(database_url).await?;
+    drop_db(database_url, &name).await
+}
+
+pub(crate) async fn drop_db(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let mut admin = PgConnection::connect(admin_url).await?;
     admin
         .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
         .await?;

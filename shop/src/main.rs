@@ -15,6 +15,7 @@ use platform::{
 use uuid::Uuid;
 
 mod bench;
+mod bench_relay;
 
 #[derive(Parser)]
 #[command(
@@ -97,6 +98,8 @@ enum OutboxCommand {
 enum BenchCommand {
     /// Write path: plain INSERT baseline, event-store append, POST /orders over HTTP.
     Append(bench::BenchArgs),
+    /// Outbox relay: throughput to Kafka and RabbitMQ beside raw producers, and latency.
+    Relay(bench_relay::RelayBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +138,9 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             command: BenchCommand::Append(args),
         } => bench::append(&cli.infra.database_url, &args).await?,
+        Command::Bench {
+            command: BenchCommand::Relay(args),
+        } => bench_relay::relay(&cli.infra, &args).await?,
         Command::Audit {
             command: AuditCommand::Verify { order },
         } => return audit_verify(&cli.infra, order).await,
