@@ -301,6 +301,6 @@ pub async fn relay(infra: &InfraConfig, args: &RelayBenchArgs) -> anyhow::Result
         .await
         .ok();
     crate::bench::drop_db(&admin_url, &name).await?;
-    let _ = consumer.unsubscribe();
+    consumer.unsubscribe();
     Ok(())
 }
