@@ -43,6 +43,12 @@ enum Command {
         write_side: write_side::WriteSideConfig,
         #[command(flatten)]
         relay: outbox_relay::RelayConfig,
+        /// Address of the relay's /healthz, /readyz and /metrics.
+        #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
+        relay_ops_addr: std::net::SocketAddr,
+        /// Address of the GraphQL read API (GraphiQL on GET /graphql).
+        #[arg(long, env = "GRAPHQL_ADDR", default_value = "127.0.0.1:8081")]
+        graphql_addr: std::net::SocketAddr,
     },
     /// Runs only the outbox relay (several may run; one publishes at a time).
     Relay {
@@ -121,7 +127,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => migrate(&cli.infra).await?,
         Command::Setup => setup(&cli.infra).await?,
-        Command::Run { write_side, relay } => run(&cli.infra, &write_side, relay).await?,
+        Command::Run {
+            write_side,
+            relay,
+            relay_ops_addr,
+            graphql_addr,
+        } => run(&cli.infra, &write_side, relay, relay_ops_addr, graphql_addr).await?,
         Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
         Command::Token {
@@ -178,20 +189,46 @@ async fn run(
     infra: &InfraConfig,
     write_cfg: &write_side::WriteSideConfig,
     relay_cfg: outbox_relay::RelayConfig,
+    relay_ops_addr: std::net::SocketAddr,
+    graphql_addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     setup(infra).await?;
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
-    let relay = outbox_relay::Relay::new(pool.clone(), infra, relay_cfg)?;
-    let relay_task = tokio::spawn(outbox_relay::run(
-        relay,
-        infra.database_url.clone(),
+    let projector = read_side::consumer::Projector::order_summary(
+        pool.clone(),
+        &infra.kafka_brokers,
+        &infra.topic("orders.events"),
+        &infra.kafka_topic_prefix,
+    )?;
+    let projecting = tokio::spawn(projector.run(shutdown.clone()));
+    let graphql_listener = tokio::net::TcpListener::bind(graphql_addr)
+        .await
+        .with_context(|| {
+            format!("binding the GraphQL API to {graphql_addr} (port taken? set GRAPHQL_ADDR)")
+        })?;
+    tracing::info!(addr = %graphql_addr, "graphql api listening");
+    let graphql = axum::serve(
+        graphql_listener,
+        read_side::graphql::router(pool.clone(), Authenticator::from_config(&write_cfg.auth)),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let graphql = tokio::spawn(async move { graphql.await });
+    // The relay keeps its own readiness: a broker outage must not make the command API look
+    // unready, since commands keep being accepted into the outbox meanwhile.
+    let relay = tokio::spawn(serve_relay(
+        infra.clone(),
+        pool.clone(),
+        relay_cfg,
+        relay_ops_addr,
         shutdown.clone(),
     ));
     let api = write_side::build(write_cfg, pool).await?;
     let served = api.run(shutdown.clone()).await;
     shutdown.cancel();
-    relay_task.await??;
+    relay.await??;
+    projecting.await??;
+    graphql.await??;
     served?;
     tracing::info!("stopped");
     Ok(())
@@ -204,7 +241,18 @@ async fn run_relay(
 ) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
-    let relay = outbox_relay::Relay::new(pool.clone(), infra, relay_cfg)?;
+    serve_relay(infra.clone(), pool, relay_cfg, ops_addr, shutdown).await
+}
+
+/// The relay loop plus its own /healthz, /readyz (PostgreSQL and brokers) and /metrics.
+async fn serve_relay(
+    infra: InfraConfig,
+    pool: sqlx::PgPool,
+    relay_cfg: outbox_relay::RelayConfig,
+    ops_addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let relay = outbox_relay::Relay::new(pool.clone(), &infra, relay_cfg)?;
     let readiness = platform::ops::Readiness::new()
         .postgres(pool)
         .flag("brokers", relay.ready.clone());
@@ -218,10 +266,10 @@ async fn run_relay(
     let ops = axum::serve(listener, platform::ops::router(readiness))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let ops_task = tokio::spawn(async move { ops.await });
-    outbox_relay::run(relay, infra.database_url.clone(), shutdown.clone()).await?;
+    let result = outbox_relay::run(relay, infra.database_url.clone(), shutdown.clone()).await;
     shutdown.cancel();
     ops_task.await??;
-    Ok(())
+    result
 }
 
 async fn outbox(infra: &InfraConfig, command: OutboxCommand) -> anyhow::Result<ExitCode> {

@@ -64,3 +64,39 @@ fn token_prints_a_token_the_services_accept() {
         .unwrap();
     assert_eq!((p.subject.as_str(), p.role), ("c-9", Role::Customer));
 }
+
+#[tokio::test]
+async fn outbox_failed_lists_set_aside_messages_and_retry_puts_them_back() {
+    let db = shop_tests::TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, payload, failed_at, attempts, last_error)
+         VALUES (gen_random_uuid(), 'amqp', 'checkout.commands', 'nowhere', 'order-1', 'x', now(), 1, 'returned by the broker: 312 NO_ROUTE')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
+    let (ok, out) = shop(&db.url, &["outbox", "failed"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("NO_ROUTE")
+            && out.contains("key=order-1")
+            && out.contains("1 failed message(s)"),
+        "{out}"
+    );
+
+    let (ok, out) = shop(&db.url, &["outbox", "retry", &id.to_string()]);
+    assert!(ok, "{out}");
+    let failed_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT failed_at FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(failed_at.is_none(), "the row is pending again");
+    let (ok, out) = shop(&db.url, &["outbox", "retry", &id.to_string()]);
+    assert!(!ok, "retrying a row that is not failed must fail: {out}");
+    let (_, out) = shop(&db.url, &["outbox", "failed"]);
+    assert!(out.contains("0 failed message(s)"), "{out}");
+}

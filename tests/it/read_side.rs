@@ -1,0 +1,193 @@
+//! Command API -> outbox -> relay -> Kafka -> projector -> GraphQL, on the real services.
+
+use std::time::Duration;
+
+use outbox_relay::{Relay, RelayConfig};
+use platform::config::InfraConfig;
+use read_side::consumer::Projector;
+use serde_json::{Value, json};
+use shop_tests::{TestApi, TestKafka, checkout_body};
+use tokio_util::sync::CancellationToken;
+
+struct Gql {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Gql {
+    async fn query(&self, token: Option<&str>, query: &str, vars: Value) -> Value {
+        let mut rb = self
+            .http
+            .post(&self.url)
+            .json(&json!({"query": query, "variables": vars}));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().await.unwrap().json().await.unwrap()
+    }
+}
+
+const ORDER: &str = "query($id: ID!) { order(id: $id) { id customerId status currency totalMinor
+    items { sku quantity unitPriceMinor } cancellationReason version createdAt updatedAt timeline { status at } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelivery_changes_nothing()
+{
+    let api = TestApi::new().await;
+    let mut kafka = TestKafka::new().await;
+    let topic = kafka.create_topics(&["orders.events"], 3).await.remove(0);
+    let alice = api.customer("alice");
+
+    // Write side: place two orders, cancel one.
+    let placed: Value = api
+        .post("/orders", &alice, "k1", &checkout_body())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let r = api
+        .post(
+            &format!("/orders/{id}/cancel"),
+            &alice,
+            "k2",
+            &json!({"reason": "too slow"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let other: Value = api
+        .post("/orders", &alice, "k3", &checkout_body())
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // Relay and projector.
+    let infra = InfraConfig {
+        kafka_topic_prefix: kafka.prefix.clone(),
+        ..shop_tests::infra()
+    };
+    let mut relay = Relay::new(api.db.pool.clone(), &infra, RelayConfig::default()).unwrap();
+    assert_eq!(relay.drain().await.unwrap(), 3);
+    let shutdown = CancellationToken::new();
+    let projector =
+        Projector::order_summary(api.db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix)
+            .unwrap();
+    let projecting = tokio::spawn(projector.run(shutdown.clone()));
+
+    // GraphQL.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gql = Gql {
+        url: format!("http://{}/graphql", listener.local_addr().unwrap()),
+        http: reqwest::Client::new(),
+    };
+    let router = read_side::graphql::router(api.db.pool.clone(), api.auth.clone());
+    tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let order = loop {
+        let r = gql.query(Some(&alice), ORDER, json!({"id": id})).await;
+        assert!(r.get("errors").is_none(), "{r}");
+        if r["data"]["order"]["status"] == "CANCELLED" {
+            break r["data"]["order"].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "order never became visible: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(order["id"], id.as_str());
+    assert_eq!(order["customerId"], "alice");
+    assert_eq!(order["currency"], "EUR");
+    assert_eq!(order["totalMinor"], 2 * 1250 + 499);
+    assert_eq!(
+        order["items"],
+        json!([{"sku": "SKU-1", "quantity": 2, "unitPriceMinor": 1250}, {"sku": "SKU-2", "quantity": 1, "unitPriceMinor": 499}])
+    );
+    assert_eq!(order["cancellationReason"], "too slow");
+    assert_eq!(order["version"], 2);
+    let statuses: Vec<&str> = order["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["PENDING", "CANCELLED"]);
+
+    // Customers cannot read others' orders; anonymous callers and bad ids get typed errors.
+    let r = gql
+        .query(Some(&api.customer("mallory")), ORDER, json!({"id": id}))
+        .await;
+    assert_eq!(r["data"]["order"], Value::Null, "{r}");
+    let r = gql.query(None, ORDER, json!({"id": id})).await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+        "{r}"
+    );
+    let r = gql.query(Some(&alice), ORDER, json!({"id": "nope"})).await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{r}"
+    );
+    let r = gql
+        .query(
+            Some(&api.operator()),
+            ORDER,
+            json!({"id": other["order_id"]}),
+        )
+        .await;
+    assert_eq!(r["data"]["order"]["status"], "PENDING", "{r}");
+
+    // Redelivery: forget the checkpoints and consume everything again in a new group: the
+    // per-version idempotency leaves the read model exactly as it was.
+    shutdown.cancel();
+    projecting.await.unwrap().unwrap();
+    let before: Vec<Value> =
+        sqlx::query_scalar("SELECT to_jsonb(s) FROM order_summary s ORDER BY order_id")
+            .fetch_all(&api.db.pool)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM projection_checkpoints")
+        .execute(&api.db.pool)
+        .await
+        .unwrap();
+    let again = Projector::order_summary(
+        api.db.pool.clone(),
+        &kafka.brokers,
+        &topic,
+        &format!("{}again.", kafka.prefix),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let projecting = tokio::spawn(again.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints",
+        )
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+        if seen == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redelivered events not processed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    projecting.await.unwrap().unwrap();
+    let after: Vec<Value> =
+        sqlx::query_scalar("SELECT to_jsonb(s) FROM order_summary s ORDER BY order_id")
+            .fetch_all(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+}
