@@ -6,8 +6,8 @@
 //! reconnects (the relay backs off between attempts).
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ExchangeKind, PublisherConfirm,
-    options::{BasicPublishOptions, ExchangeDeclareOptions},
+    BasicProperties, Channel, Confirmation, Connection, PublisherConfirm,
+    options::BasicPublishOptions,
     types::{AMQPValue, FieldTable},
 };
 use serde_json::Value;
@@ -16,7 +16,7 @@ use crate::{Delivery, store::OutboxRow};
 
 /// The exchange saga commands go to; declared by the relay so publishing never races the
 /// consumers' topology set-up.
-pub const COMMANDS_EXCHANGE: &str = "checkout.commands";
+pub use platform::amqp::COMMANDS_EXCHANGE;
 
 pub struct AmqpSink {
     url: String,
@@ -41,16 +41,7 @@ impl AmqpSink {
         self.conn = None;
         let conn = platform::amqp::connect(&self.url, "outbox-relay").await?;
         let ch = platform::amqp::confirm_channel(&conn).await?;
-        ch.exchange_declare(
-            COMMANDS_EXCHANGE.into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        platform::amqp::declare_commands_exchange(&ch).await?;
         self.conn = Some((conn, ch.clone()));
         Ok(ch)
     }

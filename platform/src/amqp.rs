@@ -42,3 +42,47 @@ pub fn quorum_queue_args() -> FieldTable {
     );
     args
 }
+
+/// The exchange saga commands are published to (routing key = participant).
+pub const COMMANDS_EXCHANGE: &str = "checkout.commands";
+
+/// Declares the durable direct exchange for saga commands (idempotent).
+pub async fn declare_commands_exchange(ch: &Channel) -> Result<(), AmqpError> {
+    ch.exchange_declare(
+        COMMANDS_EXCHANGE.into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares a durable quorum queue bound to the commands exchange with `routing_key`
+/// (and the exchange itself), idempotently.
+pub async fn declare_command_queue(
+    ch: &Channel,
+    queue: &str,
+    routing_key: &str,
+) -> Result<(), AmqpError> {
+    declare_commands_exchange(ch).await?;
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        quorum_queue_args(),
+    )
+    .await?;
+    ch.queue_bind(
+        queue.into(),
+        COMMANDS_EXCHANGE.into(),
+        routing_key.into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}

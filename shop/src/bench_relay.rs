@@ -17,10 +17,7 @@ use std::{
 
 use lapin::{
     BasicProperties,
-    options::{
-        BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-        QueuePurgeOptions,
-    },
+    options::{BasicPublishOptions, QueuePurgeOptions},
 };
 use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
@@ -137,33 +134,7 @@ pub async fn relay(infra: &InfraConfig, args: &RelayBenchArgs) -> anyhow::Result
     let conn = platform::amqp::connect(&infra.amqp_url, "bench").await?;
     let ch = platform::amqp::confirm_channel(&conn).await?;
     let queue = format!("{prefix}bench");
-    ch.exchange_declare(
-        outbox_relay::amqp::COMMANDS_EXCHANGE.into(),
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await?;
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        platform::amqp::quorum_queue_args(),
-    )
-    .await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        outbox_relay::amqp::COMMANDS_EXCHANGE.into(),
-        queue.as_str().into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await?;
+    platform::amqp::declare_command_queue(&ch, &queue, &queue).await?;
     let started = Instant::now();
     let mut confirms = Vec::with_capacity(m);
     for _ in 0..m {

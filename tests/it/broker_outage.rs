@@ -10,10 +10,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
 use shop_tests::{TestDb, TestRabbit};
@@ -58,36 +55,9 @@ async fn rabbitmq_stopped_and_started_during_the_run_loses_nothing_and_keeps_ord
     let rabbit = TestRabbit::new().await;
     let (queue, route) = (rabbit.name("outage"), rabbit.name("outage-route"));
     let ch = rabbit.conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "checkout.commands".into(),
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        platform::amqp::quorum_queue_args(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        queue.as_str().into(),
-        "checkout.commands".into(),
-        route.as_str().into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    platform::amqp::declare_command_queue(&ch, &queue, &route)
+        .await
+        .unwrap();
 
     let cfg = RelayConfig {
         batch_size: 20,

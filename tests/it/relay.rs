@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use outbox_relay::{Relay, RelayConfig, store};
 use platform::config::InfraConfig;
 use shop_tests::{
@@ -117,36 +117,9 @@ async fn a_rejected_message_is_set_aside_blocks_only_its_key_and_can_be_retried(
         .unwrap();
     }
     // The exchange as the relay declares it, and a queue for the good route only.
-    ch.exchange_declare(
-        "checkout.commands".into(),
-        lapin::ExchangeKind::Direct,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        platform::amqp::quorum_queue_args(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        queue.as_str().into(),
-        "checkout.commands".into(),
-        good_key.as_str().into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    platform::amqp::declare_command_queue(&ch, &queue, &good_key)
+        .await
+        .unwrap();
     relay.drain().await.unwrap();
 
     let failed = store::list_failed(&db.pool).await.unwrap();
@@ -196,15 +169,9 @@ async fn a_rejected_message_is_set_aside_blocks_only_its_key_and_can_be_retried(
     }
 
     // Fix the routing, retry: the failed message and the one behind it go out, in order.
-    ch.queue_bind(
-        queue.as_str().into(),
-        "checkout.commands".into(),
-        bad_key.as_str().into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    platform::amqp::declare_command_queue(&ch, &queue, &bad_key)
+        .await
+        .unwrap();
     assert!(store::retry_failed(&db.pool, failed[0].id).await.unwrap());
     assert!(
         !store::retry_failed(&db.pool, failed[0].id).await.unwrap(),

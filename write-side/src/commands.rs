@@ -166,24 +166,46 @@ async fn checkout(
 ) -> Result<CommandResponse, ApiError> {
     let order_id = cmd.order_id;
     let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd)).map_err(rejected)?;
+    let version =
+        append_order_events(conn, ctx, order_id, &Expected::new_stream(), &events).await?;
+    Ok(accepted(order_id, "PENDING", version))
+}
+
+/// Appends an order's new events with their outbox messages; returns the new version.
+async fn append_order_events(
+    conn: &mut PgConnection,
+    ctx: &CommandContext,
+    order_id: OrderId,
+    expected: &Expected,
+    events: &[domain::order::OrderEvent],
+) -> Result<i64, ApiError> {
     let recorded_at = event_store::now_micros();
-    let (stored, outbox) =
-        order_records(order_id, 1, &events, &metadata(ctx, order_id), recorded_at);
+    let (stored, outbox) = order_records(
+        order_id,
+        expected.version + 1,
+        events,
+        &metadata(ctx, order_id),
+        recorded_at,
+    );
     let out = event_store::append_at(
         conn,
         order_id.0,
         ORDER_STREAM,
-        &Expected::new_stream(),
+        expected,
         &stored,
         &outbox,
         recorded_at,
     )
     .await
     .map_err(store_error)?;
-    Ok(CommandResponse {
+    Ok(out.version)
+}
+
+fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {
+    CommandResponse {
         status: 202,
-        body: json!({"order_id": order_id, "status": "PENDING", "version": out.version}),
-    })
+        body: json!({"order_id": order_id, "status": status, "version": version}),
+    }
 }
 
 /// Loads an order for `principal`: a customer sees only their own orders (others' are
@@ -234,27 +256,6 @@ async fn cancel(
         Role::Operator => CancelledBy::Operator,
     };
     let events = order::decide(&state, OrderCommand::Cancel { reason, by }).map_err(rejected)?;
-    let recorded_at = event_store::now_micros();
-    let (stored, outbox) = order_records(
-        order_id,
-        expected.version + 1,
-        &events,
-        &metadata(ctx, order_id),
-        recorded_at,
-    );
-    let out = event_store::append_at(
-        conn,
-        order_id.0,
-        ORDER_STREAM,
-        &expected,
-        &stored,
-        &outbox,
-        recorded_at,
-    )
-    .await
-    .map_err(store_error)?;
-    Ok(CommandResponse {
-        status: 202,
-        body: json!({"order_id": order_id, "status": "CANCELLED", "version": out.version}),
-    })
+    let version = append_order_events(conn, ctx, order_id, &expected, &events).await?;
+    Ok(accepted(order_id, "CANCELLED", version))
 }
