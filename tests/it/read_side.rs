@@ -143,6 +143,111 @@ async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelive
         .await;
     assert_eq!(r["data"]["order"]["status"], "PENDING", "{r}");
 
+    // The other order reaches the read model too; then list alice's orders page by page.
+    let other_id = other["order_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while gql
+        .query(Some(&alice), ORDER, json!({"id": other_id}))
+        .await["data"]["order"]
+        .is_null()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "second order never became visible"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    const ORDERS: &str = "query($c: ID, $s: OrderStatus, $first: Int, $after: String) {
+        orders(customerId: $c, status: $s, first: $first, after: $after) {
+            edges { cursor node { id status } } pageInfo { hasNextPage endCursor } } }";
+    let page1 = gql.query(Some(&alice), ORDERS, json!({"first": 1})).await;
+    let conn = &page1["data"]["orders"];
+    assert_eq!(
+        conn["edges"][0]["node"]["id"],
+        other_id.as_str(),
+        "newest first: {page1}"
+    );
+    assert_eq!(conn["pageInfo"]["hasNextPage"], true);
+    let page2 = gql
+        .query(
+            Some(&alice),
+            ORDERS,
+            json!({"first": 1, "after": conn["pageInfo"]["endCursor"]}),
+        )
+        .await;
+    assert_eq!(
+        page2["data"]["orders"]["edges"][0]["node"]["id"],
+        id.as_str(),
+        "{page2}"
+    );
+    assert_eq!(page2["data"]["orders"]["pageInfo"]["hasNextPage"], false);
+    let cancelled = gql
+        .query(Some(&alice), ORDERS, json!({"s": "CANCELLED"}))
+        .await;
+    assert_eq!(
+        cancelled["data"]["orders"]["edges"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{cancelled}"
+    );
+    let r = gql
+        .query(Some(&api.customer("mallory")), ORDERS, json!({}))
+        .await;
+    assert_eq!(
+        r["data"]["orders"]["edges"],
+        json!([]),
+        "mallory has no orders: {r}"
+    );
+    let r = gql
+        .query(
+            Some(&api.customer("mallory")),
+            ORDERS,
+            json!({"c": "alice"}),
+        )
+        .await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+    let r = gql
+        .query(
+            Some(&api.operator()),
+            ORDERS,
+            json!({"c": "alice", "first": 10}),
+        )
+        .await;
+    assert_eq!(
+        r["data"]["orders"]["edges"].as_array().unwrap().len(),
+        2,
+        "{r}"
+    );
+    let r = gql.query(Some(&alice), ORDERS, json!({"first": 0})).await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{r}"
+    );
+
+    // The audit trail comes from the event store, for operators only.
+    const AUDIT: &str =
+        "query($id: ID!) { auditTrail(orderId: $id) { entries { position streamVersion eventType
+        schemaVersion recordedAt payload metadata hash } verified brokenAt } }";
+    let r = gql
+        .query(Some(&api.operator()), AUDIT, json!({"id": id}))
+        .await;
+    let trail = &r["data"]["auditTrail"];
+    assert_eq!(trail["verified"], true, "{r}");
+    assert_eq!(trail["brokenAt"], Value::Null);
+    let types: Vec<&str> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["OrderPlaced", "OrderCancelled"]);
+    assert_eq!(trail["entries"][1]["payload"]["reason"], "too slow");
+    assert_eq!(trail["entries"][0]["metadata"]["actor"], "customer:alice");
+    assert_eq!(trail["entries"][0]["hash"].as_str().unwrap().len(), 64);
+    let r = gql.query(Some(&alice), AUDIT, json!({"id": id})).await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+
     // Redelivery: forget the checkpoints and consume everything again in a new group: the
     // per-version idempotency leaves the read model exactly as it was.
     shutdown.cancel();
