@@ -3,34 +3,37 @@
 //! For each message: in one PostgreSQL transaction, skip it if the stored checkpoint is past
 //! its offset, apply it, and move the checkpoint; commit; then commit the Kafka offset. A crash
 //! between the two commits redelivers the message, and the checkpoint (and the per-version
-//! idempotency of the projection) makes that a no-op. A message that cannot be applied is
-//! retried with backoff and blocks its partition (dead-lettering is not built yet).
+//! idempotency of the projection) makes that a no-op. A poison message is dead-lettered
+//! ([`crate::dead_letters`]) and copied to the DLQ topic; a transient failure (the database)
+//! is retried with backoff, and blocks its partition meanwhile.
 
 use std::time::Duration;
 
 use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer, StreamConsumer},
-    message::BorrowedMessage,
+    message::{BorrowedMessage, Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    envelope::Envelope,
-    order_summary::{self, Applied},
+    dead_letters::{self, DeadLetter, Incoming, Processed},
+    order_summary,
 };
 
 pub struct Projector {
     pool: PgPool,
     consumer: StreamConsumer,
+    producer: FutureProducer,
+    dlq_topic: String,
     name: &'static str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Applied,
-    Duplicate,
+    Processed(Processed),
     BehindCheckpoint,
 }
 
@@ -49,6 +52,8 @@ impl Projector {
         Ok(Self {
             pool,
             consumer,
+            producer: platform::kafka::producer(brokers)?,
+            dlq_topic: format!("{topic}.dlq"),
             name: order_summary::NAME,
         })
     }
@@ -68,9 +73,13 @@ impl Projector {
         if next.is_some_and(|n| offset < n) {
             return Ok(Handled::BehindCheckpoint);
         }
-        let env = Envelope::parse(msg.payload().unwrap_or_default())?;
-        let event = env.event()?;
-        let applied = order_summary::apply(&mut tx, &env, &event).await?;
+        let incoming = Incoming {
+            topic,
+            partition,
+            offset,
+            payload: msg.payload().unwrap_or_default(),
+        };
+        let processed = dead_letters::process(&mut tx, self.name, &incoming).await?;
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
              ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
@@ -83,10 +92,42 @@ impl Projector {
         .await?;
         tx.commit().await?;
         metrics::counter!("projection_events_total", "projection" => self.name).increment(1);
-        Ok(match applied {
-            Applied::Applied => Handled::Applied,
-            Applied::Duplicate => Handled::Duplicate,
-        })
+        if let Processed::DeadLettered(dl) = &processed {
+            self.publish_dead_letter(dl).await;
+        }
+        Ok(Handled::Processed(processed))
+    }
+
+    /// Copies a dead letter to the DLQ topic with its envelope in headers. The `dead_letters`
+    /// row (already committed) is the record operators act on; a failed copy is only logged.
+    async fn publish_dead_letter(&self, dl: &DeadLetter) {
+        let fields = [
+            ("original_topic", dl.topic.clone()),
+            ("original_partition", dl.partition.to_string()),
+            ("original_offset", dl.offset.to_string()),
+            ("projection", dl.projection.clone()),
+            ("error_class", dl.error_class.clone()),
+            ("error_message", dl.error_message.clone()),
+            ("attempts", dl.attempts.to_string()),
+            ("first_failure", dl.first_failed_at.to_rfc3339()),
+            ("last_failure", dl.last_failed_at.to_rfc3339()),
+            ("dead_letter_id", dl.id.to_string()),
+        ];
+        let mut headers = OwnedHeaders::new_with_capacity(fields.len());
+        for (k, v) in &fields {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let key = dl.stream_id.map(|s| s.to_string()).unwrap_or_default();
+        let record = FutureRecord::to(&self.dlq_topic)
+            .key(&key)
+            .payload(&dl.payload)
+            .headers(headers);
+        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(10)).await {
+            tracing::warn!(error = %e, id = dl.id, "copying a dead letter to the DLQ topic failed");
+        }
     }
 
     /// Consumes until `shutdown`; the message in hand is finished first.

@@ -4,18 +4,20 @@
 //! projection's checkpoint commit in one PostgreSQL transaction; the Kafka offset is committed
 //! after it. Projections are idempotent per stream version, so redeliveries change nothing.
 //!
-//! Status: the order-summary projection and the `order(id)` query are built; the other read
-//! models, dead letters, subscriptions and rebuild by replay are not yet (see
-//! docs/architecture.md).
+//! Status: the order-summary projection with dead letters, and the `order`, `orders` and
+//! `auditTrail` queries are built; the other read models, subscriptions, mutations and
+//! rebuild by replay are not yet (see docs/architecture.md).
 //!
 //! # Layout
 //! - [`envelope`]: the Kafka message value, parsed and decoded into a domain event.
 //! - [`order_summary`]: the order-summary projection (apply one event in a transaction).
 //! - [`consumer`]: the consumer loop (checkpoints, offsets, shutdown).
+//! - [`dead_letters`]: poison events: dead letters, parking, replay, discard.
 //! - [`graphql`]: the schema and the axum service (`/graphql`, GraphiQL on GET).
 #![forbid(unsafe_code)]
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod envelope;
 pub mod graphql;
 pub mod order_summary;

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
         ops_addr: std::net::SocketAddr,
     },
+    /// Read-side dead letters: events a projection could not apply.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Outbox messages the brokers rejected for good.
     Outbox {
         #[command(subcommand)]
@@ -90,6 +95,21 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Lists dead letters (open ones only, unless --all).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Shows one dead letter with its error and message.
+    Show { id: i64 },
+    /// Re-applies a dead letter (from the event store when possible) and the events parked behind it.
+    Replay { id: i64 },
+    /// Gives up on a dead letter and releases the events parked behind it.
+    Discard { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -135,6 +155,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         } => run(&cli.infra, &write_side, relay, relay_ops_addr, graphql_addr).await?,
         Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
+        Command::Dlq { command } => return dlq(&cli.infra, command).await,
         Command::Token {
             role,
             subject,
@@ -270,6 +291,66 @@ async fn serve_relay(
     shutdown.cancel();
     ops_task.await??;
     result
+}
+
+async fn dlq(infra: &InfraConfig, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    use read_side::dead_letters;
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    let line = |d: &dead_letters::DeadLetter| {
+        format!(
+            "{}\t{}\t{}\t{} v{}\t{}\tattempts={}\tlast_failure={}",
+            d.id,
+            d.status,
+            d.projection,
+            d.stream_id.map_or("-".into(), |s| s.to_string()),
+            d.stream_version.map_or("-".into(), |v| v.to_string()),
+            d.error_class,
+            d.attempts,
+            d.last_failed_at.to_rfc3339()
+        )
+    };
+    match command {
+        DlqCommand::List { all } => {
+            let rows = dead_letters::list(&pool, !all).await?;
+            for d in &rows {
+                println!("{}", line(d));
+            }
+            println!("{} dead letter(s)", rows.len());
+        }
+        DlqCommand::Show { id } => {
+            let Some(d) = dead_letters::get(&pool, id).await? else {
+                eprintln!("no dead letter with id {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            println!("{}", line(&d));
+            println!(
+                "source: {} partition {} offset {}",
+                d.topic, d.partition, d.offset
+            );
+            println!("first failure: {}", d.first_failed_at.to_rfc3339());
+            println!("error: {}", d.error_message);
+            println!("message: {}", String::from_utf8_lossy(&d.payload));
+        }
+        DlqCommand::Replay { id } | DlqCommand::Discard { id } => {
+            let replay = matches!(command, DlqCommand::Replay { .. });
+            let result = if replay {
+                dead_letters::replay(&pool, id).await
+            } else {
+                dead_letters::discard(&pool, id).await
+            };
+            match result {
+                Ok(released) => println!(
+                    "dead letter {id} {}; {released} parked event(s) applied",
+                    if replay { "replayed" } else { "discarded" }
+                ),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn outbox(infra: &InfraConfig, command: OutboxCommand) -> anyhow::Result<ExitCode> {

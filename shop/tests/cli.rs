@@ -100,3 +100,35 @@ async fn outbox_failed_lists_set_aside_messages_and_retry_puts_them_back() {
     let (_, out) = shop(&db.url, &["outbox", "failed"]);
     assert!(out.contains("0 failed message(s)"), "{out}");
 }
+
+#[tokio::test]
+async fn dlq_lists_shows_and_discards_dead_letters() {
+    let db = shop_tests::TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        r#"INSERT INTO dead_letters (projection, topic, partition, "offset", error_class, error_message, attempts, payload)
+           VALUES ('order_summary', 'orders.events', 0, 7, 'undecodable', 'expected value at line 1', 1, 'not json')
+           RETURNING id"#,
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (ok, out) = shop(&db.url, &["dlq", "list"]);
+    assert!(
+        ok && out.contains("undecodable") && out.contains("1 dead letter(s)"),
+        "{out}"
+    );
+    let (ok, out) = shop(&db.url, &["dlq", "show", &id.to_string()]);
+    assert!(
+        ok && out.contains("offset 7") && out.contains("message: not json"),
+        "{out}"
+    );
+    // Replaying an undecodable message fails again and keeps it open.
+    let (ok, out) = shop(&db.url, &["dlq", "replay", &id.to_string()]);
+    assert!(!ok && out.contains("failed again"), "{out}");
+    let (ok, out) = shop(&db.url, &["dlq", "discard", &id.to_string()]);
+    assert!(ok && out.contains("discarded"), "{out}");
+    let (_, out) = shop(&db.url, &["dlq", "list"]);
+    assert!(out.contains("0 dead letter(s)"), "{out}");
+    let (_, out) = shop(&db.url, &["dlq", "list", "--all"]);
+    assert!(out.contains("discarded"), "{out}");
+}
