@@ -34,7 +34,7 @@ pub enum Processed {
     Applied,
     Duplicate,
     Parked,
-    DeadLettered(DeadLetter),
+    DeadLettered(Box<DeadLetter>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,7 +201,7 @@ async fn dead_letter(
     .await?;
     metrics::counter!("projection_dead_letters_total", "projection" => projection.to_owned(), "class" => poison.class)
         .increment(1);
-    Ok(Processed::DeadLettered(from_row(&row)?))
+    Ok(Processed::DeadLettered(Box::new(from_row(&row)?)))
 }
 
 pub async fn list(pool: &PgPool, only_open: bool) -> Result<Vec<DeadLetter>, sqlx::Error> {
