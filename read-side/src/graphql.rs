@@ -24,7 +24,10 @@ use uuid::Uuid;
 pub type ShopSchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
-#[graphql(rename_items = "SCREAMING_SNAKE_CASE")]
+#[graphql(
+    remote = "domain::order::OrderStatus",
+    rename_items = "SCREAMING_SNAKE_CASE"
+)]
 pub enum OrderStatus {
     Pending,
     InventoryReserved,
@@ -35,23 +38,14 @@ pub enum OrderStatus {
 
 impl OrderStatus {
     fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "PENDING",
-            Self::InventoryReserved => "INVENTORY_RESERVED",
-            Self::PaymentAuthorized => "PAYMENT_AUTHORIZED",
-            Self::Confirmed => "CONFIRMED",
-            Self::Cancelled => "CANCELLED",
-        }
+        domain::order::OrderStatus::from(self).as_str()
     }
 
+    /// Statuses are written by the projection from the domain's own names.
     fn parse(s: &str) -> Self {
-        match s {
-            "INVENTORY_RESERVED" => Self::InventoryReserved,
-            "PAYMENT_AUTHORIZED" => Self::PaymentAuthorized,
-            "CONFIRMED" => Self::Confirmed,
-            "CANCELLED" => Self::Cancelled,
-            _ => Self::Pending,
-        }
+        serde_json::from_value::<domain::order::OrderStatus>(serde_json::Value::from(s))
+            .map(Into::into)
+            .unwrap_or(Self::Pending)
     }
 }
 
