@@ -9,7 +9,12 @@ use sqlx::{PgPool, migrate::Migrator, postgres::PgPoolOptions};
 
 use crate::config::InfraConfig;
 
-pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+/// The project's migrations. Migrations applied by a newer build are tolerated
+/// (`ignore_missing`), so an older binary keeps working during a rolling upgrade.
+pub static MIGRATOR: Migrator = Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("../migrations")
+};
 
 /// Opens a pool to `url` with at most `max` connections.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {

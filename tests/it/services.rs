@@ -44,6 +44,17 @@ async fn migrations_apply_and_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(again, applied);
+    // A database already migrated by a newer build (an unknown later migration) is accepted.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (999999, 'from a newer build', true, '\\x00', 0)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    platform::db::migrate(&db.pool)
+        .await
+        .expect("newer applied migrations are tolerated");
 }
 
 #[tokio::test]
