@@ -296,3 +296,78 @@ async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelive
             .unwrap();
     assert_eq!(before, after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_model() {
+    let db = shop_tests::TestDb::with_pool_size(20).await;
+    let mut kafka = TestKafka::new().await;
+    let topic = kafka.create_topics(&["orders.events"], 3).await.remove(0);
+    shop_tests::append_orders(&db.pool, 200, 8).await;
+    let infra = InfraConfig {
+        kafka_topic_prefix: kafka.prefix.clone(),
+        ..shop_tests::infra()
+    };
+    assert_eq!(
+        Relay::new(db.pool.clone(), &infra, RelayConfig::default())
+            .unwrap()
+            .drain()
+            .await
+            .unwrap(),
+        600
+    );
+    let processed = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+
+    // Abort the projector task abruptly part-way (no graceful stop: offsets may be uncommitted).
+    let first =
+        Projector::order_summary(db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix).unwrap();
+    let task = tokio::spawn(first.run(CancellationToken::new()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while processed().await < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "projector made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    assert!(
+        processed().await < 600,
+        "the kill came too late to test anything"
+    );
+
+    // A new instance in the same group finishes the job.
+    let shutdown = CancellationToken::new();
+    let second =
+        Projector::order_summary(db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix).unwrap();
+    let task = tokio::spawn(second.run(shutdown.clone()));
+    while processed().await < 600 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "restarted projector did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Every order applied exactly once: final status, version 3, three timeline entries.
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT status, version, jsonb_array_length(timeline)::bigint FROM order_summary",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 200);
+    assert!(
+        rows.iter().all(|r| r == &("CANCELLED".to_owned(), 3, 3)),
+        "{rows:?}"
+    );
+}
