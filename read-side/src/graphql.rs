@@ -95,6 +95,20 @@ pub struct OrderConnection {
     pub page_info: PageInfo,
 }
 
+/// The checkout steps an order has passed (the saga confirms only after the shipment exists).
+#[derive(SimpleObject)]
+pub struct CheckoutProgress {
+    pub order_id: ID,
+    pub status: OrderStatus,
+    pub inventory_reserved: bool,
+    pub payment_authorized: bool,
+    pub shipment_created: bool,
+    pub confirmed: bool,
+    pub cancelled: bool,
+    pub cancellation_reason: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
 #[derive(SimpleObject)]
 pub struct AuditEntry {
     pub position: i64,
@@ -214,6 +228,30 @@ impl QueryRoot {
                 end_cursor,
             },
         })
+    }
+
+    /// Which checkout steps an order has passed, from its status history; `null` like
+    /// `order` when the order is unknown or not the caller's.
+    async fn checkout_progress(
+        &self,
+        ctx: &Context<'_>,
+        order_id: ID,
+    ) -> async_graphql::Result<Option<CheckoutProgress>> {
+        let Some(order) = self.order(ctx, order_id).await? else {
+            return Ok(None);
+        };
+        let reached = |s: OrderStatus| order.timeline.iter().any(|t| t.status == s);
+        Ok(Some(CheckoutProgress {
+            order_id: order.id.clone(),
+            status: order.status,
+            inventory_reserved: reached(OrderStatus::InventoryReserved),
+            payment_authorized: reached(OrderStatus::PaymentAuthorized),
+            shipment_created: reached(OrderStatus::Confirmed),
+            confirmed: reached(OrderStatus::Confirmed),
+            cancelled: reached(OrderStatus::Cancelled),
+            cancellation_reason: order.cancellation_reason.clone(),
+            updated_at: order.updated_at,
+        }))
     }
 
     /// Every stored event of an order with its metadata and hash, and whether the hash chain

@@ -225,6 +225,22 @@ async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelive
         "{r}"
     );
 
+    // Checkout progress follows the status history; another customer gets null.
+    const PROGRESS: &str =
+        "query($id: ID!) { checkoutProgress(orderId: $id) { orderId status inventoryReserved
+        paymentAuthorized shipmentCreated confirmed cancelled cancellationReason } }";
+    let r = gql.query(Some(&alice), PROGRESS, json!({"id": id})).await;
+    assert_eq!(
+        r["data"]["checkoutProgress"],
+        json!({"orderId": id, "status": "CANCELLED", "inventoryReserved": false, "paymentAuthorized": false,
+               "shipmentCreated": false, "confirmed": false, "cancelled": true, "cancellationReason": "too slow"}),
+        "{r}"
+    );
+    let r = gql
+        .query(Some(&api.customer("mallory")), PROGRESS, json!({"id": id}))
+        .await;
+    assert_eq!(r["data"]["checkoutProgress"], Value::Null, "{r}");
+
     // The audit trail comes from the event store, for operators only.
     const AUDIT: &str =
         "query($id: ID!) { auditTrail(orderId: $id) { entries { position streamVersion eventType
