@@ -24,6 +24,11 @@ pub enum KafkaSetupError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("deleting topic {topic}: {code}")]
+    DeleteTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("no Kafka broker answered metadata requests at {brokers} within {waited:?}: {last}")]
     Unreachable {
         brokers: String,
@@ -126,7 +131,7 @@ pub async fn delete_topics(brokers: &str, topics: &[String]) -> Result<(), Kafka
     for result in admin.delete_topics(&names, &AdminOptions::new()).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((topic, code)) => return Err(KafkaSetupError::CreateTopic { topic, code }),
+            Err((topic, code)) => return Err(KafkaSetupError::DeleteTopic { topic, code }),
         }
     }
     Ok(())

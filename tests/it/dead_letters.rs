@@ -60,23 +60,7 @@ async fn a_poison_event_is_dead_lettered_its_successors_parked_and_replay_applie
         Projector::order_summary(db.pool.clone(), &kafka.brokers, &topics[0], &kafka.prefix)
             .unwrap();
     let task = tokio::spawn(projector.run(shutdown.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if seen == 6 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "projector stuck at {seen} of 6"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    shop_tests::wait_checkpointed(&db.pool, 6).await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
 

@@ -286,23 +286,7 @@ async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelive
     .unwrap();
     let shutdown = CancellationToken::new();
     let projecting = tokio::spawn(again.run(shutdown.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints",
-        )
-        .fetch_one(&api.db.pool)
-        .await
-        .unwrap();
-        if seen == 3 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "redelivered events not processed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    shop_tests::wait_checkpointed(&api.db.pool, 3).await;
     shutdown.cancel();
     projecting.await.unwrap().unwrap();
     let after: Vec<Value> =
@@ -331,14 +315,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
             .unwrap(),
         600
     );
-    let processed = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-    };
+    let processed = || shop_tests::checkpointed(&db.pool);
 
     // Abort the projector task abruptly part-way (no graceful stop: offsets may be uncommitted).
     let first =

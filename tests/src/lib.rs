@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`TestDb`]: a fresh, migrated database, dropped when the value is dropped.
 //! - [`TestKafka`]: per-test topic names, created with the admin API and deleted afterwards.
-//! - [`TestRabbit`]: a connection plus a per-test name prefix; queues it declared are deleted.
+//! - [`TestRabbit`]: a connection plus a per-test name prefix; `delete_queues` removes what a
+//!   test declared.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -394,6 +395,31 @@ pub fn assert_in_version_order(
             (1..=events_per_key).collect::<Vec<_>>(),
             "order {key} arrived as {versions:?}"
         );
+    }
+}
+
+/// How many messages projections have checkpointed: the sum of next offsets over all
+/// partitions (partitions start at offset 0 in per-test topics).
+pub async fn checkpointed(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_checkpoints")
+        .fetch_one(pool)
+        .await
+        .expect("read projection checkpoints")
+}
+
+/// Waits (at most 60 s) until projections have checkpointed at least `n` messages.
+pub async fn wait_checkpointed(pool: &PgPool, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = checkpointed(pool).await;
+        if seen >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "projector stuck at {seen} of {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -138,7 +138,7 @@ fn parse_body<T: DeserializeOwned>(
     })?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::MalformedRequest(format!("body is not valid JSON: {e}")))?;
-    let parsed = serde_json::from_value(value.clone()).map_err(|e| ApiError::Validation {
+    let parsed = T::deserialize(&value).map_err(|e| ApiError::Validation {
         field: None,
         detail: format!("body does not match the schema: {e}"),
     })?;
@@ -173,14 +173,21 @@ fn context(
     })
 }
 
-fn observe(command: &'static str, started: Instant, result: &Result<Response, ApiError>) {
-    let outcome = match result {
+/// Runs a command handler and records its latency and outcome.
+async fn observed(
+    command: &'static str,
+    handler: impl Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = handler.await;
+    let outcome = match &result {
         Ok(_) => "accepted",
         Err(e) => e.outcome(),
     };
     metrics::histogram!("command_duration_seconds", "command" => command, "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("commands_total", "command" => command, "outcome" => outcome).increment(1);
+    result
 }
 
 fn respond(r: CommandResponse, location: Option<String>) -> Response {
@@ -197,8 +204,7 @@ async fn checkout(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let result = async {
+    observed("checkout", async {
         let principal = authenticate(&state, &headers)?;
         let (req, value): (CheckoutRequest, Value) = parse_body(&state, &headers, body)?;
         let customer = match (principal.role, req.customer_id.as_deref()) {
@@ -227,10 +233,8 @@ async fn checkout(
             .as_str()
             .map(|id| format!("/orders/{id}"));
         Ok(respond(r, location))
-    }
-    .await;
-    observe("checkout", started, &result);
-    result
+    })
+    .await
 }
 
 async fn cancel(
@@ -239,8 +243,7 @@ async fn cancel(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let result = async {
+    observed("cancel", async {
         let principal = authenticate(&state, &headers)?;
         let order_id = parse_order_id(&raw_id)?;
         let (req, value): (CancelRequest, Value) = parse_body(&state, &headers, body)?;
@@ -273,10 +276,8 @@ async fn cancel(
         )
         .await?;
         Ok(respond(r, None))
-    }
-    .await;
-    observe("cancel", started, &result);
-    result
+    })
+    .await
 }
 
 /// Operator only: verifies the hash chain of one order's stream.
