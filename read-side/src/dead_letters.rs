@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::{Envelope, EnvelopeError},
-    order_summary::{self, Applied, ApplyError},
+    projection::{self, Applied, ApplyError, Decoded, Kind, Target},
 };
 
 /// One consumed message.
@@ -75,13 +75,14 @@ fn envelope_poison(e: &EnvelopeError) -> Poison {
     }
 }
 
-/// Applies one message to the order-summary projection, parking or dead-lettering it when it
-/// cannot be applied. `Err` is a transient failure: roll back and retry.
+/// Applies one message to a projection (through its live views), parking or dead-lettering it
+/// when it cannot be applied. `Err` is a transient failure: roll back and retry.
 pub async fn process(
     conn: &mut PgConnection,
-    projection: &str,
+    kind: Kind,
     msg: &Incoming<'_>,
 ) -> Result<Processed, sqlx::Error> {
+    let projection = kind.name();
     let env = match Envelope::parse(msg.payload) {
         Ok(env) => env,
         Err(e) => return dead_letter(conn, projection, msg, None, envelope_poison(&e)).await,
@@ -104,20 +105,25 @@ pub async fn process(
             .increment(1);
         return Ok(Processed::Parked);
     }
-    apply_envelope(conn, projection, msg, &env).await
+    apply_envelope(conn, kind, msg, env).await
 }
 
 async fn apply_envelope(
     conn: &mut PgConnection,
-    projection: &str,
+    kind: Kind,
     msg: &Incoming<'_>,
-    env: &Envelope,
+    env: Envelope,
 ) -> Result<Processed, sqlx::Error> {
+    let projection = kind.name();
     let event = match env.event() {
         Ok(ev) => ev,
-        Err(e) => return dead_letter(conn, projection, msg, Some(env), envelope_poison(&e)).await,
+        Err(e) => {
+            return dead_letter(conn, projection, msg, Some(&env), envelope_poison(&e)).await;
+        }
     };
-    match order_summary::apply(conn, env, &event).await {
+    let decoded = [Decoded { env, event }];
+    let env = &decoded[0].env;
+    match kind.apply(conn, Target::Live, &decoded).await.map(|o| o[0]) {
         Ok(Applied::Applied) => Ok(Processed::Applied),
         Ok(Applied::Duplicate) => Ok(Processed::Duplicate),
         Err(ApplyError::Database(e)) => Err(e),
@@ -170,6 +176,36 @@ fn from_row(r: &sqlx::postgres::PgRow) -> Result<DeadLetter, sqlx::Error> {
         status: r.try_get("status")?,
         payload: r.try_get("payload")?,
     })
+}
+
+/// Dead-letters a message that kept failing with a transient error (`attempts` times since
+/// `first_failed_at`), so its partition can move on. Parks like any other dead letter.
+pub async fn dead_letter_transient(
+    conn: &mut PgConnection,
+    kind: Kind,
+    msg: &Incoming<'_>,
+    error: &str,
+    attempts: i32,
+    first_failed_at: DateTime<Utc>,
+) -> Result<Processed, sqlx::Error> {
+    let env = Envelope::parse(msg.payload).ok();
+    let poison = Poison {
+        class: "transient",
+        message: error.to_owned(),
+    };
+    let processed = dead_letter(conn, kind.name(), msg, env.as_ref(), poison).await?;
+    let Processed::DeadLettered(mut dl) = processed else {
+        unreachable!("dead_letter always dead-letters")
+    };
+    sqlx::query("UPDATE dead_letters SET attempts = $2, first_failed_at = $3 WHERE id = $1")
+        .bind(dl.id)
+        .bind(attempts)
+        .bind(first_failed_at)
+        .execute(&mut *conn)
+        .await?;
+    dl.attempts = attempts;
+    dl.first_failed_at = first_failed_at;
+    Ok(Processed::DeadLettered(dl))
 }
 
 async fn dead_letter(
@@ -226,6 +262,8 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, sqlx::Err
 pub enum ResolveError {
     #[error("no open dead letter with id {0}")]
     NotOpen(i64),
+    #[error("dead letter {id} names an unknown projection `{projection}`")]
+    UnknownProjection { id: i64, projection: String },
     #[error("replaying dead letter {id} failed again: {class}: {message}")]
     StillFailing {
         id: i64,
@@ -248,7 +286,17 @@ pub async fn discard(pool: &PgPool, id: i64) -> Result<usize, ResolveError> {
 }
 
 async fn resolve(pool: &PgPool, id: i64, reapply: bool) -> Result<usize, ResolveError> {
+    let projection: String =
+        sqlx::query_scalar("SELECT projection FROM dead_letters WHERE id = $1 AND status = 'open'")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .ok_or(ResolveError::NotOpen(id))?;
+    let kind =
+        Kind::parse(&projection).ok_or(ResolveError::UnknownProjection { id, projection })?;
     let mut tx = pool.begin().await?;
+    // The switch lock first, like the projector, so a rebuild's switch cannot interleave.
+    projection::lock_for_write(&mut tx, kind).await?;
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM dead_letters WHERE id = $1 AND status = 'open' FOR UPDATE"
     ))
@@ -275,8 +323,8 @@ async fn resolve(pool: &PgPool, id: i64, reapply: bool) -> Result<usize, Resolve
             _ => None,
         };
         let outcome = match env {
-            Some(env) => apply_envelope(&mut tx, &dl.projection, &msg, &env).await?,
-            None => process(&mut tx, &dl.projection, &msg).await?,
+            Some(env) => apply_envelope(&mut tx, kind, &msg, env).await?,
+            None => process(&mut tx, kind, &msg).await?,
         };
         if let Processed::DeadLettered(again) = outcome {
             drop(tx);
@@ -293,7 +341,7 @@ async fn resolve(pool: &PgPool, id: i64, reapply: bool) -> Result<usize, Resolve
         }
     }
     let released = match dl.stream_id {
-        Some(stream) => release_parked(&mut tx, &dl.projection, stream).await?,
+        Some(stream) => release_parked(&mut tx, kind, stream).await?,
         None => 0,
     };
     tx.commit().await?;
@@ -332,9 +380,10 @@ async fn from_event_store(
 /// the new dead letter and the rest stay parked behind it).
 async fn release_parked(
     conn: &mut PgConnection,
-    projection: &str,
+    kind: Kind,
     stream_id: Uuid,
 ) -> Result<usize, sqlx::Error> {
+    let projection = kind.name();
     let parked = sqlx::query(
         r#"DELETE FROM parked_events WHERE projection = $1 AND stream_id = $2
            RETURNING stream_version, topic, partition, "offset", payload"#,
@@ -365,7 +414,7 @@ async fn release_parked(
             payload,
         };
         if matches!(
-            process(conn, projection, &msg).await?,
+            process(conn, kind, &msg).await?,
             Processed::Applied | Processed::Duplicate
         ) {
             released += 1;

@@ -21,3 +21,5 @@ pub mod dead_letters;
 pub mod envelope;
 pub mod graphql;
 pub mod order_summary;
+pub mod projection;
+pub mod sales;

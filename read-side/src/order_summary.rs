@@ -1,108 +1,202 @@
 //! The order-summary projection: one row per order with status, lines, totals, cancellation
 //! reason and the timeline of status changes.
 //!
-//! Idempotent per stream version: an event at or below the row's version is a redelivery and
-//! is skipped; the next version is applied; a version further ahead means an earlier event is
-//! missing (it cannot happen with per-order ordering, so it is reported, not guessed at).
+//! The fold is pure ([`fold`]); [`apply_batch`] loads the touched rows, folds the events in
+//! order and writes the changed rows back with one statement, so the live projector (one
+//! event) and a rebuild (thousands) share every line of logic.
 
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 use domain::order::{OrderEvent, OrderStatus};
-use serde_json::json;
-use sqlx::PgConnection;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, Row as _};
+use uuid::Uuid;
 
-use crate::envelope::Envelope;
+use crate::{
+    envelope::Envelope,
+    projection::{Applied, ApplyError, Decoded, Target, next_version},
+};
 
 pub const NAME: &str = "order_summary";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    Applied,
-    /// Already applied (redelivery or replay).
-    Duplicate,
+/// The NOTIFY channel announcing committed status changes (payload: order id, status, version).
+pub const STATUS_CHANNEL: &str = "order_status_changed";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub status: String,
+    pub currency: String,
+    pub total_minor: i64,
+    pub items: Value,
+    pub cancellation_reason: Option<String>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub timeline: Value,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("order {order_id}: event version {got} arrived while the projection is at {at}")]
-    Gap {
-        order_id: uuid::Uuid,
-        got: i64,
-        at: i64,
-    },
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-}
-
-/// Applies one event inside the caller's transaction.
-pub async fn apply(
-    conn: &mut PgConnection,
+/// The row after `event`; `Ok(None)` when the event is already applied.
+pub fn fold(
+    row: Option<&Row>,
     env: &Envelope,
     event: &OrderEvent,
-) -> Result<Applied, ApplyError> {
-    let current: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM order_summary WHERE order_id = $1 FOR UPDATE")
-            .bind(env.stream_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let at = current.unwrap_or(0);
-    if env.stream_version <= at {
-        return Ok(Applied::Duplicate);
+) -> Result<Option<Row>, ApplyError> {
+    if !next_version(env, row.map_or(0, |r| r.version))? {
+        return Ok(None);
     }
-    if env.stream_version != at + 1 {
-        return Err(ApplyError::Gap {
+    let step = |status: OrderStatus| json!({"status": status.as_str(), "at": env.recorded_at});
+    let Some(row) = row else {
+        let OrderEvent::Placed(p) = event else {
+            // Version 1 of an order is always OrderPlaced; anything else is a gap before it.
+            return Err(ApplyError::Gap {
+                order_id: env.stream_id,
+                got: env.stream_version,
+                at: 0,
+            });
+        };
+        let items: Vec<Value> = p
+            .lines
+            .iter()
+            .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_minor": l.unit_price_minor, "line_total_minor": l.line_total_minor}))
+            .collect();
+        return Ok(Some(Row {
             order_id: env.stream_id,
-            got: env.stream_version,
-            at,
-        });
+            customer_id: p.customer_id.as_str().to_owned(),
+            status: OrderStatus::Pending.as_str().to_owned(),
+            currency: p.currency.as_str().to_owned(),
+            total_minor: p.total_minor.get(),
+            items: Value::Array(items),
+            cancellation_reason: None,
+            version: env.stream_version,
+            created_at: env.recorded_at,
+            updated_at: env.recorded_at,
+            timeline: json!([step(OrderStatus::Pending)]),
+        }));
+    };
+    let (status, reason) = match event {
+        OrderEvent::Placed(_) => (OrderStatus::Pending, None),
+        OrderEvent::InventoryReserved(_) => (OrderStatus::InventoryReserved, None),
+        OrderEvent::PaymentAuthorized(_) => (OrderStatus::PaymentAuthorized, None),
+        OrderEvent::Confirmed(_) => (OrderStatus::Confirmed, None),
+        OrderEvent::Cancelled(c) => (OrderStatus::Cancelled, Some(c.reason.as_str().to_owned())),
+    };
+    let mut next = row.clone();
+    next.status = status.as_str().to_owned();
+    next.cancellation_reason = reason.or(next.cancellation_reason);
+    next.version = env.stream_version;
+    next.updated_at = env.recorded_at;
+    if let Value::Array(steps) = &mut next.timeline {
+        steps.push(step(status));
     }
-    let step = |status: OrderStatus| json!([{"status": status.as_str(), "at": env.recorded_at}]);
-    match event {
-        OrderEvent::Placed(p) => {
-            let items: Vec<_> = p
-                .lines
-                .iter()
-                .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_minor": l.unit_price_minor, "line_total_minor": l.line_total_minor}))
-                .collect();
-            sqlx::query(
-                "INSERT INTO order_summary (order_id, customer_id, status, currency, total_minor, items,
-                                            version, created_at, updated_at, timeline)
-                 VALUES ($1, $2, 'PENDING', $3, $4, $5, $6, $7, $7, $8)",
-            )
-            .bind(env.stream_id)
-            .bind(p.customer_id.as_str())
-            .bind(p.currency.as_str())
-            .bind(p.total_minor.get())
-            .bind(json!(items))
-            .bind(env.stream_version)
-            .bind(env.recorded_at)
-            .bind(step(OrderStatus::Pending))
-            .execute(&mut *conn)
-            .await?;
-        }
-        other => {
-            let (status, reason) = match other {
-                OrderEvent::InventoryReserved(_) => (OrderStatus::InventoryReserved, None),
-                OrderEvent::PaymentAuthorized(_) => (OrderStatus::PaymentAuthorized, None),
-                OrderEvent::Confirmed(_) => (OrderStatus::Confirmed, None),
-                OrderEvent::Cancelled(c) => {
-                    (OrderStatus::Cancelled, Some(c.reason.as_str().to_owned()))
-                }
-                OrderEvent::Placed(_) => unreachable!("handled above"),
-            };
-            sqlx::query(
-                "UPDATE order_summary
-                 SET status = $2, cancellation_reason = COALESCE($3, cancellation_reason), version = $4,
-                     updated_at = $5, timeline = timeline || $6
-                 WHERE order_id = $1",
-            )
-            .bind(env.stream_id)
-            .bind(status.as_str())
-            .bind(reason)
-            .bind(env.stream_version)
-            .bind(env.recorded_at)
-            .bind(step(status))
-            .execute(&mut *conn)
-            .await?;
+    Ok(Some(next))
+}
+
+const COLUMNS: &str = "order_id, customer_id, status, currency, total_minor, items, cancellation_reason, \
+                       version, created_at, updated_at, timeline";
+
+/// Applies `events` in order to the order-summary table of `target`.
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    target: Target,
+    events: &[Decoded],
+) -> Result<Vec<Applied>, ApplyError> {
+    let table = target.table("order_summary");
+    let mut ids: Vec<Uuid> = events.iter().map(|d| d.env.stream_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let loaded = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM {table} WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows: HashMap<Uuid, Row> = HashMap::with_capacity(ids.len());
+    for r in &loaded {
+        let row = from_row(r)?;
+        rows.insert(row.order_id, row);
+    }
+    let mut changed: Vec<Uuid> = Vec::new();
+    let mut outcomes = Vec::with_capacity(events.len());
+    for d in events {
+        match fold(rows.get(&d.env.stream_id), &d.env, &d.event)? {
+            Some(row) => {
+                changed.push(row.order_id);
+                rows.insert(row.order_id, row);
+                outcomes.push(Applied::Applied);
+            }
+            None => outcomes.push(Applied::Duplicate),
         }
     }
-    Ok(Applied::Applied)
+    changed.sort_unstable();
+    changed.dedup();
+    let changed: Vec<&Row> = changed.iter().map(|id| &rows[id]).collect();
+    store(conn, &table, &changed).await?;
+    if target == Target::Live && !changed.is_empty() {
+        let notes: Vec<String> = changed
+            .iter()
+            .map(|r| {
+                json!({"order_id": r.order_id, "status": r.status, "version": r.version})
+                    .to_string()
+            })
+            .collect();
+        sqlx::query(&format!(
+            "SELECT pg_notify('{STATUS_CHANNEL}', n) FROM unnest($1::text[]) AS n"
+        ))
+        .bind(&notes)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(outcomes)
+}
+
+async fn store(conn: &mut PgConnection, table: &str, rows: &[&Row]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    macro_rules! col {
+        ($f:ident) => {
+            rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
+        };
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({COLUMNS})
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::jsonb[],
+                              $7::text[], $8::bigint[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[])
+         ON CONFLICT (order_id) DO UPDATE SET
+             status = EXCLUDED.status, cancellation_reason = EXCLUDED.cancellation_reason,
+             version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, timeline = EXCLUDED.timeline"
+    ))
+    .bind(col!(order_id))
+    .bind(col!(customer_id))
+    .bind(col!(status))
+    .bind(col!(currency))
+    .bind(col!(total_minor))
+    .bind(col!(items))
+    .bind(col!(cancellation_reason))
+    .bind(col!(version))
+    .bind(col!(created_at))
+    .bind(col!(updated_at))
+    .bind(col!(timeline))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn from_row(r: &sqlx::postgres::PgRow) -> Result<Row, sqlx::Error> {
+    Ok(Row {
+        order_id: r.try_get("order_id")?,
+        customer_id: r.try_get("customer_id")?,
+        status: r.try_get("status")?,
+        currency: r.try_get("currency")?,
+        total_minor: r.try_get("total_minor")?,
+        items: r.try_get("items")?,
+        cancellation_reason: r.try_get("cancellation_reason")?,
+        version: r.try_get("version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        timeline: r.try_get("timeline")?,
+    })
 }

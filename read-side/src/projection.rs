@@ -1,0 +1,167 @@
+//! The projections this read side maintains, and how events reach their tables.
+//!
+//! Every projection folds order events in stream-version order and is idempotent per version.
+//! It is applied in batches (one event from the live projector, thousands from a rebuild)
+//! through one code path, so a rebuilt read model is exactly the live one. A projection's
+//! tables are versioned (`<base>_v<N>`, see migration 0005): the live projector writes through
+//! the views that point at the active version, a rebuild writes the next version directly.
+
+use domain::order::OrderEvent;
+use sqlx::PgConnection;
+
+use crate::{envelope::Envelope, order_summary, sales};
+
+/// A projection of the order stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    OrderSummary,
+    SalesByProduct,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::OrderSummary, Kind::SalesByProduct];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::OrderSummary => order_summary::NAME,
+            Kind::SalesByProduct => sales::NAME,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Base names of the projection's tables. The first holds one row per order with the
+    /// last applied `version`; a rebuild's final catch-up compares it between versions.
+    pub fn tables(self) -> &'static [&'static str] {
+        match self {
+            Kind::OrderSummary => &["order_summary"],
+            Kind::SalesByProduct => &["sales_orders", "sales_by_product_hour"],
+        }
+    }
+
+    /// Applies `events` (in feed order) inside the caller's transaction. All or nothing: a
+    /// gap in any stream fails the whole batch.
+    pub async fn apply(
+        self,
+        conn: &mut PgConnection,
+        target: Target,
+        events: &[Decoded],
+    ) -> Result<Vec<Applied>, ApplyError> {
+        match self {
+            Kind::OrderSummary => order_summary::apply_batch(conn, target, events).await,
+            Kind::SalesByProduct => sales::apply_batch(conn, target, events).await,
+        }
+    }
+}
+
+/// Advisory-lock namespace of the projections' switch lock.
+const SWITCH_LOCK_NS: i32 = 0x5052_4f4a; // "PROJ"
+
+/// Taken (shared) first by every transaction that writes a projection through its views; a
+/// rebuild's switch takes it exclusively, so no write lands on the old version mid-switch.
+pub async fn lock_for_write(conn: &mut PgConnection, kind: Kind) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, hashtext($2))")
+        .bind(SWITCH_LOCK_NS)
+        .bind(kind.name())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The exclusive side of [`lock_for_write`], held by a rebuild's switch transaction.
+pub async fn lock_for_switch(conn: &mut PgConnection, kind: Kind) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(SWITCH_LOCK_NS)
+        .bind(kind.name())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Which version of a projection's tables to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The active version, through the views; changes are announced (NOTIFY) on commit.
+    Live,
+    /// A specific version being rebuilt; nothing is announced (a rebuild has no side effects).
+    Version(i32),
+}
+
+impl Target {
+    pub fn table(self, base: &str) -> String {
+        match self {
+            Target::Live => base.to_owned(),
+            Target::Version(v) => versioned(base, v),
+        }
+    }
+}
+
+pub fn versioned(base: &str, version: i32) -> String {
+    format!("{base}_v{version}")
+}
+
+/// An event ready to apply.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub env: Envelope,
+    pub event: OrderEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    /// Already applied (redelivery or replay).
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("order {order_id}: event version {got} arrived while the projection is at {at}")]
+    Gap {
+        order_id: uuid::Uuid,
+        got: i64,
+        at: i64,
+    },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// The per-version idempotency rule: at or below the applied version is a duplicate
+/// (`Ok(false)`), the next version applies (`Ok(true)`), anything further is a gap.
+pub fn next_version(env: &Envelope, at: i64) -> Result<bool, ApplyError> {
+    if env.stream_version <= at {
+        Ok(false)
+    } else if env.stream_version == at + 1 {
+        Ok(true)
+    } else {
+        Err(ApplyError::Gap {
+            order_id: env.stream_id,
+            got: env.stream_version,
+            at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_by_name() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+        assert_eq!(Kind::parse("nope"), None);
+    }
+
+    #[test]
+    fn targets_name_live_views_or_versioned_tables() {
+        assert_eq!(Target::Live.table("order_summary"), "order_summary");
+        assert_eq!(
+            Target::Version(3).table("order_summary"),
+            "order_summary_v3"
+        );
+    }
+}
