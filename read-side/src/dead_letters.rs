@@ -354,26 +354,11 @@ async fn from_event_store(
     stream_id: Uuid,
     version: i64,
 ) -> Result<Option<Envelope>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT event_id, event_type, schema_version, stream_id, stream_version, recorded_at, payload
-         FROM events WHERE stream_id = $1 AND stream_version = $2",
-    )
-    .bind(stream_id)
-    .bind(version)
-    .fetch_optional(&mut *conn)
-    .await?;
-    row.map(|r| {
-        Ok(Envelope {
-            event_id: r.try_get("event_id")?,
-            event_type: r.try_get("event_type")?,
-            schema_version: r.try_get("schema_version")?,
-            stream_id: r.try_get("stream_id")?,
-            stream_version: r.try_get("stream_version")?,
-            recorded_at: r.try_get("recorded_at")?,
-            payload: r.try_get("payload")?,
-        })
-    })
-    .transpose()
+    let (events, _) = event_store::load_stream(conn, stream_id).await?;
+    Ok(events
+        .into_iter()
+        .find(|e| e.stream_version == version)
+        .map(Envelope::from_stored))
 }
 
 /// Applies the parked events of a stream in version order until one fails again (it becomes

@@ -30,6 +30,19 @@ impl Envelope {
         Ok(serde_json::from_slice(bytes)?)
     }
 
+    /// The envelope of an event as stored (the source of truth, for replays and rebuilds).
+    pub fn from_stored(e: event_store::StoredEvent) -> Self {
+        Self {
+            event_id: e.event_id,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            stream_id: e.stream_id,
+            stream_version: e.stream_version,
+            recorded_at: e.recorded_at,
+            payload: e.payload,
+        }
+    }
+
     /// The domain event, upcast to the newest version of its type.
     pub fn event(&self) -> Result<OrderEvent, EnvelopeError> {
         Ok(wire::decode(

@@ -1,19 +1,23 @@
-//! GraphQL over the read models (async-graphql on axum): `POST /graphql`, GraphiQL on GET.
+//! GraphQL over the read models (async-graphql on axum): `POST /graphql`, GraphiQL on GET,
+//! subscriptions over WebSocket (`graphql-transport-ws`) on `/graphql/ws`.
 //!
-//! Same bearer tokens as the command API. A customer sees only their own orders (another
-//! customer's order is `null`, so existence does not leak); operators see all. Errors carry a
-//! stable `extensions.code`: `UNAUTHENTICATED`, `FORBIDDEN`, `BAD_USER_INPUT`, `INTERNAL`.
+//! Same bearer tokens as the command API (on WebSocket: `Authorization` in the upgrade request
+//! or in the `connection_init` payload). A customer sees only their own orders (another
+//! customer's order is `null`, so existence does not leak); operators see all, and only they
+//! may read the audit trail, sales and projections or call mutations. Errors carry a stable
+//! `extensions.code`: `UNAUTHENTICATED`, `FORBIDDEN`, `BAD_USER_INPUT`, `CONFLICT`, `INTERNAL`.
 
 use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, ID, Json, Object, Schema,
-    SimpleObject, http::GraphiQLSource,
+    Context, Data, Enum, ErrorExtensions, ID, Json, Object, Schema, SimpleObject, Subscription,
+    futures_util::Stream,
+    http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource},
 };
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::{
     Router,
-    extract::State,
+    extract::{State, WebSocketUpgrade},
     http::{HeaderMap, header},
-    response::{Html, IntoResponse},
+    response::{Html, IntoResponse, Response},
     routing::get,
 };
 use chrono::{DateTime, Utc};
@@ -21,7 +25,15 @@ use platform::auth::{Authenticator, Principal, Role};
 use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
 
-pub type ShopSchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
+use crate::{
+    dead_letters,
+    notify::StatusFeed,
+    projection::Kind,
+    rebuild::{self, RebuildError, RebuildOptions},
+    status::{self, Watermarks},
+};
+
+pub type ShopSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
 #[graphql(
@@ -140,6 +152,102 @@ fn principal<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<&'a Principal> {
         .ok_or_else(|| error("UNAUTHENTICATED", "a valid bearer token is required"))
 }
 
+fn operator<'a>(ctx: &'a Context<'_>, what: &str) -> async_graphql::Result<&'a Principal> {
+    let who = principal(ctx)?;
+    if who.role != Role::Operator {
+        return Err(error("FORBIDDEN", format!("{what} is for operators")));
+    }
+    Ok(who)
+}
+
+/// Sales of one product in one hour and currency, net of cancellations.
+#[derive(SimpleObject)]
+pub struct SalesBucket {
+    pub hour: DateTime<Utc>,
+    pub sku: String,
+    pub currency: String,
+    pub units: i64,
+    pub revenue_minor: i64,
+    pub orders: i64,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(rename_items = "SCREAMING_SNAKE_CASE")]
+pub enum ProjectionState {
+    Live,
+    Rebuilding,
+    /// A rebuild stopped (crash or error); rebuilding again resumes it.
+    RebuildInterrupted,
+}
+
+#[derive(SimpleObject)]
+pub struct RebuildProgress {
+    pub version: i32,
+    pub processed: i64,
+    pub total: i64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct Projection {
+    pub name: String,
+    /// The active version of its tables.
+    pub version: i32,
+    pub state: ProjectionState,
+    /// Sum of the next offsets to apply over the topic's partitions.
+    pub position: i64,
+    /// Messages in the topic beyond `position`; `null` when the brokers are not reachable.
+    pub lag: Option<i64>,
+    pub rebuild: Option<RebuildProgress>,
+    pub last_rebuilt_at: Option<DateTime<Utc>>,
+}
+
+impl From<status::ProjectionStatus> for Projection {
+    fn from(p: status::ProjectionStatus) -> Self {
+        Self {
+            name: p.name.to_owned(),
+            version: p.version,
+            state: match p.state {
+                status::State::Live => ProjectionState::Live,
+                status::State::Rebuilding => ProjectionState::Rebuilding,
+                status::State::RebuildInterrupted => ProjectionState::RebuildInterrupted,
+            },
+            position: p.position,
+            lag: p.lag,
+            rebuild: p.rebuild.map(|r| RebuildProgress {
+                version: r.version,
+                processed: r.processed,
+                total: r.total,
+                started_at: r.started_at,
+                updated_at: r.updated_at,
+                error: r.error,
+            }),
+            last_rebuilt_at: p.last_rebuilt_at,
+        }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct DeadLetterResolution {
+    pub id: ID,
+    pub status: String,
+    /// Events that were parked behind the dead letter and are now applied.
+    pub released: i64,
+}
+
+async fn projection_status(
+    ctx: &Context<'_>,
+    name: &str,
+) -> async_graphql::Result<Option<Projection>> {
+    let pool = ctx.data::<PgPool>()?;
+    let all = status::all(pool, ctx.data_opt::<Watermarks>())
+        .await
+        .map_err(internal)?;
+    Ok(all.into_iter().find(|p| p.name == name).map(Into::into))
+}
+
 pub struct QueryRoot;
 
 #[Object]
@@ -148,20 +256,7 @@ impl QueryRoot {
     async fn order(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Order>> {
         let who = principal(ctx)?;
         let id = parse_id(&id)?;
-        let pool = ctx.data::<PgPool>()?;
-        let row = sqlx::query(&format!(
-            "SELECT {ORDER_COLUMNS} FROM order_summary WHERE order_id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .map_err(internal)?;
-        let Some(r) = row else { return Ok(None) };
-        let order = order_from_row(&r)?;
-        if who.role == Role::Customer && order.customer_id.as_str() != who.subject {
-            return Ok(None);
-        }
-        Ok(Some(order))
+        load_visible(ctx.data::<PgPool>()?, who, id).await
     }
 
     /// Orders, newest first, as a relay-style connection. Customers see only their own
@@ -261,10 +356,7 @@ impl QueryRoot {
         ctx: &Context<'_>,
         order_id: ID,
     ) -> async_graphql::Result<AuditTrail> {
-        let who = principal(ctx)?;
-        if who.role != Role::Operator {
-            return Err(error("FORBIDDEN", "the audit trail is for operators"));
-        }
+        operator(ctx, "the audit trail")?;
         let id = parse_id(&order_id)?;
         let pool = ctx.data::<PgPool>()?;
         let mut conn = pool.acquire().await.map_err(internal)?;
@@ -292,6 +384,212 @@ impl QueryRoot {
             broken_at: report.broken.map(|b| b.stream_version),
         })
     }
+
+    /// Sales per product per hour (net of cancellations, by the hour orders were placed) with
+    /// `from <= hour < to`; defaults: the last 24 hours. At most 366 days. Operators only.
+    async fn sales_by_product(
+        &self,
+        ctx: &Context<'_>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        sku: Option<String>,
+    ) -> async_graphql::Result<Vec<SalesBucket>> {
+        operator(ctx, "sales analytics")?;
+        let to = to.unwrap_or_else(Utc::now);
+        let from = from.unwrap_or(to - chrono::TimeDelta::hours(24));
+        if from >= to {
+            return Err(error("BAD_USER_INPUT", "`from` must be before `to`"));
+        }
+        if to - from > chrono::TimeDelta::days(366) {
+            return Err(error("BAD_USER_INPUT", "the range may span at most 366 days"));
+        }
+        let pool = ctx.data::<PgPool>()?;
+        let rows: Vec<(DateTime<Utc>, String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT hour, sku, currency, units, revenue_minor, orders FROM sales_by_product_hour
+             WHERE hour >= date_trunc('hour', $1::timestamptz) AND hour < $2 AND ($3::text IS NULL OR sku = $3)
+               AND (units, revenue_minor, orders) <> (0, 0, 0)
+             ORDER BY hour, sku, currency",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(sku)
+        .fetch_all(pool)
+        .await
+        .map_err(internal)?;
+        Ok(rows
+            .into_iter()
+            .map(|(hour, sku, currency, units, revenue_minor, orders)| SalesBucket {
+                hour,
+                sku,
+                currency,
+                units,
+                revenue_minor,
+                orders,
+            })
+            .collect())
+    }
+
+    /// Every projection: active version, position, lag and any rebuild. Operators only.
+    async fn projections(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Projection>> {
+        operator(ctx, "projection status")?;
+        let pool = ctx.data::<PgPool>()?;
+        Ok(status::all(pool, ctx.data_opt::<Watermarks>())
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+}
+
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Starts rebuilding a projection from the event store in the background (or resumes an
+    /// interrupted rebuild) and returns its status; progress shows in `projections`.
+    /// `CONFLICT` if a rebuild of it is already running. Operators only.
+    async fn rebuild_projection(
+        &self,
+        ctx: &Context<'_>,
+        name: String,
+    ) -> async_graphql::Result<Projection> {
+        operator(ctx, "rebuilding")?;
+        let kind = Kind::parse(&name).ok_or_else(|| {
+            let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            error("BAD_USER_INPUT", format!("unknown projection `{name}`; known: {}", known.join(", ")))
+        })?;
+        let pool = ctx.data::<PgPool>()?;
+        let started = match rebuild::start(pool, kind, &RebuildOptions::default()).await {
+            Ok(r) => r,
+            Err(e @ RebuildError::AlreadyRunning(_)) => return Err(error("CONFLICT", e.to_string())),
+            Err(e) => {
+                tracing::error!(error = %e, "starting a rebuild failed");
+                return Err(error("INTERNAL", "the rebuild could not start"));
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = started.run(|_| {}).await {
+                tracing::error!(projection = kind.name(), error = %e, "rebuild failed");
+            }
+        });
+        projection_status(ctx, kind.name())
+            .await?
+            .ok_or_else(|| error("INTERNAL", "the projection has no status row"))
+    }
+
+    /// Re-applies a dead letter from the event store and releases the events parked behind it.
+    async fn replay_dead_letter(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<DeadLetterResolution> {
+        resolve_dead_letter(ctx, id, true).await
+    }
+
+    /// Gives up on a dead letter and releases the events parked behind it.
+    async fn discard_dead_letter(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<DeadLetterResolution> {
+        resolve_dead_letter(ctx, id, false).await
+    }
+}
+
+async fn resolve_dead_letter(
+    ctx: &Context<'_>,
+    id: ID,
+    replay: bool,
+) -> async_graphql::Result<DeadLetterResolution> {
+    operator(ctx, "handling dead letters")?;
+    let n: i64 = id
+        .parse()
+        .map_err(|_| error("BAD_USER_INPUT", format!("`{}` is not a dead-letter id", id.as_str())))?;
+    let pool = ctx.data::<PgPool>()?;
+    let result = if replay {
+        dead_letters::replay(pool, n).await
+    } else {
+        dead_letters::discard(pool, n).await
+    };
+    match result {
+        Ok(released) => Ok(DeadLetterResolution {
+            id,
+            status: if replay { "replayed" } else { "discarded" }.to_owned(),
+            released: released as i64,
+        }),
+        Err(e @ dead_letters::ResolveError::NotOpen(_)) => Err(error("BAD_USER_INPUT", e.to_string())),
+        Err(e @ dead_letters::ResolveError::StillFailing { .. }) => Err(error("CONFLICT", e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "resolving a dead letter failed");
+            Err(error("INTERNAL", "the dead letter could not be resolved"))
+        }
+    }
+}
+
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// The order each time its read model changes (after the change commits), starting with
+    /// its current state. Customers receive only their own orders' changes.
+    async fn order_status_changed(
+        &self,
+        ctx: &Context<'_>,
+        order_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = Order> + use<>> {
+        let who = principal(ctx)?.clone();
+        let id = parse_id(&order_id)?;
+        let pool = ctx.data::<PgPool>()?.clone();
+        let feed = ctx.data::<StatusFeed>()?;
+        // Listen before reading the current state, so no change falls between the two.
+        let rx = feed.subscribe().await.map_err(internal)?;
+        let first = load_visible(&pool, &who, id).await?;
+        let changes = futures::stream::unfold(rx, move |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(c) if c.order_id == id => return Some(((), rx)),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return Some(((), rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        use futures::StreamExt;
+        let updates = changes.filter_map(move |()| {
+            let (pool, who) = (pool.clone(), who.clone());
+            async move { load_visible(&pool, &who, id).await.ok().flatten() }
+        });
+        let mut last_version = 0;
+        let stream = futures::stream::iter(first).chain(updates).filter(move |o| {
+            // Each version once, in order (a lag or a duplicate notice reloads the same row).
+            let fresh = o.version > last_version;
+            last_version = last_version.max(o.version);
+            futures::future::ready(fresh)
+        });
+        Ok(stream)
+    }
+}
+
+/// The order if it exists and `who` may see it.
+async fn load_visible(
+    pool: &PgPool,
+    who: &Principal,
+    id: Uuid,
+) -> async_graphql::Result<Option<Order>> {
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM order_summary WHERE order_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(internal)?;
+    let Some(r) = row else { return Ok(None) };
+    let order = order_from_row(&r)?;
+    if who.role == Role::Customer && order.customer_id.as_str() != who.subject {
+        return Ok(None);
+    }
+    Ok(Some(order))
 }
 
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_minor, items, cancellation_reason, \
@@ -365,12 +663,40 @@ fn order_from_row(r: &PgRow) -> async_graphql::Result<Order> {
     })
 }
 
-pub fn schema(pool: PgPool) -> ShopSchema {
-    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
-        .data(pool)
-        .limit_depth(10)
-        .limit_complexity(500)
-        .finish()
+/// What the GraphQL API needs: the read models' pool, the token verifier and, for `lag`, a
+/// Kafka client on the order-events topic.
+#[derive(Clone)]
+pub struct GraphqlApi {
+    pub pool: PgPool,
+    pub auth: Authenticator,
+    pub watermarks: Option<Watermarks>,
+}
+
+impl GraphqlApi {
+    pub fn schema(&self) -> ShopSchema {
+        let mut builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+            .data(self.pool.clone())
+            .data(StatusFeed::new(self.pool.clone()))
+            .limit_depth(10)
+            .limit_complexity(500);
+        if let Some(w) = &self.watermarks {
+            builder = builder.data(w.clone());
+        }
+        builder.finish()
+    }
+
+    /// `/graphql`, `/graphql/ws` plus the ops routes (`/readyz` checks PostgreSQL).
+    pub fn router(&self) -> Router {
+        let readiness = platform::ops::Readiness::new().postgres(self.pool.clone());
+        Router::new()
+            .route("/graphql", get(graphiql).post(graphql))
+            .route("/graphql/ws", get(graphql_ws))
+            .with_state(AppState {
+                schema: self.schema(),
+                auth: self.auth.clone(),
+            })
+            .merge(platform::ops::router(readiness))
+    }
 }
 
 #[derive(Clone)]
@@ -385,29 +711,70 @@ async fn graphql(
     req: GraphQLRequest,
 ) -> GraphQLResponse {
     let mut req = req.into_inner();
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or(""));
     // A missing or invalid token leaves the request anonymous; fields that need a caller
     // answer UNAUTHENTICATED.
-    if let Ok(p) = state.auth.verify_header(header) {
+    if let Some(p) = header_principal(&state.auth, &headers) {
         req = req.data(p);
     }
     state.schema.execute(req).await.into()
 }
 
-async fn graphiql() -> impl IntoResponse {
-    Html(GraphiQLSource::build().endpoint("/graphql").finish())
+fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""));
+    auth.verify_header(header).ok()
 }
 
-/// `/graphql` plus the ops routes (`/readyz` checks PostgreSQL).
-pub fn router(pool: PgPool, auth: Authenticator) -> Router {
-    let readiness = platform::ops::Readiness::new().postgres(pool.clone());
-    Router::new()
-        .route("/graphql", get(graphiql).post(graphql))
-        .with_state(AppState {
-            schema: schema(pool),
-            auth,
+/// WebSocket subscriptions. The token comes from the upgrade request's `Authorization` header
+/// or from `connection_init`'s payload (`{"Authorization": "Bearer ..."}`), as browsers cannot
+/// set headers on a WebSocket; an invalid token in the payload refuses the connection.
+async fn graphql_ws(
+    State(state): State<AppState>,
+    protocol: GraphQLProtocol,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let from_header = header_principal(&state.auth, &headers);
+    let auth = state.auth.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, state.schema.clone(), protocol)
+                .on_connection_init(move |payload| async move {
+                    let mut data = Data::default();
+                    let token = ["Authorization", "authorization"]
+                        .iter()
+                        .find_map(|k| payload.get(k).and_then(|v| v.as_str()));
+                    match (token, from_header) {
+                        (Some(t), _) => match auth.verify_header(Some(t)) {
+                            Ok(p) => data.insert(p),
+                            Err(_) => return Err("invalid bearer token".into()),
+                        },
+                        (None, Some(p)) => data.insert(p),
+                        (None, None) => {}
+                    }
+                    Ok(data)
+                })
+                .serve()
         })
-        .merge(platform::ops::router(readiness))
+}
+
+async fn graphiql() -> impl IntoResponse {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .finish(),
+    )
+}
+
+/// `/graphql` plus the ops routes, without Kafka lag.
+pub fn router(pool: PgPool, auth: Authenticator) -> Router {
+    GraphqlApi {
+        pool,
+        auth,
+        watermarks: None,
+    }
+    .router()
 }

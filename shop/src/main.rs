@@ -49,6 +49,8 @@ enum Command {
         /// Address of the GraphQL read API (GraphiQL on GET /graphql).
         #[arg(long, env = "GRAPHQL_ADDR", default_value = "127.0.0.1:8081")]
         graphql_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        projector: read_side::consumer::ProjectorConfig,
     },
     /// Runs only the outbox relay (several may run; one publishes at a time).
     Relay {
@@ -57,6 +59,11 @@ enum Command {
         /// Address of the relay's /healthz, /readyz and /metrics.
         #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
         ops_addr: std::net::SocketAddr,
+    },
+    /// Read-side projections: status, and rebuild by replay of the event store.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
     },
     /// Read-side dead letters: events a projection could not apply.
     Dlq {
@@ -113,6 +120,24 @@ enum DlqCommand {
 }
 
 #[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// Lists the projections with their version, position, lag and any rebuild.
+    Status,
+    /// Rebuilds a projection from the event store into a new version while the current one
+    /// keeps serving, then switches atomically. Resumes an interrupted rebuild unless --restart.
+    Rebuild {
+        /// order_summary or sales_by_product
+        name: String,
+        /// Start over instead of resuming an interrupted rebuild.
+        #[arg(long)]
+        restart: bool,
+        /// Events per batch (and transaction).
+        #[arg(long, default_value_t = 10_000)]
+        batch_size: i64,
+    },
+}
+
+#[derive(Subcommand)]
 enum OutboxCommand {
     /// Lists rows set aside after a permanent rejection (they block later rows of their key).
     Failed,
@@ -152,10 +177,22 @@ async fn main() -> anyhow::Result<ExitCode> {
             relay,
             relay_ops_addr,
             graphql_addr,
-        } => run(&cli.infra, &write_side, relay, relay_ops_addr, graphql_addr).await?,
+            projector,
+        } => {
+            run(
+                &cli.infra,
+                &write_side,
+                relay,
+                relay_ops_addr,
+                graphql_addr,
+                projector,
+            )
+            .await?
+        }
         Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
         Command::Dlq { command } => return dlq(&cli.infra, command).await,
+        Command::Projections { command } => return projections(&cli.infra, command).await,
         Command::Token {
             role,
             subject,
@@ -212,27 +249,39 @@ async fn run(
     relay_cfg: outbox_relay::RelayConfig,
     relay_ops_addr: std::net::SocketAddr,
     graphql_addr: std::net::SocketAddr,
+    projector_cfg: read_side::consumer::ProjectorConfig,
 ) -> anyhow::Result<()> {
     setup(infra).await?;
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
-    let projector = read_side::consumer::Projector::order_summary(
-        pool.clone(),
-        &infra.kafka_brokers,
-        &infra.topic("orders.events"),
-        &infra.kafka_topic_prefix,
-    )?;
-    let projecting = tokio::spawn(projector.run(shutdown.clone()));
+    let topic = infra.topic("orders.events");
+    let mut projecting = Vec::new();
+    for kind in read_side::projection::Kind::ALL {
+        let projector = read_side::consumer::Projector::new(
+            kind,
+            pool.clone(),
+            &infra.kafka_brokers,
+            &topic,
+            &infra.kafka_topic_prefix,
+            projector_cfg.clone(),
+        )?;
+        projecting.push(tokio::spawn(projector.run(shutdown.clone())));
+    }
     let graphql_listener = tokio::net::TcpListener::bind(graphql_addr)
         .await
         .with_context(|| {
             format!("binding the GraphQL API to {graphql_addr} (port taken? set GRAPHQL_ADDR)")
         })?;
     tracing::info!(addr = %graphql_addr, "graphql api listening");
-    let graphql = axum::serve(
-        graphql_listener,
-        read_side::graphql::router(pool.clone(), Authenticator::from_config(&write_cfg.auth)),
-    )
+    let graphql_api = read_side::graphql::GraphqlApi {
+        pool: pool.clone(),
+        auth: Authenticator::from_config(&write_cfg.auth),
+        watermarks: Some(read_side::status::Watermarks::new(
+            &infra.kafka_brokers,
+            &topic,
+        )?),
+    };
+    let graphql = axum::serve(graphql_listener, graphql_api.router())
     .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let graphql = tokio::spawn(async move { graphql.await });
     // The relay keeps its own readiness: a broker outage must not make the command API look
@@ -248,7 +297,9 @@ async fn run(
     let served = api.run(shutdown.clone()).await;
     shutdown.cancel();
     relay.await??;
-    projecting.await??;
+    for p in projecting {
+        p.await??;
+    }
     graphql.await??;
     served?;
     tracing::info!("stopped");
@@ -342,6 +393,88 @@ async fn dlq(infra: &InfraConfig, command: DlqCommand) -> anyhow::Result<ExitCod
                 Ok(released) => println!(
                     "dead letter {id} {}; {released} parked event(s) applied",
                     if replay { "replayed" } else { "discarded" }
+                ),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn projections(infra: &InfraConfig, command: ProjectionsCommand) -> anyhow::Result<ExitCode> {
+    use read_side::{projection::Kind, rebuild, status};
+    let pool = platform::db::connect(&infra.database_url, 4).await?;
+    match command {
+        ProjectionsCommand::Status => {
+            let watermarks =
+                status::Watermarks::new(&infra.kafka_brokers, &infra.topic("orders.events"))?;
+            for p in status::all(&pool, Some(&watermarks)).await? {
+                println!(
+                    "{}\tv{}\t{:?}\tposition={}\tlag={}{}",
+                    p.name,
+                    p.version,
+                    p.state,
+                    p.position,
+                    p.lag.map_or("?".into(), |l| l.to_string()),
+                    p.rebuild.map_or(String::new(), |r| format!(
+                        "\trebuild v{}: {}/{}{}",
+                        r.version,
+                        r.processed,
+                        r.total,
+                        r.error.map_or(String::new(), |e| format!(" error: {e}"))
+                    ))
+                );
+            }
+        }
+        ProjectionsCommand::Rebuild {
+            name,
+            restart,
+            batch_size,
+        } => {
+            let Some(kind) = Kind::parse(&name) else {
+                let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+                eprintln!("unknown projection `{name}`; known: {}", known.join(", "));
+                return Ok(ExitCode::FAILURE);
+            };
+            let options = rebuild::RebuildOptions {
+                batch_size,
+                restart,
+            };
+            let started = match rebuild::start(&pool, kind, &options).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let start = started.progress();
+            // Drawn only on a terminal (indicatif hides itself otherwise).
+            let bar = indicatif::ProgressBar::new(start.total.max(0) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+                )?
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("rebuilding {} v{}", kind.name(), started.version()));
+            bar.set_position(start.processed.max(0) as u64);
+            let result = started
+                .run(|p| {
+                    bar.set_length(p.total.max(p.processed).max(0) as u64);
+                    bar.set_position(p.processed.max(0) as u64);
+                })
+                .await;
+            bar.finish_and_clear();
+            match result {
+                Ok(r) => println!(
+                    "{} rebuilt: version {} is active ({} events{})",
+                    r.projection,
+                    r.version,
+                    r.events,
+                    if r.resumed { ", resumed" } else { "" }
                 ),
                 Err(e) => {
                     eprintln!("{e}");

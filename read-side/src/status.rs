@@ -1,0 +1,153 @@
+//! Where each projection is: active version, Kafka position and lag, and any rebuild.
+//!
+//! The position is the sum of the stored per-partition checkpoints (the next offset to apply);
+//! the lag is what the topic holds beyond them, from the brokers' high watermarks when a
+//! Kafka client is given. A rebuild counts as running only while its session holds the
+//! rebuild lock; a row left `running` by a crashed process shows as interrupted.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::{PgPool, Row};
+
+use crate::projection::Kind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Live,
+    Rebuilding,
+    /// A rebuild stopped (crash or error); the next rebuild resumes it.
+    RebuildInterrupted,
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildStatus {
+    pub version: i32,
+    pub processed: i64,
+    pub total: i64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectionStatus {
+    pub name: &'static str,
+    pub version: i32,
+    pub state: State,
+    pub position: i64,
+    pub lag: Option<i64>,
+    pub rebuild: Option<RebuildStatus>,
+    pub last_rebuilt_at: Option<DateTime<Utc>>,
+}
+
+/// High watermarks of the order-events topic, for lag.
+#[derive(Clone)]
+pub struct Watermarks {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+}
+
+impl Watermarks {
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer = platform::kafka::base_config(brokers).create()?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Per partition: (low, high) watermarks. `None` when the brokers do not answer.
+    pub async fn fetch(&self) -> Option<HashMap<i32, (i64, i64)>> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(2);
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout).ok()?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .first()?
+                .partitions()
+                .iter()
+                .map(|p| p.id())
+                .collect();
+            partitions
+                .into_iter()
+                .map(|p| Some((p, consumer.fetch_watermarks(&topic, p, timeout).ok()?)))
+                .collect()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+pub async fn all(pool: &PgPool, watermarks: Option<&Watermarks>) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    let marks = match watermarks {
+        Some(w) => w.fetch().await.map(|m| (w.topic.clone(), m)),
+        None => None,
+    };
+    // The rebuild lock (see `rebuild`), looked up without taking it.
+    let rows = sqlx::query(
+        "SELECT p.*, NOT EXISTS (
+             SELECT 1 FROM pg_locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = $1::bigint::oid AND l.objid = (hashtext(p.name)::bigint & 4294967295)::oid
+         ) AS free
+         FROM projections p ORDER BY p.name",
+    )
+    .bind(crate::rebuild::REBUILD_LOCK_NS)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let name: String = r.try_get("name")?;
+        let Some(kind) = Kind::parse(&name) else { continue };
+        let free: bool = r.try_get("free")?;
+        let checkpoints: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = $1",
+        )
+        .bind(&name)
+        .fetch_all(pool)
+        .await?;
+        let position = checkpoints.iter().map(|c| c.2).sum();
+        let lag = marks.as_ref().map(|(topic, m)| {
+            m.iter()
+                .map(|(p, (low, high))| {
+                    let at = checkpoints
+                        .iter()
+                        .find(|c| &c.0 == topic && c.1 == *p)
+                        .map_or(*low, |c| c.2);
+                    (high - at).max(0)
+                })
+                .sum()
+        });
+        let rebuild_version: Option<i32> = r.try_get("rebuild_version")?;
+        let state = match rebuild_version {
+            None => State::Live,
+            Some(_) if !free => State::Rebuilding,
+            Some(_) => State::RebuildInterrupted,
+        };
+        out.push(ProjectionStatus {
+            name: kind.name(),
+            version: r.try_get("active_version")?,
+            state,
+            position,
+            lag,
+            rebuild: match rebuild_version {
+                None => None,
+                Some(version) => Some(RebuildStatus {
+                    version,
+                    processed: r.try_get("rebuild_processed")?,
+                    total: r.try_get::<Option<i64>, _>("rebuild_total")?.unwrap_or(0),
+                    started_at: r.try_get("rebuild_started_at")?,
+                    updated_at: r.try_get("rebuild_updated_at")?,
+                    error: r.try_get("rebuild_error")?,
+                }),
+            },
+            last_rebuilt_at: r.try_get("last_rebuilt_at")?,
+        });
+    }
+    Ok(out)
+}
