@@ -401,7 +401,10 @@ impl QueryRoot {
             return Err(error("BAD_USER_INPUT", "`from` must be before `to`"));
         }
         if to - from > chrono::TimeDelta::days(366) {
-            return Err(error("BAD_USER_INPUT", "the range may span at most 366 days"));
+            return Err(error(
+                "BAD_USER_INPUT",
+                "the range may span at most 366 days",
+            ));
         }
         let pool = ctx.data::<PgPool>()?;
         let rows: Vec<(DateTime<Utc>, String, String, i64, i64, i64)> = sqlx::query_as(
@@ -418,14 +421,16 @@ impl QueryRoot {
         .map_err(internal)?;
         Ok(rows
             .into_iter()
-            .map(|(hour, sku, currency, units, revenue_minor, orders)| SalesBucket {
-                hour,
-                sku,
-                currency,
-                units,
-                revenue_minor,
-                orders,
-            })
+            .map(
+                |(hour, sku, currency, units, revenue_minor, orders)| SalesBucket {
+                    hour,
+                    sku,
+                    currency,
+                    units,
+                    revenue_minor,
+                    orders,
+                },
+            )
             .collect())
     }
 
@@ -457,12 +462,17 @@ impl MutationRoot {
         operator(ctx, "rebuilding")?;
         let kind = Kind::parse(&name).ok_or_else(|| {
             let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
-            error("BAD_USER_INPUT", format!("unknown projection `{name}`; known: {}", known.join(", ")))
+            error(
+                "BAD_USER_INPUT",
+                format!("unknown projection `{name}`; known: {}", known.join(", ")),
+            )
         })?;
         let pool = ctx.data::<PgPool>()?;
         let started = match rebuild::start(pool, kind, &RebuildOptions::default()).await {
             Ok(r) => r,
-            Err(e @ RebuildError::AlreadyRunning(_)) => return Err(error("CONFLICT", e.to_string())),
+            Err(e @ RebuildError::AlreadyRunning(_)) => {
+                return Err(error("CONFLICT", e.to_string()));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "starting a rebuild failed");
                 return Err(error("INTERNAL", "the rebuild could not start"));
@@ -503,9 +513,12 @@ async fn resolve_dead_letter(
     replay: bool,
 ) -> async_graphql::Result<DeadLetterResolution> {
     operator(ctx, "handling dead letters")?;
-    let n: i64 = id
-        .parse()
-        .map_err(|_| error("BAD_USER_INPUT", format!("`{}` is not a dead-letter id", id.as_str())))?;
+    let n: i64 = id.parse().map_err(|_| {
+        error(
+            "BAD_USER_INPUT",
+            format!("`{}` is not a dead-letter id", id.as_str()),
+        )
+    })?;
     let pool = ctx.data::<PgPool>()?;
     let result = if replay {
         dead_letters::replay(pool, n).await
@@ -518,8 +531,12 @@ async fn resolve_dead_letter(
             status: if replay { "replayed" } else { "discarded" }.to_owned(),
             released: released as i64,
         }),
-        Err(e @ dead_letters::ResolveError::NotOpen(_)) => Err(error("BAD_USER_INPUT", e.to_string())),
-        Err(e @ dead_letters::ResolveError::StillFailing { .. }) => Err(error("CONFLICT", e.to_string())),
+        Err(e @ dead_letters::ResolveError::NotOpen(_)) => {
+            Err(error("BAD_USER_INPUT", e.to_string()))
+        }
+        Err(e @ dead_letters::ResolveError::StillFailing { .. }) => {
+            Err(error("CONFLICT", e.to_string()))
+        }
         Err(e) => {
             tracing::error!(error = %e, "resolving a dead letter failed");
             Err(error("INTERNAL", "the dead letter could not be resolved"))
@@ -550,7 +567,9 @@ impl SubscriptionRoot {
                 match rx.recv().await {
                     Ok(c) if c.order_id == id => return Some(((), rx)),
                     Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return Some(((), rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        return Some(((), rx));
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
             }
@@ -561,12 +580,14 @@ impl SubscriptionRoot {
             async move { load_visible(&pool, &who, id).await.ok().flatten() }
         });
         let mut last_version = 0;
-        let stream = futures::stream::iter(first).chain(updates).filter(move |o| {
-            // Each version once, in order (a lag or a duplicate notice reloads the same row).
-            let fresh = o.version > last_version;
-            last_version = last_version.max(o.version);
-            futures::future::ready(fresh)
-        });
+        let stream = futures::stream::iter(first)
+            .chain(updates)
+            .filter(move |o| {
+                // Each version once, in order (a lag or a duplicate notice reloads the same row).
+                let fresh = o.version > last_version;
+                last_version = last_version.max(o.version);
+                futures::future::ready(fresh)
+            });
         Ok(stream)
     }
 }

@@ -139,7 +139,9 @@ pub async fn start(
             rebuild.version = v;
             rebuild.cursor = FeedCursor {
                 tx_id: tx_id.and_then(|t| t.parse().ok()).unwrap_or(0),
-                position: row.try_get::<Option<i64>, _>("rebuild_cursor_pos")?.unwrap_or(0),
+                position: row
+                    .try_get::<Option<i64>, _>("rebuild_cursor_pos")?
+                    .unwrap_or(0),
             };
             rebuild.processed = row.try_get("rebuild_processed")?;
             rebuild.total = row.try_get::<Option<i64>, _>("rebuild_total")?.unwrap_or(0);
@@ -183,7 +185,12 @@ pub async fn start(
         }
     }
     tx.commit().await?;
-    tracing::info!(projection = kind.name(), version = rebuild.version, resumed = rebuild.resumed, "rebuild started");
+    tracing::info!(
+        projection = kind.name(),
+        version = rebuild.version,
+        resumed = rebuild.resumed,
+        "rebuild started"
+    );
     Ok(rebuild)
 }
 
@@ -208,7 +215,10 @@ impl Rebuild {
 
     /// Replays the feed into the new version, switches to it and drops the old one.
     /// `on_progress` is called after every committed batch.
-    pub async fn run(mut self, mut on_progress: impl FnMut(Progress)) -> Result<Report, RebuildError> {
+    pub async fn run(
+        mut self,
+        mut on_progress: impl FnMut(Progress),
+    ) -> Result<Report, RebuildError> {
         let name = self.kind.name();
         let outcome = async {
             loop {
@@ -240,7 +250,12 @@ impl Rebuild {
         .await;
         match outcome {
             Ok(()) => {
-                tracing::info!(projection = name, version = self.version, events = self.processed, "rebuild switched");
+                tracing::info!(
+                    projection = name,
+                    version = self.version,
+                    events = self.processed,
+                    "rebuild switched"
+                );
                 Ok(Report {
                     projection: name,
                     version: self.version,
@@ -299,11 +314,19 @@ impl Rebuild {
             .collect()
     }
 
-    async fn apply(&self, conn: &mut PgConnection, decoded: &[Decoded]) -> Result<(), RebuildError> {
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        decoded: &[Decoded],
+    ) -> Result<(), RebuildError> {
         if decoded.is_empty() {
             return Ok(());
         }
-        match self.kind.apply(conn, Target::Version(self.version), decoded).await {
+        match self
+            .kind
+            .apply(conn, Target::Version(self.version), decoded)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(ApplyError::Database(e)) => Err(e.into()),
             Err(ApplyError::Gap { order_id, got, at }) => Err(RebuildError::Poison {
@@ -371,7 +394,12 @@ impl Rebuild {
             let (stream, _) = event_store::load_stream(conn, *id).await?;
             events.extend(stream.into_iter().filter(|e| e.stream_version > at[id]));
         }
-        tracing::info!(projection = self.kind.name(), orders = ahead.len(), events = events.len(), "copying events past the feed horizon");
+        tracing::info!(
+            projection = self.kind.name(),
+            orders = ahead.len(),
+            events = events.len(),
+            "copying events past the feed horizon"
+        );
         let decoded = self.decode(events)?;
         self.apply(conn, &decoded).await
     }

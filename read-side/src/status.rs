@@ -82,7 +82,10 @@ impl Watermarks {
     }
 }
 
-pub async fn all(pool: &PgPool, watermarks: Option<&Watermarks>) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+pub async fn all(
+    pool: &PgPool,
+    watermarks: Option<&Watermarks>,
+) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
     let marks = match watermarks {
         Some(w) => w.fetch().await.map(|m| (w.topic.clone(), m)),
         None => None,
@@ -103,7 +106,9 @@ pub async fn all(pool: &PgPool, watermarks: Option<&Watermarks>) -> Result<Vec<P
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
         let name: String = r.try_get("name")?;
-        let Some(kind) = Kind::parse(&name) else { continue };
+        let Some(kind) = Kind::parse(&name) else {
+            continue;
+        };
         let free: bool = r.try_get("free")?;
         let checkpoints: Vec<(String, i32, i64)> = sqlx::query_as(
             "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = $1",

@@ -282,7 +282,7 @@ async fn run(
         )?),
     };
     let graphql = axum::serve(graphql_listener, graphql_api.router())
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let graphql = tokio::spawn(async move { graphql.await });
     // The relay keeps its own readiness: a broker outage must not make the command API look
     // unready, since commands keep being accepted into the outbox meanwhile.

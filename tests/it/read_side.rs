@@ -6,26 +6,8 @@ use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
 use read_side::consumer::Projector;
 use serde_json::{Value, json};
-use shop_tests::{TestApi, TestKafka, checkout_body};
+use shop_tests::{Gql, TestApi, TestKafka, checkout_body};
 use tokio_util::sync::CancellationToken;
-
-struct Gql {
-    url: String,
-    http: reqwest::Client,
-}
-
-impl Gql {
-    async fn query(&self, token: Option<&str>, query: &str, vars: Value) -> Value {
-        let mut rb = self
-            .http
-            .post(&self.url)
-            .json(&json!({"query": query, "variables": vars}));
-        if let Some(t) = token {
-            rb = rb.bearer_auth(t);
-        }
-        rb.send().await.unwrap().json().await.unwrap()
-    }
-}
 
 const ORDER: &str = "query($id: ID!) { order(id: $id) { id customerId status currency totalMinor
     items { sku quantity unitPriceMinor } cancellationReason version createdAt updatedAt timeline { status at } } }";
@@ -76,17 +58,8 @@ async fn an_order_placed_through_the_api_becomes_visible_in_graphql_and_redelive
     let projecting = tokio::spawn(projector.run(shutdown.clone()));
 
     // GraphQL.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gql = Gql {
-        url: format!("http://{}/graphql", listener.local_addr().unwrap()),
-        http: reqwest::Client::new(),
-    };
     let router = read_side::graphql::router(api.db.pool.clone(), api.auth.clone());
-    tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let gql = Gql::serve(router, shutdown.clone()).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let order = loop {

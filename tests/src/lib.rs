@@ -423,6 +423,214 @@ pub async fn wait_checkpointed(pool: &PgPool, n: i64) {
     }
 }
 
+/// A GraphQL client for one server.
+pub struct Gql {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Gql {
+    /// Serves `router` on an ephemeral port until `shutdown`.
+    pub async fn serve(
+        router: axum::Router,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/graphql", listener.local_addr().unwrap());
+        tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .into_future(),
+        );
+        Self {
+            url,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn query(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        vars: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut rb = self
+            .http
+            .post(&self.url)
+            .json(&serde_json::json!({"query": query, "variables": vars}));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Opens a `graphql-transport-ws` connection, authenticating in `connection_init` when a
+    /// token is given, and
+    /// starts one subscription (id "1").
+    pub async fn subscribe(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        vars: serde_json::Value,
+    ) -> Subscription {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let url = self.url.replacen("http://", "ws://", 1) + "/ws";
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("websocket");
+        let payload = match token {
+            Some(t) => serde_json::json!({"Authorization": format!("Bearer {t}")}),
+            None => serde_json::json!({}),
+        };
+        let init = serde_json::json!({"type": "connection_init", "payload": payload});
+        ws.send(Message::text(init.to_string())).await.unwrap();
+        let ack = ws.next().await.expect("ack").unwrap();
+        assert!(ack.to_text().unwrap().contains("connection_ack"), "{ack}");
+        let sub = serde_json::json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": vars}});
+        ws.send(Message::text(sub.to_string())).await.unwrap();
+        Subscription { ws }
+    }
+}
+
+/// One GraphQL subscription over WebSocket.
+pub struct Subscription {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Subscription {
+    /// The next `next`/`error` message's payload (at most 60 s).
+    pub async fn next(&mut self) -> serde_json::Value {
+        use futures::StreamExt;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
+                .await
+                .expect("no subscription message within 60 s")
+                .expect("websocket closed")
+                .expect("websocket error");
+            let Ok(text) = msg.to_text() else { continue };
+            let v: serde_json::Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            match v["type"].as_str() {
+                Some("next") => return v["payload"].clone(),
+                Some("error") => return serde_json::json!({"errors": v["payload"]}),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The whole read path for one test: command API, relay loop, a projector per projection
+/// (own consumer groups) and GraphQL with Kafka lag, on a topic of its own.
+pub struct ReadStack {
+    pub api: TestApi,
+    pub kafka: TestKafka,
+    pub topic: String,
+    pub gql: Gql,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ReadStack {
+    pub async fn start(config: read_side::consumer::ProjectorConfig) -> Self {
+        let api = TestApi::new().await;
+        let mut kafka = TestKafka::new().await;
+        let topic = kafka
+            .create_topics(&["orders.events", "orders.events.dlq"], 3)
+            .await
+            .remove(0);
+        let infra = InfraConfig {
+            kafka_topic_prefix: kafka.prefix.clone(),
+            ..infra()
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let relay = outbox_relay::Relay::new(
+            api.db.pool.clone(),
+            &infra,
+            outbox_relay::RelayConfig::default(),
+        )
+        .expect("relay");
+        let mut tasks = vec![tokio::spawn(outbox_relay::run(
+            relay,
+            api.db.url.clone(),
+            shutdown.clone(),
+        ))];
+        for kind in read_side::projection::Kind::ALL {
+            let projector = read_side::consumer::Projector::new(
+                kind,
+                api.db.pool.clone(),
+                &kafka.brokers,
+                &topic,
+                &kafka.prefix,
+                config.clone(),
+            )
+            .expect("projector");
+            tasks.push(tokio::spawn(projector.run(shutdown.clone())));
+        }
+        let graphql = read_side::graphql::GraphqlApi {
+            pool: api.db.pool.clone(),
+            auth: api.auth.clone(),
+            watermarks: Some(read_side::status::Watermarks::new(&kafka.brokers, &topic).unwrap()),
+        };
+        let gql = Gql::serve(graphql.router(), shutdown.clone()).await;
+        Self {
+            api,
+            kafka,
+            topic,
+            gql,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Stops every task and surfaces their errors.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            t.await.expect("task panicked").expect("task failed");
+        }
+    }
+
+    /// Waits (at most 60 s) until every projection has checkpointed every published order
+    /// event (the outbox's Kafka rows).
+    pub async fn wait_caught_up(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (published, behind): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM outbox WHERE destination = 'kafka'),
+                        (SELECT count(*) FROM outbox WHERE destination = 'kafka' AND published_at IS NULL)",
+            )
+            .fetch_one(&self.api.db.pool)
+            .await
+            .unwrap();
+            let per_projection: Vec<i64> = sqlx::query_scalar(
+                "SELECT COALESCE(sum(c.next_offset), 0)::bigint FROM projections p
+                 LEFT JOIN projection_checkpoints c ON c.projection = p.name GROUP BY p.name",
+            )
+            .fetch_all(&self.api.db.pool)
+            .await
+            .unwrap();
+            if behind == 0 && per_projection.iter().all(|n| *n >= published) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "read side stuck: {published} published, {behind} unpublished, checkpoints {per_projection:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A valid checkout body.
 pub fn checkout_body() -> serde_json::Value {
     serde_json::json!({

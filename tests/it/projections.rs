@@ -1,0 +1,597 @@
+//! Projections on the real services: rebuild by replay while commands arrive, resume and
+//! refusal of concurrent rebuilds, sales analytics, bounded retries of transient failures,
+//! subscriptions and the operator mutations.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use read_side::{
+    consumer::ProjectorConfig,
+    envelope::Envelope,
+    order_summary,
+    projection::Kind,
+    rebuild::{self, RebuildError, RebuildOptions},
+    sales,
+};
+use serde_json::{Value, json};
+use shop_tests::{Gql, ReadStack, TestApi, TestDb, append_orders, checkout_body};
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The read models as the pure folds produce them from every event in the store: what the
+/// live projector must converge to and what a rebuild must produce.
+async fn expected_from_event_store(
+    pool: &PgPool,
+) -> (
+    BTreeMap<Uuid, order_summary::Row>,
+    BTreeMap<sales::BucketKey, sales::Delta>,
+) {
+    let rows = sqlx::query(
+        "SELECT event_id, event_type, schema_version, stream_id, stream_version, recorded_at, payload
+         FROM events WHERE stream_type = 'order' ORDER BY stream_id, stream_version",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut summaries: BTreeMap<Uuid, order_summary::Row> = BTreeMap::new();
+    let mut orders: HashMap<Uuid, sales::OrderSales> = HashMap::new();
+    let mut buckets = BTreeMap::new();
+    for r in &rows {
+        let env = Envelope {
+            event_id: r.get("event_id"),
+            event_type: r.get("event_type"),
+            schema_version: r.get("schema_version"),
+            stream_id: r.get("stream_id"),
+            stream_version: r.get("stream_version"),
+            recorded_at: r.get("recorded_at"),
+            payload: r.get("payload"),
+        };
+        let event = env.event().unwrap();
+        let next = order_summary::fold(summaries.get(&env.stream_id), &env, &event)
+            .unwrap()
+            .expect("every stored event applies once");
+        summaries.insert(env.stream_id, next);
+        let next = sales::fold(orders.get(&env.stream_id), &env, &event, &mut buckets)
+            .unwrap()
+            .unwrap();
+        orders.insert(env.stream_id, next);
+    }
+    buckets.retain(|_, d| *d != sales::Delta::default());
+    (summaries, buckets)
+}
+
+/// The active read models, row by row.
+async fn actual(
+    pool: &PgPool,
+) -> (
+    BTreeMap<Uuid, order_summary::Row>,
+    BTreeMap<sales::BucketKey, sales::Delta>,
+) {
+    let rows = sqlx::query(
+        "SELECT order_id, customer_id, status, currency, total_minor, items, cancellation_reason,
+                version, created_at, updated_at, timeline FROM order_summary",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let summaries = rows
+        .iter()
+        .map(|r| {
+            let row = order_summary::Row {
+                order_id: r.get("order_id"),
+                customer_id: r.get("customer_id"),
+                status: r.get("status"),
+                currency: r.get("currency"),
+                total_minor: r.get("total_minor"),
+                items: r.get("items"),
+                cancellation_reason: r.get("cancellation_reason"),
+                version: r.get("version"),
+                created_at: r.get("created_at"),
+                updated_at: r.get("updated_at"),
+                timeline: r.get("timeline"),
+            };
+            (row.order_id, row)
+        })
+        .collect();
+    let buckets: Vec<(chrono::DateTime<chrono::Utc>, String, String, i64, i64, i64)> =
+        sqlx::query_as(
+            "SELECT hour, sku, currency, units, revenue_minor, orders FROM sales_by_product_hour
+             WHERE (units, revenue_minor, orders) <> (0, 0, 0)",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let buckets = buckets
+        .into_iter()
+        .map(|(h, s, c, units, revenue_minor, orders)| {
+            (
+                (h, s, c),
+                sales::Delta {
+                    units,
+                    revenue_minor,
+                    orders,
+                },
+            )
+        })
+        .collect();
+    (summaries, buckets)
+}
+
+async fn assert_read_models_match_event_store(pool: &PgPool, when: &str) {
+    let (want_summaries, want_buckets) = expected_from_event_store(pool).await;
+    let (got_summaries, got_buckets) = actual(pool).await;
+    assert_eq!(
+        got_summaries.len(),
+        want_summaries.len(),
+        "{when}: order count"
+    );
+    for (id, want) in &want_summaries {
+        assert_eq!(got_summaries.get(id), Some(want), "{when}: order {id}");
+    }
+    assert_eq!(got_buckets, want_buckets, "{when}: sales buckets");
+}
+
+/// Places an order through the API and cancels every third; returns the order id.
+async fn place(api: &TestApi, token: &str, key: &str, cancel: bool) -> String {
+    let r = api.post("/orders", token, key, &checkout_body()).await;
+    assert_eq!(r.status(), 202, "{key}");
+    let placed: Value = r.json().await.unwrap();
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    if cancel {
+        let r = api
+            .post(
+                &format!("/orders/{id}/cancel"),
+                token,
+                &format!("{key}-cancel"),
+                &json!({"reason": "changed my mind"}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    id
+}
+
+const ORDER: &str = "query($id: ID!) { order(id: $id) { id status version } }";
+const ORDERS: &str = "{ orders(first: 5) { edges { node { id } } } }";
+const PROJECTIONS: &str =
+    "{ projections { name version state position lag rebuild { version processed total error } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_while_commands_arrive_produces_the_live_read_model_and_graphql_never_fails() {
+    let stack = Arc::new(ReadStack::start(ProjectorConfig::default()).await);
+    let pool = stack.api.db.pool.clone();
+    let alice = stack.api.customer("alice");
+    let ops = stack.api.operator();
+    // History: orders through the API, plus a bulk of orders appended directly (placed,
+    // reserved, cancelled) so the rebuild has many batches to work through.
+    let mut seed = Vec::new();
+    for i in 0..30 {
+        seed.push(place(&stack.api, &alice, &format!("seed-{i}"), i % 3 == 0).await);
+    }
+    append_orders(&pool, 300, 4).await;
+    stack.wait_caught_up().await;
+    assert_read_models_match_event_store(&pool, "live, before the rebuild").await;
+
+    // Commands keep arriving and GraphQL keeps being read during the rebuilds.
+    let stop = CancellationToken::new();
+    let placed = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stack, stop, placed, alice) =
+            (stack.clone(), stop.clone(), placed.clone(), alice.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                place(&stack.api, &alice, &format!("live-{i}"), i % 2 == 0).await;
+                placed.fetch_add(1, Ordering::SeqCst);
+                i += 1;
+            }
+        })
+    };
+    let poller = {
+        let (gql, stop, alice, first) = (
+            Gql {
+                url: stack.gql.url.clone(),
+                http: reqwest::Client::new(),
+            },
+            stop.clone(),
+            alice.clone(),
+            seed[1].clone(),
+        );
+        tokio::spawn(async move {
+            let mut polls = 0;
+            while !stop.is_cancelled() {
+                let r = gql.query(Some(&alice), ORDER, json!({"id": first})).await;
+                assert!(r.get("errors").is_none(), "error during rebuild: {r}");
+                assert_eq!(r["data"]["order"]["id"], first.as_str(), "{r}");
+                let r = gql.query(Some(&alice), ORDERS, json!({})).await;
+                assert!(r.get("errors").is_none(), "error during rebuild: {r}");
+                assert_eq!(
+                    r["data"]["orders"]["edges"].as_array().map(Vec::len),
+                    Some(5),
+                    "empty result during rebuild: {r}"
+                );
+                polls += 1;
+            }
+            polls
+        })
+    };
+
+    let before = placed.load(Ordering::SeqCst);
+    let options = RebuildOptions {
+        batch_size: 20,
+        restart: false,
+    };
+    let mut seen = Vec::new();
+    let report = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap()
+        .run(|p| seen.push(p))
+        .await
+        .unwrap();
+    assert_eq!(report.version, 2);
+    assert!(!report.resumed);
+    assert!(seen.len() > 10, "progress reported per batch: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].processed <= w[1].processed));
+    let report = rebuild::start(&pool, Kind::SalesByProduct, &options)
+        .await
+        .unwrap()
+        .run(|_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.version, 2);
+    let during = placed.load(Ordering::SeqCst) - before;
+    stop.cancel();
+    writer.await.unwrap();
+    let polls = poller.await.unwrap();
+    assert!(
+        polls > 0 && during > 0,
+        "polls {polls}, orders placed during the rebuilds {during}"
+    );
+
+    stack.wait_caught_up().await;
+    assert_read_models_match_event_store(&pool, "after the rebuilds and the live catch-up").await;
+    for old in [
+        "order_summary_v1",
+        "sales_orders_v1",
+        "sales_by_product_hour_v1",
+    ] {
+        let gone: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NULL")
+            .bind(old)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(gone, "{old} dropped after the switch");
+    }
+
+    // Status: both on version 2, live, nothing left to consume.
+    let r = stack.gql.query(Some(&ops), PROJECTIONS, json!({})).await;
+    let list = r["data"]["projections"].as_array().expect("projections");
+    assert_eq!(list.len(), 2, "{r}");
+    for p in list {
+        assert_eq!(p["version"], 2, "{r}");
+        assert_eq!(p["state"], "LIVE", "{r}");
+        assert_eq!(p["lag"], 0, "{r}");
+        assert_eq!(p["rebuild"], Value::Null, "{r}");
+        assert!(p["position"].as_i64().unwrap() > 0, "{r}");
+    }
+    let r = stack.gql.query(Some(&alice), PROJECTIONS, json!({})).await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+
+    // Sales over GraphQL: the buckets of the last hours, net of cancellations.
+    const SALES: &str =
+        "query($from: DateTime, $to: DateTime) { salesByProduct(from: $from, to: $to) {
+        hour sku currency units revenueMinor orders } }";
+    let now = chrono::Utc::now();
+    let vars =
+        json!({"from": now - chrono::TimeDelta::hours(3), "to": now + chrono::TimeDelta::hours(1)});
+    let r = stack.gql.query(Some(&ops), SALES, vars.clone()).await;
+    let (_, want) = expected_from_event_store(&pool).await;
+    let got: Vec<&Value> = r["data"]["salesByProduct"]
+        .as_array()
+        .expect("sales")
+        .iter()
+        .collect();
+    assert_eq!(got.len(), want.len(), "{r}");
+    for (b, ((hour, sku, currency), d)) in got.iter().zip(&want) {
+        assert_eq!(b["sku"], sku.as_str());
+        assert_eq!(b["currency"], currency.as_str());
+        assert_eq!(
+            b["hour"]
+                .as_str()
+                .unwrap()
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap(),
+            *hour
+        );
+        assert_eq!(
+            (
+                b["units"].as_i64(),
+                b["revenueMinor"].as_i64(),
+                b["orders"].as_i64()
+            ),
+            (Some(d.units), Some(d.revenue_minor), Some(d.orders))
+        );
+    }
+    let r = stack.gql.query(Some(&alice), SALES, vars).await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+    let r = stack
+        .gql
+        .query(
+            Some(&ops),
+            SALES,
+            json!({"from": now, "to": now - chrono::TimeDelta::hours(1)}),
+        )
+        .await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{r}"
+    );
+    let Ok(stack) = Arc::try_unwrap(stack) else {
+        panic!("the writer still holds the stack")
+    };
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_is_refused_and_a_failed_one_resumes_where_it_stopped() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    append_orders(&pool, 100, 4).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let options = RebuildOptions {
+        batch_size: 50,
+        restart: false,
+    };
+
+    // A rebuild holds its lock: a second one is refused, from the library and from GraphQL.
+    let first = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    assert!(matches!(
+        rebuild::start(&pool, Kind::OrderSummary, &options).await,
+        Err(RebuildError::AlreadyRunning("order_summary"))
+    ));
+    let shutdown = CancellationToken::new();
+    let auth = platform::auth::Authenticator::new(shop_tests::TEST_JWT_SECRET);
+    let gql = Gql::serve(
+        read_side::graphql::router(pool.clone(), auth.clone()),
+        shutdown.clone(),
+    )
+    .await;
+    let ops = auth.issue(
+        "ops",
+        platform::auth::Role::Operator,
+        Duration::from_secs(600),
+    );
+    let alice = auth.issue(
+        "alice",
+        platform::auth::Role::Customer,
+        Duration::from_secs(600),
+    );
+    const REBUILD: &str = "mutation($n: String!) { rebuildProjection(name: $n) { name state } }";
+    let r = gql
+        .query(Some(&ops), REBUILD, json!({"n": "order_summary"}))
+        .await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "CONFLICT", "{r}");
+    let r = gql
+        .query(Some(&alice), REBUILD, json!({"n": "order_summary"}))
+        .await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+    let r = gql.query(Some(&ops), REBUILD, json!({"n": "nope"})).await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{r}"
+    );
+    let r = gql.query(Some(&ops), PROJECTIONS, json!({})).await;
+    let summary = &r["data"]["projections"][0];
+    assert_eq!(summary["name"], "order_summary", "{r}");
+    assert_eq!(summary["state"], "REBUILDING", "{r}");
+    assert_eq!(summary["lag"], Value::Null, "no Kafka client here: {r}");
+    drop(first); // as if its process died: the lock goes with the session
+
+    // A poison event in the store stops the rebuild after the batches before it committed.
+    let (poisoned, original): (i64, i32) = sqlx::query_as(
+        "UPDATE events e SET schema_version = 99
+         FROM (SELECT position, schema_version FROM events ORDER BY tx_id, position OFFSET 120 LIMIT 1) o
+         WHERE e.position = o.position
+         RETURNING e.position, o.schema_version",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let resumed = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    assert_eq!(resumed.version(), 2, "the interrupted version is resumed");
+    match resumed.run(|_| {}).await {
+        Err(RebuildError::Poison { position, .. }) => assert_eq!(position, poisoned),
+        other => panic!("expected a poison stop, got {other:?}"),
+    }
+    let r = gql.query(Some(&ops), PROJECTIONS, json!({})).await;
+    let summary = &r["data"]["projections"][0];
+    assert_eq!(summary["state"], "REBUILD_INTERRUPTED", "{r}");
+    assert_eq!(summary["version"], 1, "the old version keeps serving: {r}");
+    assert_eq!(
+        summary["rebuild"]["processed"], 100,
+        "two batches committed: {r}"
+    );
+    assert!(
+        summary["rebuild"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("schema version 99"),
+        "{r}"
+    );
+
+    // Fixed, the next rebuild resumes from its cursor and switches.
+    sqlx::query("UPDATE events SET schema_version = $2 WHERE position = $1")
+        .bind(poisoned)
+        .bind(original)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let resumed = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    assert_eq!(resumed.progress().processed, 100);
+    let report = resumed.run(|_| {}).await.unwrap();
+    assert!(report.resumed);
+    assert_eq!(report.events, total);
+    assert_eq!(report.version, 2);
+    // Sales was never rebuilt and has no live projector here; compare the summary only.
+    let (want, _) = expected_from_event_store(&pool).await;
+    let (got, _) = actual(&pool).await;
+    assert_eq!(got, want);
+
+    // --restart starts over from an empty version.
+    let again = rebuild::start(
+        &pool,
+        Kind::OrderSummary,
+        &RebuildOptions {
+            restart: true,
+            ..options
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.version(), again.progress().processed), (3, 0));
+    drop(again);
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_a_bounded_number_of_times_then_dead_lettered_and_replayable()
+ {
+    let stack = ReadStack::start(ProjectorConfig {
+        max_attempts: 3,
+        retry_base: Duration::from_millis(50),
+        lock_timeout: Duration::from_millis(100),
+    })
+    .await;
+    let pool = stack.api.db.pool.clone();
+    let alice = stack.api.customer("alice");
+    let id = place(&stack.api, &alice, "t-1", false).await;
+    stack.wait_caught_up().await;
+
+    // Another session holds the order's read-model row: every attempt times out on the lock.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM order_summary WHERE order_id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let r = stack
+        .api
+        .post(
+            &format!("/orders/{id}/cancel"),
+            &alice,
+            "t-2",
+            &json!({"reason": "oops"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (dl_id, class, attempts): (i64, String, i32) = loop {
+        let row = sqlx::query_as(
+            "SELECT id, error_class, attempts FROM dead_letters WHERE projection = 'order_summary' AND status = 'open'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((class.as_str(), attempts), ("transient", 3));
+    // The sales projection does not touch that row and carries on; the partition moved on too.
+    stack.wait_caught_up().await;
+    blocker.rollback().await.unwrap();
+
+    // Replay through GraphQL: the cancellation is applied.
+    let ops = stack.api.operator();
+    const REPLAY: &str = "mutation($id: ID!) { replayDeadLetter(id: $id) { id status released } }";
+    let r = stack
+        .gql
+        .query(Some(&alice), REPLAY, json!({"id": dl_id.to_string()}))
+        .await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN", "{r}");
+    let r = stack
+        .gql
+        .query(Some(&ops), REPLAY, json!({"id": dl_id.to_string()}))
+        .await;
+    assert_eq!(r["data"]["replayDeadLetter"]["status"], "replayed", "{r}");
+    let r = stack
+        .gql
+        .query(Some(&ops), REPLAY, json!({"id": dl_id.to_string()}))
+        .await;
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "replaying twice: {r}"
+    );
+    let r = stack
+        .gql
+        .query(Some(&alice), ORDER, json!({"id": id}))
+        .await;
+    assert_eq!(r["data"]["order"]["status"], "CANCELLED", "{r}");
+    assert_read_models_match_event_store(&pool, "after the replay").await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_status_changes_stream_to_the_owner_over_websocket_after_they_commit() {
+    let stack = ReadStack::start(ProjectorConfig::default()).await;
+    let alice = stack.api.customer("alice");
+    let id = place(&stack.api, &alice, "s-1", false).await;
+    const SUB: &str =
+        "subscription($id: ID!) { orderStatusChanged(orderId: $id) { id status version } }";
+    let mut sub = stack
+        .gql
+        .subscribe(Some(&alice), SUB, json!({"id": id}))
+        .await;
+    let first = sub.next().await;
+    assert_eq!(
+        first["data"]["orderStatusChanged"],
+        json!({"id": id, "status": "PENDING", "version": 1}),
+        "{first}"
+    );
+    let r = stack
+        .api
+        .post(
+            &format!("/orders/{id}/cancel"),
+            &alice,
+            "s-2",
+            &json!({"reason": "later"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let next = sub.next().await;
+    assert_eq!(
+        next["data"]["orderStatusChanged"],
+        json!({"id": id, "status": "CANCELLED", "version": 2}),
+        "{next}"
+    );
+
+    // Without a token the subscription is refused with a typed error.
+    let mut anon = stack.gql.subscribe(None, SUB, json!({"id": id})).await;
+    let refused = anon.next().await;
+    assert_eq!(
+        refused["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+        "{refused}"
+    );
+    stack.stop().await;
+}
