@@ -200,3 +200,59 @@ fn from_row(r: &sqlx::postgres::PgRow) -> Result<Row, sqlx::Error> {
         timeline: r.try_get("timeline")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::fixtures::{cancelled, placed, reserved};
+
+    fn run(events: &[Decoded]) -> Result<Row, ApplyError> {
+        let mut row: Option<Row> = None;
+        for d in events {
+            if let Some(next) = fold(row.as_ref(), &d.env, &d.event)? {
+                row = Some(next);
+            }
+        }
+        Ok(row.expect("a row"))
+    }
+
+    #[test]
+    fn a_placed_then_cancelled_order_has_its_lines_reason_and_timeline() {
+        let id = Uuid::now_v7();
+        let row = run(&[
+            placed(id, "2026-11-22T10:15:00Z"),
+            cancelled(id, 2, "2026-11-22T10:20:00Z"),
+        ])
+        .unwrap();
+        assert_eq!(row.status, "CANCELLED");
+        assert_eq!(row.total_minor, 2999);
+        assert_eq!(row.cancellation_reason.as_deref(), Some("changed my mind"));
+        assert_eq!(row.version, 2);
+        assert_eq!(row.items[0]["sku"], "SKU-1");
+        assert_eq!(row.timeline.as_array().unwrap().len(), 2);
+        assert_eq!(row.timeline[1]["status"], "CANCELLED");
+        assert_eq!(row.updated_at.to_rfc3339(), "2026-11-22T10:20:00+00:00");
+    }
+
+    #[test]
+    fn redelivered_events_change_nothing_and_gaps_are_refused() {
+        let id = Uuid::now_v7();
+        let p = placed(id, "2026-11-22T10:15:00Z");
+        let r = reserved(id, 2, "2026-11-22T10:16:00Z");
+        let once = run(&[p.clone(), r.clone()]).unwrap();
+        assert_eq!(
+            run(&[p.clone(), r.clone(), p.clone(), r.clone()]).unwrap(),
+            once
+        );
+        let gap = run(&[p, cancelled(id, 3, "2026-11-22T10:17:00Z")]);
+        assert!(
+            matches!(gap, Err(ApplyError::Gap { got: 3, at: 1, .. })),
+            "{gap:?}"
+        );
+        let headless = run(&[r]);
+        assert!(matches!(
+            headless,
+            Err(ApplyError::Gap { got: 2, at: 0, .. })
+        ));
+    }
+}

@@ -165,3 +165,76 @@ mod tests {
         );
     }
 }
+
+/// Envelopes for the folds' unit tests, built from wire JSON like real messages.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use chrono::{DateTime, Utc};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::Decoded;
+    use crate::envelope::Envelope;
+
+    pub fn event(
+        id: Uuid,
+        version: i64,
+        at: &str,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Decoded {
+        let env = Envelope {
+            event_id: Uuid::new_v4(),
+            event_type: event_type.into(),
+            schema_version: if event_type == "OrderPlaced" { 2 } else { 1 },
+            stream_id: id,
+            stream_version: version,
+            recorded_at: at.parse::<DateTime<Utc>>().unwrap(),
+            payload,
+        };
+        let event = env.event().expect("fixture decodes");
+        Decoded { env, event }
+    }
+
+    /// SKU-1 x2 at 1250, SKU-2 x1 at 499, in EUR.
+    pub fn placed(id: Uuid, at: &str) -> Decoded {
+        event(
+            id,
+            1,
+            at,
+            "OrderPlaced",
+            json!({
+                "order_id": id, "customer_id": "alice", "currency": "EUR",
+                "lines": [
+                    {"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250, "line_total_minor": 2500},
+                    {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 499, "line_total_minor": 499}
+                ],
+                "total_minor": 2999,
+                "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
+                "payment_token": "tok_visa"
+            }),
+        )
+    }
+
+    pub fn reserved(id: Uuid, version: i64, at: &str) -> Decoded {
+        event(
+            id,
+            version,
+            at,
+            "InventoryReserved",
+            json!({"order_id": id, "reservation_id": "r-1"}),
+        )
+    }
+
+    pub fn cancelled(id: Uuid, version: i64, at: &str) -> Decoded {
+        event(
+            id,
+            version,
+            at,
+            "OrderCancelled",
+            json!({
+                "order_id": id, "reason": "changed my mind", "cancelled_by": "customer", "previous_status": "PENDING"
+            }),
+        )
+    }
+}

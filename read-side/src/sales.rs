@@ -206,3 +206,71 @@ pub async fn apply_batch(
     }
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::fixtures::{cancelled, placed, reserved};
+
+    fn run(events: &[Decoded]) -> BTreeMap<BucketKey, Delta> {
+        let mut rows: HashMap<Uuid, OrderSales> = HashMap::new();
+        let mut deltas = BTreeMap::new();
+        for d in events {
+            if let Some(next) =
+                fold(rows.get(&d.env.stream_id), &d.env, &d.event, &mut deltas).unwrap()
+            {
+                rows.insert(next.order_id, next);
+            }
+        }
+        deltas.retain(|_, d| *d != Delta::default());
+        deltas
+    }
+
+    #[test]
+    fn sales_are_bucketed_by_the_hour_placed_and_net_of_cancellations() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let buckets = run(&[
+            placed(a, "2026-11-22T10:15:00Z"),
+            placed(b, "2026-11-22T10:59:59Z"),
+            reserved(a, 2, "2026-11-22T11:01:00Z"),
+            // Cancelled in the next hour: taken out of the hour it was placed in.
+            cancelled(b, 2, "2026-11-22T11:05:00Z"),
+            // A redelivered cancellation does not take it out twice.
+            cancelled(b, 2, "2026-11-22T11:05:00Z"),
+        ]);
+        let hour: DateTime<Utc> = "2026-11-22T10:00:00Z".parse().unwrap();
+        assert_eq!(
+            buckets,
+            BTreeMap::from([
+                (
+                    (hour, "SKU-1".into(), "EUR".into()),
+                    Delta {
+                        units: 2,
+                        revenue_minor: 2500,
+                        orders: 1
+                    }
+                ),
+                (
+                    (hour, "SKU-2".into(), "EUR".into()),
+                    Delta {
+                        units: 1,
+                        revenue_minor: 499,
+                        orders: 1
+                    }
+                ),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_fully_cancelled_hour_nets_to_nothing() {
+        let a = Uuid::now_v7();
+        assert!(
+            run(&[
+                placed(a, "2026-11-22T10:15:00Z"),
+                cancelled(a, 2, "2026-11-22T10:16:00Z")
+            ])
+            .is_empty()
+        );
+    }
+}
