@@ -38,17 +38,18 @@ pub struct Row {
     pub timeline: Value,
 }
 
-/// The row after `event`; `Ok(None)` when the event is already applied.
+/// Applies `event` to the order's row in place (`None`: no row yet). An already applied
+/// event changes nothing; on an error the row is untouched.
 pub fn fold(
-    row: Option<&Row>,
+    row: &mut Option<Row>,
     env: &Envelope,
     event: &OrderEvent,
-) -> Result<Option<Row>, ApplyError> {
-    if !next_version(env, row.map_or(0, |r| r.version))? {
-        return Ok(None);
+) -> Result<Applied, ApplyError> {
+    if !next_version(env, row.as_ref().map_or(0, |r| r.version))? {
+        return Ok(Applied::Duplicate);
     }
     let step = |status: OrderStatus| json!({"status": status.as_str(), "at": env.recorded_at});
-    let Some(row) = row else {
+    let Some(current) = row else {
         let OrderEvent::Placed(p) = event else {
             // Version 1 of an order is always OrderPlaced; anything else is a gap before it.
             return Err(ApplyError::Gap {
@@ -62,7 +63,7 @@ pub fn fold(
             .iter()
             .map(|l| json!({"sku": l.sku, "quantity": l.quantity, "unit_price_minor": l.unit_price_minor, "line_total_minor": l.line_total_minor}))
             .collect();
-        return Ok(Some(Row {
+        *row = Some(Row {
             order_id: env.stream_id,
             customer_id: p.customer_id.as_str().to_owned(),
             status: OrderStatus::Pending.as_str().to_owned(),
@@ -74,7 +75,8 @@ pub fn fold(
             created_at: env.recorded_at,
             updated_at: env.recorded_at,
             timeline: json!([step(OrderStatus::Pending)]),
-        }));
+        });
+        return Ok(Applied::Applied);
     };
     let (status, reason) = match event {
         OrderEvent::Placed(_) => (OrderStatus::Pending, None),
@@ -83,15 +85,16 @@ pub fn fold(
         OrderEvent::Confirmed(_) => (OrderStatus::Confirmed, None),
         OrderEvent::Cancelled(c) => (OrderStatus::Cancelled, Some(c.reason.as_str().to_owned())),
     };
-    let mut next = row.clone();
-    next.status = status.as_str().to_owned();
-    next.cancellation_reason = reason.or(next.cancellation_reason);
-    next.version = env.stream_version;
-    next.updated_at = env.recorded_at;
-    if let Value::Array(steps) = &mut next.timeline {
+    current.status = status.as_str().to_owned();
+    if reason.is_some() {
+        current.cancellation_reason = reason;
+    }
+    current.version = env.stream_version;
+    current.updated_at = env.recorded_at;
+    if let Value::Array(steps) = &mut current.timeline {
         steps.push(step(status));
     }
-    Ok(Some(next))
+    Ok(Applied::Applied)
 }
 
 const COLUMNS: &str = "order_id, customer_id, status, currency, total_minor, items, cancellation_reason, \
@@ -107,49 +110,125 @@ pub async fn apply_batch(
     let mut ids: Vec<Uuid> = events.iter().map(|d| d.env.stream_id).collect();
     ids.sort_unstable();
     ids.dedup();
+    // Live writers lock the rows they change (a dead-letter replay may touch the same order);
+    // a rebuild is the only writer of its version.
+    let lock = if target == Target::Live {
+        "ORDER BY order_id FOR UPDATE"
+    } else {
+        ""
+    };
     let loaded = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM {table} WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
+        "SELECT {COLUMNS} FROM {table} WHERE order_id = ANY($1) {lock}"
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let mut rows: HashMap<Uuid, Row> = HashMap::with_capacity(ids.len());
+    let mut rows: HashMap<Uuid, Option<Row>> = HashMap::with_capacity(ids.len());
     for r in &loaded {
         let row = from_row(r)?;
-        rows.insert(row.order_id, row);
+        rows.insert(row.order_id, Some(row));
     }
+    let existing: std::collections::HashSet<Uuid> = rows.keys().copied().collect();
     let mut changed: Vec<Uuid> = Vec::new();
     let mut outcomes = Vec::with_capacity(events.len());
     for d in events {
-        match fold(rows.get(&d.env.stream_id), &d.env, &d.event)? {
-            Some(row) => {
-                changed.push(row.order_id);
-                rows.insert(row.order_id, row);
-                outcomes.push(Applied::Applied);
-            }
-            None => outcomes.push(Applied::Duplicate),
+        let row = rows.entry(d.env.stream_id).or_default();
+        let outcome = fold(row, &d.env, &d.event)?;
+        if outcome == Applied::Applied {
+            changed.push(d.env.stream_id);
         }
+        outcomes.push(outcome);
     }
     changed.sort_unstable();
     changed.dedup();
-    let changed: Vec<&Row> = changed.iter().map(|id| &rows[id]).collect();
-    store(conn, &table, &changed).await?;
-    if target == Target::Live && !changed.is_empty() {
-        let notes: Vec<String> = changed
-            .iter()
-            .map(|r| {
-                json!({"order_id": r.order_id, "status": r.status, "version": r.version})
-                    .to_string()
-            })
-            .collect();
-        sqlx::query(&format!(
-            "SELECT pg_notify('{STATUS_CHANNEL}', n) FROM unnest($1::text[]) AS n"
-        ))
-        .bind(&notes)
-        .execute(&mut *conn)
-        .await?;
+    let (updated, inserted): (Vec<&Row>, Vec<&Row>) = changed
+        .iter()
+        .filter_map(|id| rows[id].as_ref())
+        .partition(|r| existing.contains(&r.order_id));
+    if target == Target::Live {
+        let all: Vec<&Row> = updated.into_iter().chain(inserted).collect();
+        store(conn, &table, &all).await?;
+        if !all.is_empty() {
+            let notes: Vec<String> = all
+                .iter()
+                .map(|r| {
+                    json!({"order_id": r.order_id, "status": r.status, "version": r.version})
+                        .to_string()
+                })
+                .collect();
+            sqlx::query(&format!(
+                "SELECT pg_notify('{STATUS_CHANNEL}', n) FROM unnest($1::text[]) AS n"
+            ))
+            .bind(&notes)
+            .execute(&mut *conn)
+            .await?;
+        }
+    } else {
+        // A rebuild is the only writer of its tables: rows it wrote before are deleted and
+        // every changed row is COPYed in, much cheaper than upserting them one by one.
+        if !updated.is_empty() {
+            let ids: Vec<Uuid> = updated.iter().map(|r| r.order_id).collect();
+            sqlx::query(&format!("DELETE FROM {table} WHERE order_id = ANY($1)"))
+                .bind(&ids)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let all: Vec<&Row> = updated.into_iter().chain(inserted).collect();
+        copy_in(conn, &table, &all).await?;
     }
     Ok(outcomes)
+}
+
+/// Bulk-inserts new rows with `COPY ... FROM STDIN` (text format).
+async fn copy_in(conn: &mut PgConnection, table: &str, rows: &[&Row]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut buf = String::with_capacity(rows.len() * 600);
+    for r in rows {
+        let fields = [
+            Some(r.order_id.to_string()),
+            Some(r.customer_id.clone()),
+            Some(r.status.clone()),
+            Some(r.currency.clone()),
+            Some(r.total_minor.to_string()),
+            Some(r.items.to_string()),
+            r.cancellation_reason.clone(),
+            Some(r.version.to_string()),
+            Some(r.created_at.to_rfc3339()),
+            Some(r.updated_at.to_rfc3339()),
+            Some(r.timeline.to_string()),
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                buf.push('\t');
+            }
+            match f {
+                None => buf.push_str("\\N"),
+                Some(v) => copy_escape(&mut buf, v),
+            }
+        }
+        buf.push('\n');
+    }
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({COLUMNS}) FROM STDIN"))
+        .await?;
+    copy.send(buf.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// COPY text format: backslash, tab, newline and carriage return are escaped.
+fn copy_escape(buf: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => buf.push_str("\\\\"),
+            '\t' => buf.push_str("\\t"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            c => buf.push(c),
+        }
+    }
 }
 
 async fn store(conn: &mut PgConnection, table: &str, rows: &[&Row]) -> Result<(), sqlx::Error> {
@@ -209,11 +288,16 @@ mod tests {
     fn run(events: &[Decoded]) -> Result<Row, ApplyError> {
         let mut row: Option<Row> = None;
         for d in events {
-            if let Some(next) = fold(row.as_ref(), &d.env, &d.event)? {
-                row = Some(next);
-            }
+            fold(&mut row, &d.env, &d.event)?;
         }
         Ok(row.expect("a row"))
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        let mut buf = String::new();
+        copy_escape(&mut buf, "a\\b\tc\nd\re");
+        assert_eq!(buf, "a\\\\b\\tc\\nd\\re");
     }
 
     #[test]

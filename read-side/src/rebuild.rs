@@ -29,7 +29,8 @@ pub(crate) const REBUILD_LOCK_NS: i32 = 0x5245_4255; // "REBU"
 
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
-    /// Events per batch (and per transaction).
+    /// Events per transaction (read in pages of 10,000). Larger windows write each order's
+    /// row fewer times.
     pub batch_size: i64,
     /// Start from scratch even if an interrupted rebuild could be resumed.
     pub restart: bool,
@@ -38,7 +39,7 @@ pub struct RebuildOptions {
 impl Default for RebuildOptions {
     fn default() -> Self {
         Self {
-            batch_size: 10_000,
+            batch_size: 100_000,
             restart: false,
         }
     }
@@ -77,6 +78,82 @@ pub struct Report {
     pub version: i32,
     pub events: i64,
     pub resumed: bool,
+}
+
+/// Events per feed read.
+const PAGE: i64 = 10_000;
+
+/// Decoded events of the feed, applied in one transaction.
+struct Window {
+    decoded: Vec<Decoded>,
+    /// Feed events read (including other stream types, which no projection here reads).
+    read: usize,
+    cursor: FeedCursor,
+}
+
+/// Reads the feed from `cursor` in pages, sending windows of about `window` events, until a
+/// page comes back short (the feed horizon). Stops early when the receiver is gone.
+async fn read_windows(
+    pool: PgPool,
+    kind: Kind,
+    mut cursor: FeedCursor,
+    window: i64,
+    out: tokio::sync::mpsc::Sender<Result<Window, RebuildError>>,
+) {
+    let result: Result<(), RebuildError> = async {
+        let mut conn = pool.acquire().await?;
+        let page = PAGE.min(window);
+        loop {
+            let mut w = Window {
+                decoded: Vec::new(),
+                read: 0,
+                cursor,
+            };
+            let mut at_horizon = false;
+            while (w.read as i64) < window {
+                let (events, next) = event_store::read_feed(&mut conn, cursor, page).await?;
+                at_horizon = (events.len() as i64) < page;
+                w.read += events.len();
+                w.decoded.extend(decode(kind, events)?);
+                cursor = next;
+                w.cursor = next;
+                if at_horizon {
+                    break;
+                }
+            }
+            if w.read > 0 && out.send(Ok(w)).await.is_err() {
+                return Ok(());
+            }
+            if at_horizon {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = out.send(Err(e)).await;
+    }
+}
+
+fn decode(kind: Kind, events: Vec<event_store::StoredEvent>) -> Result<Vec<Decoded>, RebuildError> {
+    events
+        .into_iter()
+        .filter(|e| e.stream_type == "order")
+        .map(|e| {
+            let position = e.position;
+            let env = Envelope::from_stored(e);
+            match env.event() {
+                Ok(event) => Ok(Decoded { env, event }),
+                Err(err) => Err(RebuildError::Poison {
+                    projection: kind.name(),
+                    position,
+                    stream_id: env.stream_id,
+                    stream_version: env.stream_version,
+                    message: err.to_string(),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// A claimed rebuild, ready to run. Holds the rebuild lock until it is dropped.
@@ -146,6 +223,26 @@ pub async fn start(
             rebuild.processed = row.try_get("rebuild_processed")?;
             rebuild.total = row.try_get::<Option<i64>, _>("rebuild_total")?.unwrap_or(0);
             rebuild.resumed = true;
+            // Unlogged tables come back empty after a PostgreSQL crash: then start over.
+            let first = versioned(kind.tables()[0], v);
+            let (unlogged, empty): (bool, bool) = sqlx::query_as(&format!(
+                "SELECT (SELECT relpersistence = 'u' FROM pg_class WHERE oid = '{first}'::regclass),
+                        NOT EXISTS (SELECT 1 FROM {first})"
+            ))
+            .fetch_one(&mut *tx)
+            .await?;
+            if unlogged && empty && rebuild.processed > 0 {
+                tracing::warn!(
+                    projection = kind.name(),
+                    "the interrupted rebuild's tables were emptied by a database restart; starting over"
+                );
+                rebuild.cursor = FeedCursor::default();
+                rebuild.processed = 0;
+                sqlx::query("UPDATE projections SET rebuild_cursor_tx = '0'::xid8, rebuild_cursor_pos = 0, rebuild_processed = 0 WHERE name = $1")
+                    .bind(kind.name())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query(
                 "UPDATE projections SET rebuild_state = 'running', rebuild_error = NULL, rebuild_updated_at = now()
                  WHERE name = $1",
@@ -159,13 +256,11 @@ pub async fn start(
                 if let Some(stale) = interrupted {
                     drop_table(&mut tx, &versioned(base, stale)).await?;
                 }
-                let new = versioned(base, rebuild.version);
-                drop_table(&mut tx, &new).await?;
-                sqlx::query(&format!(
-                    "CREATE TABLE {new} (LIKE {} INCLUDING ALL)",
-                    versioned(base, active)
-                ))
-                .execute(&mut *tx)
+                create_bulk_table(
+                    &mut tx,
+                    &versioned(base, active),
+                    &versioned(base, rebuild.version),
+                )
                 .await?;
             }
             rebuild.total = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -192,6 +287,81 @@ pub async fn start(
         "rebuild started"
     );
     Ok(rebuild)
+}
+
+/// An empty copy of `like` for bulk loading: unlogged and with only its primary key. The
+/// other indexes and durability come back in [`finish_bulk_table`], before the switch.
+async fn create_bulk_table(
+    conn: &mut PgConnection,
+    like: &str,
+    new: &str,
+) -> Result<(), sqlx::Error> {
+    drop_table(conn, new).await?;
+    sqlx::query(&format!(
+        "CREATE UNLOGGED TABLE {new} (LIKE {like} INCLUDING ALL EXCLUDING INDEXES)"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    let pkey: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '{like}'::regclass AND contype = 'p'"
+    ))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(pkey) = pkey {
+        sqlx::query(&format!("ALTER TABLE {new} ADD {pkey}"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gives a bulk-loaded table the secondary indexes of `like` and makes it logged (idempotent,
+/// so a resumed rebuild can run it again).
+async fn finish_bulk_table(
+    conn: &mut PgConnection,
+    like: &str,
+    new: &str,
+) -> Result<(), sqlx::Error> {
+    let defs: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+         WHERE i.indrelid = '{like}'::regclass AND NOT i.indisprimary ORDER BY i.indexrelid"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let have: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_index WHERE indrelid = '{new}'::regclass AND NOT indisprimary"
+    ))
+    .fetch_one(&mut *conn)
+    .await?;
+    if have < defs.len() as i64 {
+        sqlx::query(&format!(
+            "DO $$ DECLARE i record; BEGIN
+               FOR i IN SELECT indexrelid FROM pg_index WHERE indrelid = '{new}'::regclass AND NOT indisprimary LOOP
+                 EXECUTE 'DROP INDEX ' || i.indexrelid::regclass;
+               END LOOP; END $$"
+        ))
+        .execute(&mut *conn)
+        .await?;
+        for def in &defs {
+            // "CREATE [UNIQUE] INDEX name ON table USING ..." -> the same on the new table,
+            // named by PostgreSQL.
+            let unique = if def.starts_with("CREATE UNIQUE") {
+                "UNIQUE "
+            } else {
+                ""
+            };
+            let Some((_, using)) = def.split_once(" USING ") else {
+                continue;
+            };
+            sqlx::query(&format!("CREATE {unique}INDEX ON {new} USING {using}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    sqlx::query(&format!("ALTER TABLE {new} SET LOGGED"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 async fn drop_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
@@ -221,30 +391,51 @@ impl Rebuild {
     ) -> Result<Report, RebuildError> {
         let name = self.kind.name();
         let outcome = async {
-            loop {
+            // Reading and decoding the next window overlaps applying the current one.
+            let (windows_tx, mut windows) = tokio::sync::mpsc::channel(1);
+            let reader = tokio::spawn(read_windows(
+                self.pool.clone(),
+                self.kind,
+                self.cursor,
+                self.batch_size,
+                windows_tx,
+            ));
+            while let Some(window) = windows.recv().await {
+                let window: Window = window?;
                 let mut tx = self.pool.begin().await?;
-                let n = self.replay_batch(&mut tx).await?;
-                if n > 0 {
-                    sqlx::query(
-                        "UPDATE projections SET rebuild_cursor_tx = $2::text::xid8, rebuild_cursor_pos = $3,
-                                rebuild_processed = $4, rebuild_updated_at = now()
-                         WHERE name = $1",
-                    )
-                    .bind(name)
-                    .bind(self.cursor.tx_id.to_string())
-                    .bind(self.cursor.position)
-                    .bind(self.processed)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                self.apply(&mut tx, &window.decoded).await?;
+                self.cursor = window.cursor;
+                self.processed += window.read as i64;
+                sqlx::query(
+                    "UPDATE projections SET rebuild_cursor_tx = $2::text::xid8, rebuild_cursor_pos = $3,
+                            rebuild_processed = $4, rebuild_updated_at = now()
+                     WHERE name = $1",
+                )
+                .bind(name)
+                .bind(self.cursor.tx_id.to_string())
+                .bind(self.cursor.position)
+                .bind(self.processed)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
-                metrics::gauge!("projection_rebuild_processed", "projection" => name).set(self.processed as f64);
-                metrics::gauge!("projection_rebuild_total", "projection" => name).set(self.total as f64);
+                metrics::gauge!("projection_rebuild_processed", "projection" => name)
+                    .set(self.processed as f64);
+                metrics::gauge!("projection_rebuild_total", "projection" => name)
+                    .set(self.total as f64);
                 on_progress(self.progress());
-                if n < self.batch_size as usize {
-                    break;
-                }
             }
+            reader.await.map_err(|e| RebuildError::Database(sqlx::Error::Io(std::io::Error::other(e))))?;
+            // Indexes and durability before the switch, outside its lock.
+            let mut tx = self.pool.begin().await?;
+            for base in self.kind.tables() {
+                finish_bulk_table(
+                    &mut tx,
+                    &versioned(base, self.from_version),
+                    &versioned(base, self.version),
+                )
+                .await?;
+            }
+            tx.commit().await?;
             self.switch().await
         }
         .await;
@@ -282,36 +473,15 @@ impl Rebuild {
         }
     }
 
-    /// Reads and applies one batch of the feed after the cursor; returns how many it read.
-    async fn replay_batch(&mut self, conn: &mut PgConnection) -> Result<usize, RebuildError> {
-        let (events, cursor) = event_store::read_feed(conn, self.cursor, self.batch_size).await?;
+    /// Reads and applies one page of the feed after the cursor; returns how many it read.
+    async fn replay_page(&mut self, conn: &mut PgConnection) -> Result<usize, RebuildError> {
+        let (events, cursor) = event_store::read_feed(conn, self.cursor, PAGE).await?;
         let n = events.len();
-        let decoded = self.decode(events)?;
+        let decoded = decode(self.kind, events)?;
         self.apply(conn, &decoded).await?;
         self.cursor = cursor;
         self.processed += n as i64;
         Ok(n)
-    }
-
-    fn decode(&self, events: Vec<event_store::StoredEvent>) -> Result<Vec<Decoded>, RebuildError> {
-        events
-            .into_iter()
-            .filter(|e| e.stream_type == "order")
-            .map(|e| {
-                let position = e.position;
-                let env = Envelope::from_stored(e);
-                match env.event() {
-                    Ok(event) => Ok(Decoded { env, event }),
-                    Err(err) => Err(RebuildError::Poison {
-                        projection: self.kind.name(),
-                        position,
-                        stream_id: env.stream_id,
-                        stream_version: env.stream_version,
-                        message: err.to_string(),
-                    }),
-                }
-            })
-            .collect()
     }
 
     async fn apply(
@@ -344,7 +514,7 @@ impl Rebuild {
         let name = self.kind.name();
         let mut tx = self.pool.begin().await?;
         projection::lock_for_switch(&mut tx, self.kind).await?;
-        while self.replay_batch(&mut tx).await? > 0 {}
+        while self.replay_page(&mut tx).await? > 0 {}
         self.copy_ahead(&mut tx).await?;
         for base in self.kind.tables() {
             sqlx::query(&format!(
@@ -400,7 +570,7 @@ impl Rebuild {
             events = events.len(),
             "copying events past the feed horizon"
         );
-        let decoded = self.decode(events)?;
+        let decoded = decode(self.kind, events)?;
         self.apply(conn, &decoded).await
     }
 }

@@ -131,9 +131,14 @@ pub async fn apply_batch(
     let mut ids: Vec<Uuid> = events.iter().map(|d| d.env.stream_id).collect();
     ids.sort_unstable();
     ids.dedup();
+    let lock = if target == Target::Live {
+        "ORDER BY order_id FOR UPDATE"
+    } else {
+        ""
+    };
     let loaded = sqlx::query(&format!(
         "SELECT order_id, version, placed_hour, currency, lines, cancelled FROM {orders_table}
-         WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
+         WHERE order_id = ANY($1) {lock}"
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)

@@ -333,10 +333,20 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     drop_db(database_url, &name).await
 }
 
+/// Drops a scratch database, retrying a few times: after large writes an autovacuum worker
+/// may still be attached, which `WITH (FORCE)` cannot end for a non-superuser.
 pub(crate) async fn drop_db(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let mut admin = PgConnection::connect(admin_url).await?;
-    admin
-        .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-        .await?;
+    let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
+    for attempt in 1.. {
+        match admin.execute(sql.as_str()).await {
+            Ok(_) => break,
+            Err(e) if attempt < 10 => {
+                tracing::debug!(error = %e, "scratch database busy; retrying the drop");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ use platform::{
 use uuid::Uuid;
 
 mod bench;
+mod bench_read;
 mod bench_relay;
 
 #[derive(Parser)]
@@ -131,8 +132,8 @@ enum ProjectionsCommand {
         /// Start over instead of resuming an interrupted rebuild.
         #[arg(long)]
         restart: bool,
-        /// Events per batch (and transaction).
-        #[arg(long, default_value_t = 10_000)]
+        /// Events per transaction (larger windows write each order's row fewer times).
+        #[arg(long, default_value_t = 100_000)]
         batch_size: i64,
     },
 }
@@ -151,6 +152,8 @@ enum BenchCommand {
     Append(bench::BenchArgs),
     /// Outbox relay: throughput to Kafka and RabbitMQ beside raw producers, and latency.
     Relay(bench_relay::RelayBenchArgs),
+    /// Read side: rebuild throughput beside a feed-read baseline, and live projection lag.
+    ReadSide(bench_read::ReadBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -210,6 +213,9 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             command: BenchCommand::Relay(args),
         } => bench_relay::relay(&cli.infra, &args).await?,
+        Command::Bench {
+            command: BenchCommand::ReadSide(args),
+        } => bench_read::read_side(&cli.infra, &args).await?,
         Command::Audit {
             command: AuditCommand::Verify { order },
         } => return audit_verify(&cli.infra, order).await,

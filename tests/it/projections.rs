@@ -14,7 +14,7 @@ use std::{
 use read_side::{
     consumer::ProjectorConfig,
     envelope::Envelope,
-    order_summary,
+    order_summary, projection,
     projection::Kind,
     rebuild::{self, RebuildError, RebuildOptions},
     sales,
@@ -40,7 +40,7 @@ async fn expected_from_event_store(
     .fetch_all(pool)
     .await
     .unwrap();
-    let mut summaries: BTreeMap<Uuid, order_summary::Row> = BTreeMap::new();
+    let mut summaries: BTreeMap<Uuid, Option<order_summary::Row>> = BTreeMap::new();
     let mut orders: HashMap<Uuid, sales::OrderSales> = HashMap::new();
     let mut buckets = BTreeMap::new();
     for r in &rows {
@@ -54,16 +54,23 @@ async fn expected_from_event_store(
             payload: r.get("payload"),
         };
         let event = env.event().unwrap();
-        let next = order_summary::fold(summaries.get(&env.stream_id), &env, &event)
-            .unwrap()
-            .expect("every stored event applies once");
-        summaries.insert(env.stream_id, next);
+        let applied =
+            order_summary::fold(summaries.entry(env.stream_id).or_default(), &env, &event).unwrap();
+        assert_eq!(
+            applied,
+            projection::Applied::Applied,
+            "every stored event applies once"
+        );
         let next = sales::fold(orders.get(&env.stream_id), &env, &event, &mut buckets)
             .unwrap()
             .unwrap();
         orders.insert(env.stream_id, next);
     }
     buckets.retain(|_, d| *d != sales::Delta::default());
+    let summaries = summaries
+        .into_iter()
+        .map(|(id, row)| (id, row.expect("a row per order")))
+        .collect();
     (summaries, buckets)
 }
 
