@@ -15,7 +15,8 @@ use std::time::Duration;
 use rdkafka::{
     Message,
     consumer::{CommitMode, Consumer, StreamConsumer},
-    message::{BorrowedMessage, Header, OwnedHeaders},
+    Offset, TopicPartitionList,
+    message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::PgPool;
@@ -49,6 +50,9 @@ impl Default for ProjectorConfig {
         }
     }
 }
+
+/// Most messages applied in one transaction.
+const MAX_BATCH: usize = 1000;
 
 pub struct Projector {
     pool: PgPool,
@@ -107,14 +111,14 @@ impl Projector {
     }
 
     /// Applies one message with its checkpoint in one transaction.
-    pub async fn handle(&self, msg: &BorrowedMessage<'_>) -> anyhow::Result<Handled> {
+    pub async fn handle(&self, msg: &impl Message) -> anyhow::Result<Handled> {
         self.in_checkpointed_tx(msg, None).await
     }
 
     /// Dead-letters a message that kept failing transiently, moving the checkpoint past it.
     async fn give_up(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &impl Message,
         error: &str,
         attempts: u32,
         first_failed_at: chrono::DateTime<chrono::Utc>,
@@ -129,7 +133,7 @@ impl Projector {
     /// and moves the checkpoint past the message.
     async fn in_checkpointed_tx(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &impl Message,
         give_up: Option<(&str, i32, chrono::DateTime<chrono::Utc>)>,
     ) -> anyhow::Result<Handled> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
@@ -217,16 +221,29 @@ impl Projector {
 
     /// Consumes until `shutdown`; the message in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        use futures::FutureExt;
         loop {
-            let msg = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m?,
+                m = self.consumer.recv() => m?.detach(),
             };
-            if !self.handle_with_retries(&msg, &shutdown).await {
+            // Whatever else has already arrived joins the batch; nothing waits for more.
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.consumer.recv().now_or_never() {
+                    Some(m) => batch.push(m?.detach()),
+                    None => break,
+                }
+            }
+            if !self.handle_batch_with_retries(&batch, &shutdown).await {
                 break;
             }
-            if let Err(e) = self.consumer.commit_message(&msg, CommitMode::Async) {
-                // The checkpoint in PostgreSQL already covers it; a redelivery is skipped.
+            let mut offsets = TopicPartitionList::new();
+            for m in &batch {
+                offsets.add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))?;
+            }
+            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
+                // The checkpoints in PostgreSQL already cover them; a redelivery is skipped.
                 tracing::debug!(error = %e, "kafka offset commit failed");
             }
         }
@@ -234,12 +251,136 @@ impl Projector {
         Ok(())
     }
 
+    /// Applies a batch in one transaction when every message in it is ordinary; otherwise
+    /// (poison, parking, a gap, or transient failures `max_attempts` times) message by
+    /// message. `false` when shutdown interrupted it.
+    async fn handle_batch_with_retries(
+        &self,
+        batch: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if batch.len() > 1 {
+            let mut failures = 0u32;
+            loop {
+                match self.handle_batch(batch).await {
+                    Ok(true) => return true,
+                    Ok(false) => break,
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= self.config.max_attempts {
+                            break;
+                        }
+                        let wait = self.backoff(failures);
+                        tracing::warn!(projection = self.kind.name(), messages = batch.len(),
+                            attempt = failures, error = %e, retry_in = ?wait, "projecting a batch failed");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return false,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+        for m in batch {
+            if !self.handle_with_retries(m, shutdown).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The fast path: every message of `batch` applied, with the checkpoints, in one
+    /// transaction. `Ok(false)` (nothing written) when a message needs the one-by-one path.
+    async fn handle_batch(&self, batch: &[OwnedMessage]) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", self.config.lock_timeout.as_millis()))
+            .execute(&mut *tx)
+            .await?;
+        projection::lock_for_write(&mut tx, self.kind).await?;
+        let topic = batch[0].topic();
+        if batch.iter().any(|m| m.topic() != topic) {
+            return Ok(false);
+        }
+        let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let stored: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_checkpoints
+             WHERE projection = $1 AND topic = $2 AND partition = ANY($3) ORDER BY partition FOR UPDATE",
+        )
+        .bind(self.kind.name())
+        .bind(topic)
+        .bind(&partitions)
+        .fetch_all(&mut *tx)
+        .await?;
+        let next = |p: i32| stored.iter().find(|s| s.0 == p).map_or(0, |s| s.1);
+        let mut decoded = Vec::with_capacity(batch.len());
+        for m in batch.iter().filter(|m| m.offset() >= next(m.partition())) {
+            let Ok(env) = crate::envelope::Envelope::parse(m.payload().unwrap_or_default()) else {
+                return Ok(false);
+            };
+            let Ok(event) = env.event() else {
+                return Ok(false);
+            };
+            decoded.push(projection::Decoded { env, event });
+        }
+        let streams: Vec<uuid::Uuid> = decoded.iter().map(|d| d.env.stream_id).collect();
+        let blocked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM dead_letters WHERE projection = $1 AND status = 'open' AND stream_id = ANY($2))",
+        )
+        .bind(self.kind.name())
+        .bind(&streams)
+        .fetch_one(&mut *tx)
+        .await?;
+        if blocked {
+            return Ok(false);
+        }
+        match self.kind.apply(&mut tx, projection::Target::Live, &decoded).await {
+            Ok(_) => {}
+            Err(projection::ApplyError::Gap { .. }) => return Ok(false),
+            Err(projection::ApplyError::Database(e)) => return Err(e.into()),
+        }
+        let ends: Vec<(i32, i64)> = partitions
+            .iter()
+            .map(|p| {
+                let last = batch.iter().filter(|m| m.partition() == *p).map(|m| m.offset()).max();
+                (*p, last.unwrap_or(0) + 1)
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
+             SELECT $1, $2, p, o FROM unnest($3::int[], $4::bigint[]) AS x(p, o)
+             ON CONFLICT (projection, topic, partition) DO UPDATE
+                 SET next_offset = GREATEST(projection_checkpoints.next_offset, EXCLUDED.next_offset), updated_at = now()",
+        )
+        .bind(self.kind.name())
+        .bind(topic)
+        .bind(ends.iter().map(|e| e.0).collect::<Vec<_>>())
+        .bind(ends.iter().map(|e| e.1).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("projection_events_total", "projection" => self.kind.name())
+            .increment(decoded.len() as u64);
+        metrics::histogram!("projection_batch_size", "projection" => self.kind.name())
+            .record(batch.len() as f64);
+        Ok(true)
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        self.config
+            .retry_base
+            .saturating_mul(2u32.saturating_pow(failures.min(16) - 1))
+            .min(Duration::from_secs(30))
+    }
+
     /// Handles one message, retrying transient failures with capped exponential backoff and
     /// dead-lettering it after `max_attempts`. `false` when shutdown interrupted the retries
     /// (the message is not done; its offset stays uncommitted).
     async fn handle_with_retries(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &impl Message,
         shutdown: &CancellationToken,
     ) -> bool {
         let mut failures = 0u32;
@@ -263,11 +404,7 @@ impl Projector {
                         "cannot dead-letter either; retrying until the database answers"),
                 }
             }
-            let wait = self
-                .config
-                .retry_base
-                .saturating_mul(2u32.saturating_pow(failures.min(16) - 1))
-                .min(Duration::from_secs(30));
+            let wait = self.backoff(failures);
             tracing::warn!(projection = self.kind.name(), partition = msg.partition(), offset = msg.offset(),
                 attempt = failures, error = %error, retry_in = ?wait, "projection failed");
             tokio::select! {

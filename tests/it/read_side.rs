@@ -275,7 +275,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
     let db = shop_tests::TestDb::with_pool_size(20).await;
     let mut kafka = TestKafka::new().await;
     let topic = kafka.create_topics(&["orders.events"], 3).await.remove(0);
-    shop_tests::append_orders(&db.pool, 200, 8).await;
+    shop_tests::append_orders(&db.pool, 2000, 8).await;
     let infra = InfraConfig {
         kafka_topic_prefix: kafka.prefix.clone(),
         ..shop_tests::infra()
@@ -286,7 +286,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
             .drain()
             .await
             .unwrap(),
-        600
+        6000
     );
     let processed = || shop_tests::checkpointed(&db.pool);
 
@@ -305,7 +305,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
     task.abort();
     let _ = task.await;
     assert!(
-        processed().await < 600,
+        processed().await < 6000,
         "the kill came too late to test anything"
     );
 
@@ -314,7 +314,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
     let second =
         Projector::order_summary(db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix).unwrap();
     let task = tokio::spawn(second.run(shutdown.clone()));
-    while processed().await < 600 {
+    while processed().await < 6000 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "restarted projector did not finish"
@@ -331,7 +331,7 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 200);
+    assert_eq!(rows.len(), 2000);
     assert!(
         rows.iter().all(|r| r == &("CANCELLED".to_owned(), 3, 3)),
         "{rows:?}"
