@@ -25,6 +25,9 @@ impl KafkaSink {
     pub fn new(brokers: &str, topic_prefix: &str) -> Result<Self, KafkaError> {
         let mut cfg = platform::kafka::producer_config(brokers);
         cfg.set("message.timeout.ms", "0") // never give up on a message: order over liveness
+            // The relay hands over a whole batch at once and then waits for its reports, so
+            // lingering only delays them: librdkafka batches what is queued anyway.
+            .set("linger.ms", "0")
             .set("queue.buffering.max.messages", "200000")
             .set("queue.buffering.max.kbytes", "262144");
         Ok(Self {

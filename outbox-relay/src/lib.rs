@@ -125,10 +125,12 @@ impl Relay {
     /// Publishes one batch. Transient broker failures come back as `Err` after counting the
     /// attempt on the rows (the caller backs off); permanent ones set rows aside.
     pub async fn try_execute_once(&mut self) -> anyhow::Result<Outcome> {
+        let t_fetch = Instant::now();
         let rows = store::next_batch(&self.pool, self.cfg.batch_size).await?;
         if rows.is_empty() {
             return Ok(Outcome::Idle);
         }
+        let fetch_took = t_fetch.elapsed();
         metrics::histogram!("outbox_batch_size").record(rows.len() as f64);
         let (to_kafka, to_amqp): (Vec<&OutboxRow>, Vec<&OutboxRow>) =
             rows.iter().partition(|r| r.destination == "kafka");
@@ -210,7 +212,11 @@ impl Relay {
             metrics::counter!("outbox_messages_total", "destination" => dest, "outcome" => outcome)
                 .increment(1);
         }
+        let t_mark = Instant::now();
         store::mark_published(&self.pool, &published).await?;
+        metrics::histogram!("outbox_fetch_duration_seconds").record(fetch_took.as_secs_f64());
+        metrics::histogram!("outbox_mark_duration_seconds").record(t_mark.elapsed().as_secs_f64());
+        tracing::debug!(rows = rows.len(), fetch = ?fetch_took, total = ?t_fetch.elapsed(), mark = ?t_mark.elapsed(), "batch done");
         if !transient.is_empty() {
             store::record_attempt(&self.pool, &transient, &transient_error).await?;
             self.ready.store(false, Ordering::Relaxed);

@@ -13,9 +13,8 @@
 use std::time::Duration;
 
 use rdkafka::{
-    Message,
+    Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
-    Offset, TopicPartitionList,
     message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -240,7 +239,11 @@ impl Projector {
             }
             let mut offsets = TopicPartitionList::new();
             for m in &batch {
-                offsets.add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))?;
+                offsets.add_partition_offset(
+                    m.topic(),
+                    m.partition(),
+                    Offset::Offset(m.offset() + 1),
+                )?;
             }
             if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
                 // The checkpoints in PostgreSQL already cover them; a redelivery is skipped.
@@ -336,7 +339,11 @@ impl Projector {
         if blocked {
             return Ok(false);
         }
-        match self.kind.apply(&mut tx, projection::Target::Live, &decoded).await {
+        match self
+            .kind
+            .apply(&mut tx, projection::Target::Live, &decoded)
+            .await
+        {
             Ok(_) => {}
             Err(projection::ApplyError::Gap { .. }) => return Ok(false),
             Err(projection::ApplyError::Database(e)) => return Err(e.into()),
@@ -344,7 +351,11 @@ impl Projector {
         let ends: Vec<(i32, i64)> = partitions
             .iter()
             .map(|p| {
-                let last = batch.iter().filter(|m| m.partition() == *p).map(|m| m.offset()).max();
+                let last = batch
+                    .iter()
+                    .filter(|m| m.partition() == *p)
+                    .map(|m| m.offset())
+                    .max();
                 (*p, last.unwrap_or(0) + 1)
             })
             .collect();
@@ -378,11 +389,7 @@ impl Projector {
     /// Handles one message, retrying transient failures with capped exponential backoff and
     /// dead-lettering it after `max_attempts`. `false` when shutdown interrupted the retries
     /// (the message is not done; its offset stays uncommitted).
-    async fn handle_with_retries(
-        &self,
-        msg: &impl Message,
-        shutdown: &CancellationToken,
-    ) -> bool {
+    async fn handle_with_retries(&self, msg: &impl Message, shutdown: &CancellationToken) -> bool {
         let mut failures = 0u32;
         let mut first_failed_at = None;
         loop {
