@@ -132,3 +132,40 @@ async fn dlq_lists_shows_and_discards_dead_letters() {
     let (_, out) = shop(&db.url, &["dlq", "list", "--all"]);
     assert!(out.contains("discarded"), "{out}");
 }
+
+#[tokio::test]
+async fn projections_rebuild_switches_to_a_new_version_and_status_shows_it() {
+    let db = shop_tests::TestDb::new().await;
+    shop_tests::append_orders(&db.pool, 30, 2).await;
+    let (ok, out) = shop(&db.url, &["projections", "rebuild", "nope"]);
+    assert!(!ok && out.contains("unknown projection `nope`"), "{out}");
+
+    let (ok, out) = shop(
+        &db.url,
+        &[
+            "projections",
+            "rebuild",
+            "order_summary",
+            "--batch-size",
+            "25",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("order_summary rebuilt: version 2 is active (90 events)"),
+        "{out}"
+    );
+    let cancelled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_summary WHERE status = 'CANCELLED' AND version = 3",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(cancelled, 30);
+
+    // Status lists every projection with its active version and state.
+    let (ok, out) = shop(&db.url, &["projections", "status"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("order_summary\tv2\tLive"), "{out}");
+    assert!(out.contains("sales_by_product\tv1\tLive"), "{out}");
+}
