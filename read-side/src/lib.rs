@@ -4,16 +4,19 @@
 //! projection's checkpoint commit in one PostgreSQL transaction; the Kafka offset is committed
 //! after it. Projections are idempotent per stream version, so redeliveries change nothing.
 //!
-//! Status: the order-summary projection with dead letters, and the `order`, `orders` and
-//! `auditTrail` queries are built; the other read models, subscriptions, mutations and
-//! rebuild by replay are not yet (see docs/architecture.md).
+//! Any projection can be rebuilt from the event store into a new version of its tables while
+//! the current one keeps serving, then switched to atomically.
 //!
-//! # Layout
+//! # Layout (in data-flow order)
 //! - [`envelope`]: the Kafka message value, parsed and decoded into a domain event.
-//! - [`order_summary`]: the order-summary projection (apply one event in a transaction).
-//! - [`consumer`]: the consumer loop (checkpoints, offsets, shutdown).
+//! - [`consumer`]: the projector loop (batches, checkpoints, offsets, retries, shutdown).
 //! - [`dead_letters`]: poison events: dead letters, parking, replay, discard.
-//! - [`graphql`]: the schema and the axum service (`/graphql`, GraphiQL on GET).
+//! - [`projection`]: the projections and how events reach their (versioned) tables.
+//! - [`order_summary`], [`sales`]: the projections' pure folds and batched writes.
+//! - [`rebuild`]: rebuild by replay and the atomic switch.
+//! - [`status`]: versions, positions, lag and rebuild progress.
+//! - [`notify`]: committed status changes fanned out to subscriptions.
+//! - [`graphql`]: the schema and the axum service (`/graphql`, `/graphql/ws`, GraphiQL).
 #![forbid(unsafe_code)]
 
 pub mod consumer;

@@ -31,6 +31,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Applies pending database migrations and creates the Kafka topics.
@@ -52,6 +54,19 @@ enum Command {
         graphql_addr: std::net::SocketAddr,
         #[command(flatten)]
         projector: read_side::consumer::ProjectorConfig,
+        #[command(flatten)]
+        saga: saga::SagaConfig,
+    },
+    /// Runs only the checkout saga (orchestrator, and the stand-in participants unless
+    /// SAGA_PARTICIPANTS=false).
+    Saga {
+        #[command(flatten)]
+        saga: saga::SagaConfig,
+    },
+    /// Stand-in inventory: stock per SKU.
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCommand,
     },
     /// Runs only the outbox relay (several may run; one publishes at a time).
     Relay {
@@ -121,6 +136,14 @@ enum DlqCommand {
 }
 
 #[derive(Subcommand)]
+enum InventoryCommand {
+    /// Sets a SKU's stock on hand (refused below what is reserved).
+    Set { sku: String, quantity: i64 },
+    /// Stocks the default catalog (SKU-1 .. SKU-5, 1,000 each) where no stock is set.
+    Seed,
+}
+
+#[derive(Subcommand)]
 enum ProjectionsCommand {
     /// Lists the projections with their version, position, lag and any rebuild.
     Status,
@@ -181,6 +204,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             relay_ops_addr,
             graphql_addr,
             projector,
+            saga,
         } => {
             run(
                 &cli.infra,
@@ -189,9 +213,21 @@ async fn main() -> anyhow::Result<ExitCode> {
                 relay_ops_addr,
                 graphql_addr,
                 projector,
+                saga,
             )
             .await?
         }
+        Command::Saga { saga } => {
+            let pool = platform::db::connect_config(&cli.infra).await?;
+            saga::run(
+                pool,
+                cli.infra.amqp_url.clone(),
+                saga,
+                platform::shutdown::token(),
+            )
+            .await?
+        }
+        Command::Inventory { command } => return inventory(&cli.infra, command).await,
         Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
         Command::Dlq { command } => return dlq(&cli.infra, command).await,
@@ -256,10 +292,17 @@ async fn run(
     relay_ops_addr: std::net::SocketAddr,
     graphql_addr: std::net::SocketAddr,
     projector_cfg: read_side::consumer::ProjectorConfig,
+    saga_cfg: saga::SagaConfig,
 ) -> anyhow::Result<()> {
     setup(infra).await?;
     let shutdown = platform::shutdown::token();
     let pool = platform::db::connect_config(infra).await?;
+    let checkout_saga = tokio::spawn(saga::run(
+        pool.clone(),
+        infra.amqp_url.clone(),
+        saga_cfg,
+        shutdown.clone(),
+    ));
     let topic = infra.topic("orders.events");
     let mut projecting = Vec::new();
     for kind in read_side::projection::Kind::ALL {
@@ -306,6 +349,7 @@ async fn run(
     for p in projecting {
         p.await??;
     }
+    checkout_saga.await??;
     graphql.await??;
     served?;
     tracing::info!("stopped");
@@ -487,6 +531,26 @@ async fn projections(infra: &InfraConfig, command: ProjectionsCommand) -> anyhow
                     return Ok(ExitCode::FAILURE);
                 }
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inventory(infra: &InfraConfig, command: InventoryCommand) -> anyhow::Result<ExitCode> {
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    match command {
+        InventoryCommand::Set { sku, quantity } => {
+            let sku = domain::values::Sku::parse(&sku).map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(quantity >= 0, "quantity must not be negative");
+            if let Err(e) = saga::participants::set_stock(&pool, &sku, quantity).await {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("{} on hand: {quantity}", sku.as_str());
+        }
+        InventoryCommand::Seed => {
+            saga::participants::seed_catalog(&pool).await?;
+            println!("default catalog stocked where unset (SKU-1 .. SKU-5)");
         }
     }
     Ok(ExitCode::SUCCESS)

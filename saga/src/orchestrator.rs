@@ -1,0 +1,521 @@
+//! The orchestrator: runs `domain::saga::transition` for every input and records the result.
+//!
+//! One transaction per input: load the saga (its stream of recorded inputs), transition,
+//! append the input to the saga stream with the outgoing commands as outbox rows, apply the
+//! order commands to the order aggregate (its events and their Kafka outbox rows), and arm or
+//! clear the step deadline. Concurrent inputs for one saga meet at the saga stream's version
+//! check; the loser retries. Inputs come from:
+//! - the event store's feed: `OrderPlaced` starts a saga, a customer's or operator's
+//!   `OrderCancelled` stops it (the feed position commits with the transitions);
+//! - the reply queue: deduplicated by message id in `saga_inbox`, acked after commit;
+//! - due deadlines in `saga_deadlines` (`FOR UPDATE SKIP LOCKED`, so instances share them).
+
+use std::time::Duration;
+
+use domain::{
+    order::{self, CancelledBy, OrderCommand, OrderEvent},
+    saga::{self, SagaCommand, SagaInput, SagaOrder, SagaState, Step},
+    values::{OrderId, Reason},
+    wire,
+};
+use event_store::{
+    Destination, Expected, FeedCursor, Metadata, NewEvent, OutboxMessage, StoreError,
+};
+use serde_json::json;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    SagaConfig,
+    consumer::{self, ConsumeOptions, Failure},
+    topology::{Names, Reply},
+};
+
+/// Stream type of sagas in the event store.
+pub const SAGA_STREAM: &str = "checkout_saga";
+/// Event type of a recorded saga input.
+pub const INPUT_RECORDED: &str = "SagaInputRecorded";
+
+/// The saga's stream id: the order id with its UUID version nibble flipped (7 -> 8), so it
+/// can never equal an order id (v7) yet maps back one to one.
+pub fn saga_stream_id(order_id: OrderId) -> Uuid {
+    Uuid::from_u128(order_id.0.as_u128() ^ (0xF_u128 << 76))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    #[error("a concurrent input changed the saga; retry")]
+    Conflict,
+    #[error("saga of order {0} has an unreadable event: {1}")]
+    Corrupt(OrderId, String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<StoreError> for SagaError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => SagaError::Conflict,
+            StoreError::Database(e) => SagaError::Database(e),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    pool: PgPool,
+    config: SagaConfig,
+    names: Names,
+}
+
+/// The saga's current state and where its stream is.
+pub async fn load(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    max_attempts: u32,
+) -> Result<(SagaState, Expected), SagaError> {
+    let (stored, expected) = event_store::load_stream(conn, saga_stream_id(order_id)).await?;
+    let inputs = stored
+        .into_iter()
+        .map(|e| serde_json::from_value::<SagaInput>(e.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
+    Ok((saga::replay(max_attempts, &inputs), expected))
+}
+
+impl Orchestrator {
+    pub fn new(pool: PgPool, config: SagaConfig) -> Self {
+        let names = Names::new(&config.queue_prefix);
+        Self {
+            pool,
+            config,
+            names,
+        }
+    }
+
+    /// Applies one input in the caller's transaction. `causation` is the message or event
+    /// that carried it.
+    pub async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        input: SagaInput,
+        causation: Uuid,
+    ) -> Result<(), SagaError> {
+        let (state, expected) = load(conn, order_id, self.config.step_attempts).await?;
+        let (next, commands) = saga::transition(state.clone(), input.clone());
+        if next == state && commands.is_empty() {
+            return Ok(()); // a duplicate, a stale deadline, a reply for another step
+        }
+        let meta = Metadata {
+            correlation_id: order_id.0,
+            causation_id: causation,
+            actor: "system:saga".into(),
+            traceparent: None,
+            command_id: None,
+        };
+        let recorded = NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: INPUT_RECORDED.into(),
+            schema_version: 1,
+            payload: serde_json::to_value(&input).expect("saga input serializes"),
+            metadata: meta.clone(),
+        };
+        let mut outbox = Vec::new();
+        let mut for_order = Vec::new();
+        for c in commands {
+            let destination = match &c {
+                SagaCommand::ReserveInventory { .. } | SagaCommand::ReleaseInventory { .. } => {
+                    "inventory"
+                }
+                SagaCommand::AuthorizePayment { .. } | SagaCommand::VoidPayment { .. } => "payment",
+                SagaCommand::CreateShipment { .. } => "shipping",
+                SagaCommand::ArmDeadline { step, attempt } => {
+                    self.arm_deadline(conn, order_id, *step, *attempt).await?;
+                    continue;
+                }
+                SagaCommand::MarkInventoryReserved { .. }
+                | SagaCommand::MarkPaymentAuthorized { .. }
+                | SagaCommand::ConfirmOrder { .. }
+                | SagaCommand::CancelOrder { .. } => {
+                    for_order.push(c);
+                    continue;
+                }
+            };
+            outbox.push(OutboxMessage {
+                message_id: Uuid::now_v7(),
+                destination: Destination::Amqp,
+                target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
+                routing_key: self.names.routing_key(destination),
+                ordering_key: order_id.to_string(),
+                headers: json!({"causation_id": recorded.event_id.to_string(), "message_type": command_type(&c)}),
+                payload: serde_json::to_vec(&c).expect("saga command serializes"),
+            });
+        }
+        if next.is_terminal() {
+            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
+                .bind(order_id.0)
+                .execute(&mut *conn)
+                .await?;
+            let outcome = if next.phase == saga::Phase::Confirmed {
+                "confirmed"
+            } else {
+                "cancelled"
+            };
+            metrics::counter!("sagas_finished_total", "outcome" => outcome).increment(1);
+        }
+        event_store::append(
+            conn,
+            saga_stream_id(order_id),
+            SAGA_STREAM,
+            &expected,
+            &[recorded],
+            &outbox,
+        )
+        .await?;
+        for c in for_order {
+            self.apply_to_order(conn, order_id, c, &meta).await?;
+        }
+        Ok(())
+    }
+
+    async fn arm_deadline(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        step: Step,
+        attempt: u32,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO saga_deadlines (order_id, step, attempt, due_at) VALUES ($1, $2, $3, now() + $4)
+             ON CONFLICT (order_id) DO UPDATE SET step = EXCLUDED.step, attempt = EXCLUDED.attempt, due_at = EXCLUDED.due_at",
+        )
+        .bind(order_id.0)
+        .bind(step_name(step))
+        .bind(attempt as i32)
+        .bind(self.config.step_timeout)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Decides the order command on the order aggregate and appends its events. A command the
+    /// order refuses (it was cancelled meanwhile) is skipped: the cancellation reaches the
+    /// saga through the feed and compensates.
+    async fn apply_to_order(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        command: SagaCommand,
+        meta: &Metadata,
+    ) -> Result<(), SagaError> {
+        let command = match command {
+            SagaCommand::MarkInventoryReserved { reservation_id, .. } => {
+                OrderCommand::MarkInventoryReserved { reservation_id }
+            }
+            SagaCommand::MarkPaymentAuthorized {
+                authorization_id, ..
+            } => OrderCommand::MarkPaymentAuthorized { authorization_id },
+            SagaCommand::ConfirmOrder { shipment_id, .. } => OrderCommand::Confirm { shipment_id },
+            SagaCommand::CancelOrder { reason, .. } => OrderCommand::Cancel {
+                reason: Reason::parse(&truncate(&reason, 500))
+                    .unwrap_or_else(|_| Reason::parse("checkout failed").expect("a valid reason")),
+                by: CancelledBy::System,
+            },
+            _ => return Ok(()),
+        };
+        let (stored, expected) = event_store::load_stream(conn, order_id.0).await?;
+        let events = stored
+            .iter()
+            .map(|e| wire::decode(&e.event_type, e.schema_version, &e.payload))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
+        let state = order::replay(&events);
+        let new = match order::decide(&state, command) {
+            Ok(new) => new,
+            Err(rejected) => {
+                tracing::info!(%order_id, %rejected, "the order refused a saga command; skipped");
+                return Ok(());
+            }
+        };
+        let recorded_at = event_store::now_micros();
+        let (stored, outbox) = write_side::records::order_records(
+            order_id,
+            expected.version + 1,
+            &new,
+            meta,
+            recorded_at,
+        );
+        event_store::append_at(
+            conn,
+            order_id.0,
+            write_side::records::ORDER_STREAM,
+            &expected,
+            &stored,
+            &outbox,
+            recorded_at,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Runs `input` in its own transaction, retrying version conflicts.
+    async fn handle_in_tx(
+        &self,
+        order_id: OrderId,
+        input: SagaInput,
+        causation: Uuid,
+        inbox: Option<Uuid>,
+    ) -> Result<(), Failure> {
+        for _ in 0..10 {
+            let mut tx = self.pool.begin().await?;
+            if let Some(message_id) = inbox {
+                let fresh = sqlx::query(
+                    "INSERT INTO saga_inbox (message_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                )
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if !fresh {
+                    metrics::counter!("saga_duplicate_replies_total").increment(1);
+                    return Ok(());
+                }
+            }
+            match self
+                .handle(&mut tx, order_id, input.clone(), causation)
+                .await
+            {
+                Ok(()) => {
+                    tx.commit().await?;
+                    return Ok(());
+                }
+                Err(SagaError::Conflict) => continue,
+                Err(SagaError::Database(e)) => return Err(e.into()),
+                Err(e @ SagaError::Corrupt(..)) => {
+                    return Err(Failure::Poison {
+                        class: "corrupt_saga",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(Failure::Transient(
+            "the saga kept changing under this input".into(),
+        ))
+    }
+
+    /// Consumes participants' replies until `shutdown`.
+    pub async fn run_replies(
+        self,
+        conn: std::sync::Arc<lapin::Connection>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let options = ConsumeOptions {
+            queue: self.names.queue("replies"),
+            dead_letter_queue: self.names.dead_letter_queue("replies"),
+            max_deliveries: self.config.max_deliveries,
+            retry_base: self.config.retry_base,
+        };
+        consumer::consume(conn, options, shutdown, |m| {
+            let this = self.clone();
+            async move {
+                let reply: Reply =
+                    serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
+                        class: "malformed_reply",
+                        message: e.to_string(),
+                    })?;
+                this.handle_in_tx(
+                    reply.order_id,
+                    reply.input,
+                    m.message_id,
+                    Some(m.message_id),
+                )
+                .await
+            }
+        })
+        .await
+    }
+
+    /// Starts and stops sagas from the event store's feed until `shutdown`.
+    pub async fn run_feed(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let wait = match self.feed_page().await {
+                Ok(n) if n > 0 => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => Duration::from_millis(100),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "saga feed step failed");
+                    Duration::from_millis(100 * u64::from(failures.min(50)))
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One page of the feed in one transaction with the feed position. Returns events read.
+    async fn feed_page(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let (tx_id, position): (String, i64) = sqlx::query_as(
+            "SELECT cursor_tx::text, cursor_pos FROM saga_feed_position WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let cursor = FeedCursor {
+            tx_id: tx_id.parse()?,
+            position,
+        };
+        let (events, next) = event_store::read_feed(&mut tx, cursor, 200).await?;
+        for e in &events {
+            if e.stream_type != write_side::records::ORDER_STREAM {
+                continue;
+            }
+            let order_id = OrderId(e.stream_id);
+            let input = match wire::decode(&e.event_type, e.schema_version, &e.payload) {
+                Ok(OrderEvent::Placed(p)) => SagaInput::OrderPlaced {
+                    order: SagaOrder::from_lines(
+                        p.order_id,
+                        &p.lines,
+                        p.total_minor,
+                        p.currency,
+                        p.payment_token,
+                        p.shipping_address,
+                    ),
+                },
+                Ok(OrderEvent::Cancelled(c)) if c.cancelled_by != CancelledBy::System => {
+                    SagaInput::OrderCancelled
+                }
+                Ok(_) => continue,
+                Err(err) => {
+                    tracing::error!(%order_id, error = %err, "undecodable order event; the saga skips it");
+                    continue;
+                }
+            };
+            match self.handle(&mut tx, order_id, input, e.event_id).await {
+                Ok(()) => {}
+                Err(SagaError::Corrupt(id, m)) => {
+                    tracing::error!(order_id = %id, error = %m, "saga unreadable; skipped");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !events.is_empty() {
+            sqlx::query(
+                "UPDATE saga_feed_position SET cursor_tx = $1::text::xid8, cursor_pos = $2 WHERE id = 1",
+            )
+            .bind(next.tx_id.to_string())
+            .bind(next.position)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(events.len())
+    }
+
+    /// Fires due step deadlines until `shutdown`.
+    pub async fn run_deadlines(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        while !shutdown.is_cancelled() {
+            let fired = match self.fire_due().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "firing saga deadlines failed");
+                    0
+                }
+            };
+            if fired == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fire_due(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<(Uuid, String, i32)> = sqlx::query_as(
+            "DELETE FROM saga_deadlines WHERE order_id IN (
+                 SELECT order_id FROM saga_deadlines WHERE due_at <= now()
+                 ORDER BY due_at LIMIT 50 FOR UPDATE SKIP LOCKED)
+             RETURNING order_id, step, attempt",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (order_id, step, attempt) in &due {
+            let Some(step) = parse_step(step) else {
+                continue;
+            };
+            let input = SagaInput::DeadlineExpired {
+                step,
+                attempt: *attempt as u32,
+            };
+            metrics::counter!("saga_deadlines_fired_total", "step" => step_name(step)).increment(1);
+            match self
+                .handle(&mut tx, OrderId(*order_id), input, Uuid::now_v7())
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit().await?;
+        Ok(due.len())
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+pub fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Inventory => "inventory",
+        Step::Payment => "payment",
+        Step::Shipment => "shipment",
+    }
+}
+
+fn parse_step(s: &str) -> Option<Step> {
+    [Step::Inventory, Step::Payment, Step::Shipment]
+        .into_iter()
+        .find(|step| step_name(*step) == s)
+}
+
+fn command_type(c: &SagaCommand) -> String {
+    serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saga_streams_never_collide_with_orders_and_map_back() {
+        let order = OrderId(Uuid::now_v7());
+        let saga = saga_stream_id(order);
+        assert_ne!(saga, order.0);
+        assert_eq!(saga.get_version_num(), 8);
+        assert_eq!(Uuid::from_u128(saga.as_u128() ^ (0xF_u128 << 76)), order.0);
+    }
+
+    #[test]
+    fn steps_round_trip_by_name() {
+        for s in [Step::Inventory, Step::Payment, Step::Shipment] {
+            assert_eq!(parse_step(step_name(s)), Some(s));
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Stand-in participants: inventory (real stock per SKU), payment (a small ledger) and
+//! shipping, each consuming its queue through [`crate::consumer`].
+//!
+//! Each command is handled once per message id (`participant_inbox`) and once per order
+//! (the state tables are keyed by order, so a re-sent step answers the same). The reply goes
+//! into the outbox in the same transaction as the effect, so it is sent at least once and
+//! never for an effect that did not commit.
+//!
+//! Failure switches (well-known inputs): payment token `tok_decline` is declined;
+//! `tok_flaky_N` fails transiently on its first N deliveries, then succeeds; `tok_slow`
+//! answers only after the step deadline. A line beyond stock is out of stock. Config
+//! `SAGA_POISON_REPLIES_FROM=<participant>` makes that participant send malformed replies.
+
+use domain::{
+    saga::{SagaCommand, SagaInput},
+    values::{OrderId, Quantity, Sku},
+};
+use serde_json::json;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    SagaConfig,
+    consumer::{self, ConsumeOptions, Failure, Inbound},
+    topology::{Names, Reply},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Participant {
+    Inventory,
+    Payment,
+    Shipping,
+}
+
+impl Participant {
+    pub const ALL: [Participant; 3] = [Self::Inventory, Self::Payment, Self::Shipping];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inventory => "inventory",
+            Self::Payment => "payment",
+            Self::Shipping => "shipping",
+        }
+    }
+}
+
+/// Consumes the participant's queue until `shutdown`.
+pub async fn run(
+    participant: Participant,
+    pool: PgPool,
+    conn: std::sync::Arc<lapin::Connection>,
+    config: SagaConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = Names::new(&config.queue_prefix);
+    let options = ConsumeOptions {
+        queue: names.queue(participant.name()),
+        dead_letter_queue: names.dead_letter_queue(participant.name()),
+        max_deliveries: config.max_deliveries,
+        retry_base: config.retry_base,
+    };
+    let poison = config.poison_replies_from.as_deref() == Some(participant.name());
+    consumer::consume(conn, options, shutdown, |m| {
+        let (pool, names, config) = (pool.clone(), names.clone(), config.clone());
+        async move { handle(participant, &pool, &names, &config, poison, m).await }
+    })
+    .await
+}
+
+async fn handle(
+    participant: Participant,
+    pool: &PgPool,
+    names: &Names,
+    config: &SagaConfig,
+    poison_replies: bool,
+    m: Inbound,
+) -> Result<(), Failure> {
+    let command: SagaCommand = serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
+        class: "malformed_command",
+        message: e.to_string(),
+    })?;
+    if let SagaCommand::AuthorizePayment { payment_token, .. } = &command {
+        match payment_token.as_str() {
+            // Past every attempt's deadline, so the saga gives up before the answer.
+            "tok_slow" => {
+                let attempts = f64::from(config.step_attempts) + 0.5;
+                tokio::time::sleep(config.step_timeout.mul_f64(attempts)).await
+            }
+            t => {
+                if let Some(n) = t
+                    .strip_prefix("tok_flaky_")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    && m.delivery <= n
+                {
+                    return Err(Failure::Transient(format!(
+                        "payment provider unavailable (injected, delivery {} of {n})",
+                        m.delivery
+                    )));
+                }
+            }
+        }
+    }
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query(
+        "INSERT INTO participant_inbox (participant, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(participant.name())
+    .bind(m.message_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        return Ok(());
+    }
+    let reply = match (participant, command) {
+        (Participant::Inventory, SagaCommand::ReserveInventory { order_id, lines }) => {
+            Some((order_id, reserve(&mut tx, order_id, &lines).await?))
+        }
+        (Participant::Inventory, SagaCommand::ReleaseInventory { order_id }) => {
+            release(&mut tx, order_id).await?;
+            None
+        }
+        (
+            Participant::Payment,
+            SagaCommand::AuthorizePayment {
+                order_id,
+                amount_minor,
+                currency,
+                payment_token,
+            },
+        ) => {
+            let input = if payment_token.as_str() == "tok_decline" {
+                SagaInput::PaymentDeclined {
+                    reason: "card declined".into(),
+                }
+            } else {
+                authorize(&mut tx, order_id, amount_minor.get(), currency.as_str()).await?
+            };
+            Some((order_id, input))
+        }
+        (Participant::Payment, SagaCommand::VoidPayment { order_id }) => {
+            sqlx::query(
+                "UPDATE payments SET status = 'voided', updated_at = now() WHERE order_id = $1 AND status = 'authorized'",
+            )
+            .bind(order_id.0)
+            .execute(&mut *tx)
+            .await?;
+            None
+        }
+        (Participant::Shipping, SagaCommand::CreateShipment { order_id, .. }) => {
+            let shipment_id: String = sqlx::query_scalar(
+                "INSERT INTO shipments (order_id, shipment_id) VALUES ($1, $2)
+                 ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id RETURNING shipment_id",
+            )
+            .bind(order_id.0)
+            .bind(format!("ship-{}", order_id.0.simple()))
+            .fetch_one(&mut *tx)
+            .await?;
+            Some((order_id, SagaInput::ShipmentCreated { shipment_id }))
+        }
+        (p, other) => {
+            return Err(Failure::Poison {
+                class: "wrong_participant",
+                message: format!("{} cannot handle {other:?}", p.name()),
+            });
+        }
+    };
+    if let Some((order_id, input)) = reply {
+        let payload = if poison_replies {
+            b"{\"not\": \"a reply\"}".to_vec()
+        } else {
+            serde_json::to_vec(&Reply { order_id, input }).expect("reply serializes")
+        };
+        sqlx::query(
+            "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
+             VALUES ($1, 'amqp', $2, $3, $4, $5, $6)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(platform::amqp::COMMANDS_EXCHANGE)
+        .bind(names.routing_key("replies"))
+        .bind(order_id.to_string())
+        .bind(json!({"causation_id": m.message_id.to_string(), "participant": participant.name()}))
+        .bind(payload)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    metrics::counter!("saga_participant_commands_total", "participant" => participant.name())
+        .increment(1);
+    Ok(())
+}
+
+/// Reserves every line or nothing; the same order asking again gets the same answer.
+async fn reserve(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    lines: &[(Sku, Quantity)],
+) -> Result<SagaInput, sqlx::Error> {
+    let existing: Option<(String, String)> = sqlx::query_as(
+        "SELECT reservation_id, status FROM inventory_reservations WHERE order_id = $1",
+    )
+    .bind(order_id.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((reservation_id, status)) = existing {
+        return Ok(if status == "held" {
+            SagaInput::InventoryReserved { reservation_id }
+        } else {
+            SagaInput::InventoryUnavailable {
+                reason: "the reservation was already released".into(),
+            }
+        });
+    }
+    let mut wanted: std::collections::BTreeMap<String, i64> = Default::default();
+    for (sku, qty) in lines {
+        *wanted.entry(sku.as_str().to_owned()).or_default() += qty.get();
+    }
+    let skus: Vec<String> = wanted.keys().cloned().collect();
+    let rows = sqlx::query(
+        "SELECT sku, on_hand - reserved AS available FROM inventory_stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (sku, qty) in &wanted {
+        let available: i64 = rows
+            .iter()
+            .find(|r| r.get::<String, _>("sku") == *sku)
+            .map_or(0, |r| r.get("available"));
+        if available < *qty {
+            return Ok(SagaInput::InventoryUnavailable {
+                reason: format!("{sku} out of stock ({available} available, {qty} requested)"),
+            });
+        }
+    }
+    sqlx::query(
+        "UPDATE inventory_stock s SET reserved = s.reserved + w.qty
+         FROM unnest($1::text[], $2::bigint[]) AS w(sku, qty) WHERE s.sku = w.sku",
+    )
+    .bind(&skus)
+    .bind(wanted.values().copied().collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let reservation_id = format!("res-{}", order_id.0.simple());
+    sqlx::query(
+        "INSERT INTO inventory_reservations (order_id, reservation_id, lines, status) VALUES ($1, $2, $3, 'held')",
+    )
+    .bind(order_id.0)
+    .bind(&reservation_id)
+    .bind(json!(wanted))
+    .execute(&mut *conn)
+    .await?;
+    Ok(SagaInput::InventoryReserved { reservation_id })
+}
+
+/// Releases the order's reservation if it is held (idempotent).
+async fn release(conn: &mut PgConnection, order_id: OrderId) -> Result<(), sqlx::Error> {
+    let lines: Option<serde_json::Value> = sqlx::query_scalar(
+        "UPDATE inventory_reservations SET status = 'released', updated_at = now()
+         WHERE order_id = $1 AND status = 'held' RETURNING lines",
+    )
+    .bind(order_id.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(serde_json::Value::Object(lines)) = lines else {
+        return Ok(());
+    };
+    let (skus, qtys): (Vec<String>, Vec<i64>) = lines
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_i64().unwrap_or(0)))
+        .unzip();
+    sqlx::query(
+        "UPDATE inventory_stock s SET reserved = s.reserved - w.qty
+         FROM unnest($1::text[], $2::bigint[]) AS w(sku, qty) WHERE s.sku = w.sku",
+    )
+    .bind(&skus)
+    .bind(&qtys)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn authorize(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    amount_minor: i64,
+    currency: &str,
+) -> Result<SagaInput, sqlx::Error> {
+    let (authorization_id, status): (String, String) = sqlx::query_as(
+        "INSERT INTO payments (order_id, authorization_id, amount_minor, currency, status)
+         VALUES ($1, $2, $3, $4, 'authorized')
+         ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id
+         RETURNING authorization_id, status",
+    )
+    .bind(order_id.0)
+    .bind(format!("auth-{}", order_id.0.simple()))
+    .bind(amount_minor)
+    .bind(currency)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(if status == "authorized" {
+        SagaInput::PaymentAuthorized { authorization_id }
+    } else {
+        SagaInput::PaymentDeclined {
+            reason: "the authorization was already voided".into(),
+        }
+    })
+}
+
+/// Sets a SKU's stock on hand (`shop inventory set`). Refuses less than is reserved.
+pub async fn set_stock(pool: &PgPool, sku: &Sku, on_hand: i64) -> Result<(), StockError> {
+    let reserved: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO inventory_stock (sku, on_hand) VALUES ($1, $2)
+         ON CONFLICT (sku) DO UPDATE SET on_hand = EXCLUDED.on_hand
+         WHERE inventory_stock.reserved <= EXCLUDED.on_hand
+         RETURNING reserved",
+    )
+    .bind(sku.as_str())
+    .bind(on_hand)
+    .fetch_optional(pool)
+    .await?;
+    match reserved {
+        Some(_) => Ok(()),
+        None => Err(StockError::BelowReserved(sku.as_str().to_owned())),
+    }
+}
+
+/// Stocks a small default catalog (SKU-1 .. SKU-5, 1,000 each) where no stock is set yet.
+pub async fn seed_catalog(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO inventory_stock (sku, on_hand) SELECT 'SKU-' || g, 1000 FROM generate_series(1, 5) g
+         ON CONFLICT DO NOTHING",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StockError {
+    #[error("{0}: more is reserved than that")]
+    BelowReserved(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}

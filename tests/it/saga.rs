@@ -1,0 +1,467 @@
+//! The checkout saga on the real services: command API -> event store -> orchestrator ->
+//! outbox -> relay -> RabbitMQ -> participants -> replies -> orchestrator -> order events.
+
+use std::time::Duration;
+
+use domain::values::Sku;
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use outbox_relay::{Relay, RelayConfig};
+use platform::config::InfraConfig;
+use saga::{SagaConfig, participants, topology::Names};
+use serde_json::{Value, json};
+use shop_tests::{TestApi, TestRabbit, checkout_body};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct SagaStack {
+    api: TestApi,
+    rabbit: TestRabbit,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl SagaStack {
+    async fn start(config: SagaConfig) -> Self {
+        let api = TestApi::new().await;
+        let rabbit = TestRabbit::new().await;
+        let config = SagaConfig {
+            queue_prefix: rabbit.prefix.clone(),
+            ..config
+        };
+        let pool = api.db.pool.clone();
+        // Declared up front (the runtime declares them too) so the test can watch them at once.
+        saga::topology::declare(&rabbit.conn, &Names::new(&config.queue_prefix))
+            .await
+            .unwrap();
+        for (sku, qty) in [("SKU-1", 10), ("SKU-2", 10)] {
+            participants::set_stock(&pool, &Sku::parse(sku).unwrap(), qty)
+                .await
+                .unwrap();
+        }
+        let infra = InfraConfig {
+            kafka_topic_prefix: format!("{}.", shop_tests::unique_prefix()),
+            ..shop_tests::infra()
+        };
+        let shutdown = CancellationToken::new();
+        let relay_cfg = RelayConfig {
+            poll_interval: Duration::from_millis(100),
+            ..RelayConfig::default()
+        };
+        // Kafka rows (order events) go to a per-test topic that nobody reads here.
+        platform::kafka::ensure_topics(&infra.kafka_brokers, &[infra.topic("orders.events")], 1)
+            .await
+            .unwrap();
+        let relay = Relay::new(pool.clone(), &infra, relay_cfg).unwrap();
+        let tasks = vec![
+            tokio::spawn(outbox_relay::run(
+                relay,
+                api.db.url.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(saga::run(
+                pool,
+                rabbit.url.clone(),
+                config,
+                shutdown.clone(),
+            )),
+        ];
+        Self {
+            api,
+            rabbit,
+            shutdown,
+            tasks,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.api.db.pool
+    }
+
+    async fn checkout(&self, body: Value) -> Uuid {
+        let token = self.api.customer("alice");
+        let r = self
+            .api
+            .post("/orders", &token, &Uuid::new_v4().to_string(), &body)
+            .await;
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.unwrap();
+        v["order_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Waits (at most 60 s) until the order's last event is terminal; returns its type and
+    /// the cancellation reason.
+    async fn outcome(&self, order: Uuid) -> (String, Option<String>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let last: Option<(String, Value)> = sqlx::query_as(
+                "SELECT event_type, payload FROM events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1",
+            )
+            .bind(order)
+            .fetch_optional(self.pool())
+            .await
+            .unwrap();
+            if let Some((t, p)) = last
+                && (t == "OrderConfirmed" || t == "OrderCancelled")
+            {
+                return (t, p["reason"].as_str().map(str::to_owned));
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {order} never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn reserved(&self, sku: &str) -> i64 {
+        sqlx::query_scalar("SELECT reserved FROM inventory_stock WHERE sku = $1")
+            .bind(sku)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn payment(&self, order: Uuid) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM payments WHERE order_id = $1")
+            .bind(order)
+            .fetch_optional(self.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `check` holds (at most 60 s): compensations land after the order's end.
+    async fn eventually<F, Fut>(&self, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn saga_inputs(&self, order: Uuid) -> Vec<String> {
+        let saga = saga::orchestrator::saga_stream_id(domain::values::OrderId(order));
+        sqlx::query_scalar(
+            "SELECT payload->>'type' FROM events WHERE stream_id = $1 ORDER BY stream_version",
+        )
+        .bind(saga)
+        .fetch_all(self.pool())
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            t.await.unwrap().unwrap();
+        }
+        let names = Names::new(&self.rabbit.prefix);
+        let queues: Vec<String> = saga::topology::DESTINATIONS
+            .iter()
+            .flat_map(|d| [names.queue(d), names.dead_letter_queue(d)])
+            .collect();
+        self.rabbit.delete_queues(&queues).await;
+    }
+}
+
+fn body(token: &str, sku2_quantity: i64) -> Value {
+    let mut b = checkout_body();
+    b["payment_token"] = json!(token);
+    b["items"][1]["quantity"] = json!(sku2_quantity);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
+    let stack = SagaStack::start(SagaConfig {
+        retry_base: Duration::from_millis(50),
+        ..SagaConfig::default()
+    })
+    .await;
+
+    // Happy path: reserved, authorized, shipped, confirmed.
+    let ok = stack.checkout(body("tok_visa", 1)).await;
+    assert_eq!(stack.outcome(ok).await, ("OrderConfirmed".into(), None));
+    assert_eq!(
+        (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
+        (2, 1)
+    );
+    assert_eq!(stack.payment(ok).await.as_deref(), Some("authorized"));
+    assert_eq!(
+        stack.saga_inputs(ok).await,
+        [
+            "order_placed",
+            "inventory_reserved",
+            "payment_authorized",
+            "shipment_created"
+        ]
+    );
+    let order_events: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version",
+    )
+    .bind(ok)
+    .fetch_all(stack.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        order_events,
+        [
+            "OrderPlaced",
+            "InventoryReserved",
+            "PaymentAuthorized",
+            "OrderConfirmed"
+        ]
+    );
+
+    // Out of stock (9 of SKU-2 left, 20 asked): cancelled, nothing reserved for it.
+    let short = stack.checkout(body("tok_visa", 20)).await;
+    let (t, reason) = stack.outcome(short).await;
+    assert_eq!(t, "OrderCancelled");
+    assert!(
+        reason.as_deref().unwrap().contains("SKU-2 out of stock"),
+        "{reason:?}"
+    );
+    assert_eq!(
+        (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
+        (2, 1)
+    );
+    assert_eq!(stack.payment(short).await, None);
+
+    // Declined: cancelled, and the reservation released.
+    let declined = stack.checkout(body("tok_decline", 1)).await;
+    let (t, reason) = stack.outcome(declined).await;
+    assert_eq!(
+        (t.as_str(), reason.as_deref()),
+        ("OrderCancelled", Some("payment declined: card declined"))
+    );
+    stack
+        .eventually("the declined order's stock is released", || async {
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (2, 1)
+        })
+        .await;
+
+    // Transient failures: retried with backoff, then confirmed.
+    let flaky = stack.checkout(body("tok_flaky_2", 1)).await;
+    assert_eq!(stack.outcome(flaky).await.0, "OrderConfirmed");
+    assert_eq!(
+        (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
+        (4, 2)
+    );
+
+    // A duplicate reply (same message id) changes nothing.
+    let (reply_id, payload): (Uuid, Vec<u8>) = sqlx::query_as(
+        "SELECT message_id, payload FROM outbox WHERE destination = 'amqp' AND routing_key = $1
+         AND convert_from(payload, 'UTF8')::jsonb->>'order_id' = $2 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(Names::new(&stack.rabbit.prefix).routing_key("replies"))
+    .bind(ok.to_string())
+    .fetch_one(stack.pool())
+    .await
+    .unwrap();
+    let before = stack.saga_inputs(ok).await;
+    let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
+        .await
+        .unwrap();
+    ch.basic_publish(
+        platform::amqp::COMMANDS_EXCHANGE.into(),
+        Names::new(&stack.rabbit.prefix)
+            .routing_key("replies")
+            .as_str()
+            .into(),
+        BasicPublishOptions::default(),
+        &payload,
+        BasicProperties::default().with_message_id(reply_id.to_string().into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // A marker behind it on the same queue: once the marker is handled, so is the duplicate
+    // (one consumer, in order). It is a fresh message with a reply the saga ignores.
+    let marker = Uuid::now_v7();
+    let marker_body = serde_json::to_vec(&json!({
+        "order_id": flaky, "input": {"type": "shipment_created", "shipment_id": "again"}
+    }))
+    .unwrap();
+    ch.basic_publish(
+        platform::amqp::COMMANDS_EXCHANGE.into(),
+        Names::new(&stack.rabbit.prefix)
+            .routing_key("replies")
+            .as_str()
+            .into(),
+        BasicPublishOptions::default(),
+        &marker_body,
+        BasicProperties::default().with_message_id(marker.to_string().into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    stack
+        .eventually("the marker is handled", || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM saga_inbox WHERE message_id = $1")
+                    .bind(marker)
+                    .fetch_one(stack.pool())
+                    .await
+                    .unwrap();
+            n == 1
+        })
+        .await;
+    assert_eq!(stack.saga_inputs(ok).await, before);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_deadline_is_resent_then_compensated() {
+    let stack = SagaStack::start(SagaConfig {
+        step_timeout: Duration::from_millis(800),
+        step_attempts: 2,
+        retry_base: Duration::from_millis(50),
+        ..SagaConfig::default()
+    })
+    .await;
+    let slow = stack.checkout(body("tok_slow", 1)).await;
+    let (t, reason) = stack.outcome(slow).await;
+    assert_eq!(t, "OrderCancelled");
+    assert_eq!(
+        reason.as_deref(),
+        Some("payment step timed out after 2 attempts")
+    );
+    // The late authorization is voided and the stock released.
+    stack
+        .eventually("the late payment is voided", || async {
+            stack.payment(slow).await.as_deref() == Some("voided")
+        })
+        .await;
+    stack
+        .eventually("the stock is released", || async {
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (0, 0)
+        })
+        .await;
+    let inputs = stack.saga_inputs(slow).await;
+    assert_eq!(
+        inputs.iter().filter(|i| *i == "deadline_expired").count(),
+        2,
+        "{inputs:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reply_goes_to_the_dead_letter_queue_with_its_envelope() {
+    let stack = SagaStack::start(SagaConfig {
+        poison_replies_from: Some("shipping".into()),
+        ..SagaConfig::default()
+    })
+    .await;
+    let order = stack.checkout(body("tok_visa", 1)).await;
+    let names = Names::new(&stack.rabbit.prefix);
+    let ch = platform::amqp::consumer_channel(&stack.rabbit.conn, 10)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let got = ch
+            .basic_get(
+                names.dead_letter_queue("replies").as_str().into(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if let Some(m) = got {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let headers = dead.delivery.properties.headers().clone().unwrap();
+    let header = |k: &str| match headers.inner().get(k) {
+        Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(header("error_class"), "malformed_reply");
+    assert_eq!(header("original_queue"), names.queue("replies"));
+    assert_eq!(header("original_routing_key"), names.routing_key("replies"));
+    assert_eq!(header("attempts"), "1");
+    assert!(!header("first_failure").is_empty() && !header("last_failure").is_empty());
+    // The saga waits at the shipment step (its deadline would re-send it).
+    assert_eq!(
+        stack.saga_inputs(order).await,
+        ["order_placed", "inventory_reserved", "payment_authorized"]
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_checkouts_with_failures_all_end_with_exact_stock() {
+    let stack = SagaStack::start(SagaConfig {
+        retry_base: Duration::from_millis(20),
+        ..SagaConfig::default()
+    })
+    .await;
+    // Less stock than demand, so some orders run out.
+    participants::set_stock(stack.pool(), &Sku::parse("SKU-1").unwrap(), 600)
+        .await
+        .unwrap();
+    participants::set_stock(stack.pool(), &Sku::parse("SKU-2").unwrap(), 400)
+        .await
+        .unwrap();
+    let tokens = ["tok_visa", "tok_visa", "tok_decline", "tok_flaky_1"];
+    let mut placing = Vec::new();
+    for i in 0..500usize {
+        let token = tokens[i % tokens.len()];
+        let sku2 = 1 + (i % 3) as i64;
+        let request = stack.api.post(
+            "/orders",
+            &stack.api.customer(&format!("c-{}", i % 17)),
+            &format!("bulk-{i}"),
+            &body(token, sku2),
+        );
+        placing.push(tokio::spawn(async move {
+            let r = request.await;
+            assert_eq!(r.status(), 202);
+            let v: Value = r.json().await.unwrap();
+            (
+                v["order_id"].as_str().unwrap().parse::<Uuid>().unwrap(),
+                sku2,
+            )
+        }));
+    }
+    let mut orders = Vec::new();
+    for p in placing {
+        orders.push(p.await.unwrap());
+    }
+    let (mut sku1, mut sku2, mut confirmed) = (0, 0, 0);
+    for (order, q2) in &orders {
+        if stack.outcome(*order).await.0 == "OrderConfirmed" {
+            confirmed += 1;
+            sku1 += 2; // every order has 2 x SKU-1
+            sku2 += q2;
+            assert_eq!(stack.payment(*order).await.as_deref(), Some("authorized"));
+        }
+    }
+    assert!(confirmed > 0 && confirmed < 500, "{confirmed} confirmed");
+    // Compensations may still be in flight after the last order ended.
+    stack
+        .eventually("held stock equals the confirmed orders' lines", || async {
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (sku1, sku2)
+        })
+        .await;
+    let (held, authorized): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM inventory_reservations WHERE status = 'held'),
+                (SELECT count(*) FROM payments WHERE status = 'authorized')",
+    )
+    .fetch_one(stack.pool())
+    .await
+    .unwrap();
+    assert_eq!((held, authorized), (confirmed, confirmed));
+    stack.stop().await;
+}
