@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the whole system on this machine: build prerequisites, the services (installed and
 # started if missing, reused if running), migrations and topics, the development stock seed,
-# then every role of `shop` in one process (release build) until Ctrl-C. Stop the services afterwards with scripts/stop.sh.
+# then every role of `shop` in one process (release build) until Ctrl-C. Stop the services
+# afterwards with scripts/stop.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bash "$here/deps.sh"
