@@ -14,9 +14,11 @@
 //! - [`consumer`]: the shared AMQP consumer loop: retries with backoff, dead-letter queues.
 //! - [`orchestrator`]: transitions, the feed and reply inputs, deadlines.
 //! - [`participants`]: inventory, payment and shipping stand-ins and their failure switches.
+//! - [`dead_letters`]: listing, replaying and discarding the dead-letter queues.
 #![forbid(unsafe_code)]
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod orchestrator;
 pub mod participants;
 pub mod topology;
@@ -51,6 +53,11 @@ pub struct SagaConfig {
     /// malformed replies, to exercise the orchestrator's dead-letter path.
     #[arg(long, env = "SAGA_POISON_REPLIES_FROM")]
     pub poison_replies_from: Option<String>,
+    /// Stand-in switch: the named participant refuses every command as invalid (dead-letters
+    /// it), like a participant with a validation bug; replay the dead letters after turning
+    /// it off.
+    #[arg(long, env = "SAGA_REFUSE_COMMANDS_AT")]
+    pub refuse_commands_at: Option<String>,
 }
 
 impl Default for SagaConfig {
@@ -63,6 +70,7 @@ impl Default for SagaConfig {
             retry_base: Duration::from_millis(200),
             participants: true,
             poison_replies_from: None,
+            refuse_commands_at: None,
         }
     }
 }

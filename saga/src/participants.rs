@@ -9,7 +9,8 @@
 //! Failure switches (well-known inputs): payment token `tok_decline` is declined;
 //! `tok_flaky_N` fails transiently on its first N deliveries, then succeeds; `tok_slow`
 //! answers only after the step deadline. A line beyond stock is out of stock. Config
-//! `SAGA_POISON_REPLIES_FROM=<participant>` makes that participant send malformed replies.
+//! `SAGA_POISON_REPLIES_FROM=<participant>` makes that participant send malformed replies;
+//! `SAGA_REFUSE_COMMANDS_AT=<participant>` makes it dead-letter every command as invalid.
 
 use domain::{
     saga::{SagaCommand, SagaInput},
@@ -61,9 +62,21 @@ pub async fn run(
         retry_base: config.retry_base,
     };
     let poison = config.poison_replies_from.as_deref() == Some(participant.name());
+    let refuse = config.refuse_commands_at.as_deref() == Some(participant.name());
     consumer::consume(conn, options, shutdown, |m| {
         let (pool, names, config) = (pool.clone(), names.clone(), config.clone());
-        async move { handle(participant, &pool, &names, &config, poison, m).await }
+        async move {
+            if refuse {
+                return Err(Failure::Poison {
+                    class: "refused",
+                    message: format!(
+                        "{} refuses commands (SAGA_REFUSE_COMMANDS_AT)",
+                        participant.name()
+                    ),
+                });
+            }
+            handle(participant, &pool, &names, &config, poison, m).await
+        }
     })
     .await
 }

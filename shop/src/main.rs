@@ -82,7 +82,12 @@ enum Command {
         command: ProjectionsCommand,
     },
     /// Read-side dead letters: events a projection could not apply.
+    /// Read-side dead letters (numeric ids) and the saga's RabbitMQ dead letters (message
+    /// ids, UUIDs).
     Dlq {
+        /// Prefix of the saga's queue names.
+        #[arg(long, env = "SAGA_QUEUE_PREFIX", default_value = "")]
+        queue_prefix: String,
         #[command(subcommand)]
         command: DlqCommand,
     },
@@ -122,17 +127,39 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Lists dead letters (open ones only, unless --all).
+    /// Lists dead letters: the read side's (open ones only, unless --all), then the saga's
+    /// queues'.
     List {
         #[arg(long)]
         all: bool,
     },
     /// Shows one dead letter with its error and message.
-    Show { id: i64 },
-    /// Re-applies a dead letter (from the event store when possible) and the events parked behind it.
-    Replay { id: i64 },
-    /// Gives up on a dead letter and releases the events parked behind it.
-    Discard { id: i64 },
+    Show { id: DeadLetterId },
+    /// Read side: re-applies the event (from the event store when possible) and the events
+    /// parked behind it. Saga: republishes the message to its original routing key.
+    Replay { id: DeadLetterId },
+    /// Gives up on a dead letter (read side: releases the events parked behind it).
+    Discard { id: DeadLetterId },
+}
+
+/// A read-side dead letter's number, or a saga dead letter's message id.
+#[derive(Debug, Clone, Copy)]
+enum DeadLetterId {
+    ReadSide(i64),
+    Saga(Uuid),
+}
+
+impl std::str::FromStr for DeadLetterId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(n) = s.parse() {
+            return Ok(Self::ReadSide(n));
+        }
+        Uuid::parse_str(s)
+            .map(Self::Saga)
+            .map_err(|_| format!("`{s}` is neither a dead-letter number nor a message id"))
+    }
 }
 
 #[derive(Subcommand)]
@@ -230,7 +257,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Inventory { command } => return inventory(&cli.infra, command).await,
         Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
-        Command::Dlq { command } => return dlq(&cli.infra, command).await,
+        Command::Dlq {
+            queue_prefix,
+            command,
+        } => return dlq(&cli.infra, &queue_prefix, command).await,
         Command::Projections { command } => return projections(&cli.infra, command).await,
         Command::Token {
             role,
@@ -394,9 +424,14 @@ async fn serve_relay(
     result
 }
 
-async fn dlq(infra: &InfraConfig, command: DlqCommand) -> anyhow::Result<ExitCode> {
+async fn dlq(
+    infra: &InfraConfig,
+    queue_prefix: &str,
+    command: DlqCommand,
+) -> anyhow::Result<ExitCode> {
     use read_side::dead_letters;
     let pool = platform::db::connect(&infra.database_url, 2).await?;
+    let names = saga::topology::Names::new(queue_prefix);
     let line = |d: &dead_letters::DeadLetter| {
         format!(
             "{}\t{}\t{}\t{} v{}\t{}\tattempts={}\tlast_failure={}",
@@ -410,15 +445,37 @@ async fn dlq(infra: &InfraConfig, command: DlqCommand) -> anyhow::Result<ExitCod
             d.last_failed_at.to_rfc3339()
         )
     };
+    let amqp_line = |d: &saga::dead_letters::AmqpDeadLetter| {
+        format!(
+            "{}\t{}\t{}\tattempts={}\tlast_failure={}",
+            d.message_id.map_or("-".into(), |m| m.to_string()),
+            d.queue,
+            d.error_class,
+            d.attempts,
+            d.last_failure.map_or("-".into(), |t| t.to_rfc3339())
+        )
+    };
     match command {
         DlqCommand::List { all } => {
             let rows = dead_letters::list(&pool, !all).await?;
             for d in &rows {
                 println!("{}", line(d));
             }
-            println!("{} dead letter(s)", rows.len());
+            println!("{} read-side dead letter(s)", rows.len());
+            match platform::amqp::connect(&infra.amqp_url, "shop-dlq").await {
+                Ok(conn) => {
+                    let saga_rows = saga::dead_letters::list(&conn, &names).await?;
+                    for d in &saga_rows {
+                        println!("{}", amqp_line(d));
+                    }
+                    println!("{} saga dead letter(s)", saga_rows.len());
+                }
+                Err(e) => println!("saga dead letters: RabbitMQ unreachable ({e})"),
+            }
         }
-        DlqCommand::Show { id } => {
+        DlqCommand::Show {
+            id: DeadLetterId::ReadSide(id),
+        } => {
             let Some(d) = dead_letters::get(&pool, id).await? else {
                 eprintln!("no dead letter with id {id}");
                 return Ok(ExitCode::FAILURE);
@@ -432,21 +489,56 @@ async fn dlq(infra: &InfraConfig, command: DlqCommand) -> anyhow::Result<ExitCod
             println!("error: {}", d.error_message);
             println!("message: {}", String::from_utf8_lossy(&d.payload));
         }
+        DlqCommand::Show {
+            id: DeadLetterId::Saga(id),
+        } => {
+            let conn = platform::amqp::connect(&infra.amqp_url, "shop-dlq").await?;
+            let all = saga::dead_letters::list(&conn, &names).await?;
+            let Some(d) = all.iter().find(|d| d.message_id == Some(id)) else {
+                eprintln!("no saga dead letter with message id {id}");
+                return Ok(ExitCode::FAILURE);
+            };
+            println!("{}", amqp_line(d));
+            println!(
+                "source: queue {} routing key {}",
+                d.original_queue, d.original_routing_key
+            );
+            println!(
+                "first failure: {}",
+                d.first_failure.map_or("-".into(), |t| t.to_rfc3339())
+            );
+            println!("error: {}", d.error_message);
+            println!("message: {}", String::from_utf8_lossy(&d.body));
+        }
         DlqCommand::Replay { id } | DlqCommand::Discard { id } => {
             let replay = matches!(command, DlqCommand::Replay { .. });
-            let result = if replay {
-                dead_letters::replay(&pool, id).await
-            } else {
-                dead_letters::discard(&pool, id).await
-            };
-            match result {
-                Ok(released) => println!(
-                    "dead letter {id} {}; {released} parked event(s) applied",
-                    if replay { "replayed" } else { "discarded" }
-                ),
-                Err(e) => {
-                    eprintln!("{e}");
-                    return Ok(ExitCode::FAILURE);
+            let verb = if replay { "replayed" } else { "discarded" };
+            match id {
+                DeadLetterId::ReadSide(id) => {
+                    let result = if replay {
+                        dead_letters::replay(&pool, id).await
+                    } else {
+                        dead_letters::discard(&pool, id).await
+                    };
+                    match result {
+                        Ok(released) => {
+                            println!("dead letter {id} {verb}; {released} parked event(s) applied")
+                        }
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
+                }
+                DeadLetterId::Saga(id) => {
+                    let conn = platform::amqp::connect(&infra.amqp_url, "shop-dlq").await?;
+                    match saga::dead_letters::resolve(&conn, &names, id, replay).await {
+                        Ok(d) => println!("saga dead letter {id} from {} {verb}", d.queue),
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
                 }
             }
         }

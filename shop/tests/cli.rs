@@ -114,7 +114,7 @@ async fn dlq_lists_shows_and_discards_dead_letters() {
     .unwrap();
     let (ok, out) = shop(&db.url, &["dlq", "list"]);
     assert!(
-        ok && out.contains("undecodable") && out.contains("1 dead letter(s)"),
+        ok && out.contains("undecodable") && out.contains("1 read-side dead letter(s)"),
         "{out}"
     );
     let (ok, out) = shop(&db.url, &["dlq", "show", &id.to_string()]);
@@ -128,7 +128,17 @@ async fn dlq_lists_shows_and_discards_dead_letters() {
     let (ok, out) = shop(&db.url, &["dlq", "discard", &id.to_string()]);
     assert!(ok && out.contains("discarded"), "{out}");
     let (_, out) = shop(&db.url, &["dlq", "list"]);
-    assert!(out.contains("0 dead letter(s)"), "{out}");
+    assert!(out.contains("0 read-side dead letter(s)"), "{out}");
+    // Saga dead letters are addressed by message id; an unknown one is reported.
+    let missing = uuid::Uuid::new_v4().to_string();
+    let (ok, out) = shop(
+        &db.url,
+        &["dlq", "--queue-prefix", "nobody.", "discard", &missing],
+    );
+    assert!(
+        !ok && out.contains("no dead letter with message id"),
+        "{out}"
+    );
     let (_, out) = shop(&db.url, &["dlq", "list", "--all"]);
     assert!(out.contains("discarded"), "{out}");
 }

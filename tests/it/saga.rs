@@ -19,6 +19,8 @@ struct SagaStack {
     rabbit: TestRabbit,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Stops only the saga runtime (see `restart_saga`).
+    saga_stop: CancellationToken,
 }
 
 impl SagaStack {
@@ -53,6 +55,7 @@ impl SagaStack {
             .await
             .unwrap();
         let relay = Relay::new(pool.clone(), &infra, relay_cfg).unwrap();
+        let saga_stop = shutdown.child_token();
         let tasks = vec![
             tokio::spawn(outbox_relay::run(
                 relay,
@@ -63,7 +66,7 @@ impl SagaStack {
                 pool,
                 rabbit.url.clone(),
                 config,
-                shutdown.clone(),
+                saga_stop.clone(),
             )),
         ];
         Self {
@@ -71,7 +74,25 @@ impl SagaStack {
             rabbit,
             shutdown,
             tasks,
+            saga_stop,
         }
+    }
+
+    /// Stops the saga runtime (gracefully) and starts it again with `config`.
+    async fn restart_saga(&mut self, config: SagaConfig) {
+        self.saga_stop.cancel();
+        self.tasks.pop().unwrap().await.unwrap().unwrap();
+        self.saga_stop = self.shutdown.child_token();
+        let config = SagaConfig {
+            queue_prefix: self.rabbit.prefix.clone(),
+            ..config
+        };
+        self.tasks.push(tokio::spawn(saga::run(
+            self.api.db.pool.clone(),
+            self.rabbit.url.clone(),
+            config,
+            self.saga_stop.clone(),
+        )));
     }
 
     fn pool(&self) -> &PgPool {
@@ -463,5 +484,60 @@ async fn five_hundred_concurrent_checkouts_with_failures_all_end_with_exact_stoc
     .await
     .unwrap();
     assert_eq!((held, authorized), (confirmed, confirmed));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_is_dead_lettered_and_replaying_it_after_the_fix_completes_the_saga() {
+    let mut stack = SagaStack::start(SagaConfig {
+        refuse_commands_at: Some("shipping".into()),
+        ..SagaConfig::default()
+    })
+    .await;
+    let order = stack.checkout(body("tok_visa", 1)).await;
+    let names = Names::new(&stack.rabbit.prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let all = saga::dead_letters::list(&stack.rabbit.conn, &names)
+            .await
+            .unwrap();
+        if let Some(d) = all.into_iter().next() {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.queue, names.dead_letter_queue("shipping"));
+    assert_eq!(dead.error_class, "refused");
+    assert_eq!(dead.original_routing_key, names.routing_key("shipping"));
+    // Listing put it back.
+    assert_eq!(
+        saga::dead_letters::list(&stack.rabbit.conn, &names)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The fix: shipping accepts commands again. Replay the dead letter: the saga completes.
+    stack.restart_saga(SagaConfig::default()).await;
+    let id = dead.message_id.expect("a message id");
+    saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, true)
+        .await
+        .unwrap();
+    assert_eq!(stack.outcome(order).await.0, "OrderConfirmed");
+    assert!(
+        saga::dead_letters::list(&stack.rabbit.conn, &names)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, false).await,
+        Err(saga::dead_letters::ResolveError::NotFound(_))
+    ));
     stack.stop().await;
 }
