@@ -51,6 +51,8 @@ pub struct Inbound {
     pub routing_key: String,
     /// This delivery's number (1 the first time).
     pub delivery: u32,
+    /// W3C trace context of the message, when it has one.
+    pub traceparent: Option<String>,
 }
 
 pub struct ConsumeOptions {
@@ -110,6 +112,7 @@ where
                     body: d.data.clone(),
                     routing_key: d.routing_key.to_string(),
                     delivery: attempts,
+                    traceparent: string_header(&d, "traceparent"),
                 })
                 .await
             }
@@ -155,6 +158,13 @@ where
     }
     ch.close(200, "shutdown".into()).await.ok();
     Ok(())
+}
+
+fn string_header(d: &Delivery, key: &str) -> Option<String> {
+    match d.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
 }
 
 /// Deliveries so far: quorum queues count redeliveries in `x-delivery-count`.

@@ -103,6 +103,37 @@ pub async fn run(
     Ok(())
 }
 
+/// Exports `saga_dlq_depth{queue}` every 10 s (passive declares: nothing is created).
+async fn report_dead_letter_depth(
+    conn: std::sync::Arc<lapin::Connection>,
+    names: topology::Names,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await?;
+    while !stop.is_cancelled() {
+        for d in topology::DESTINATIONS {
+            let queue = names.dead_letter_queue(d);
+            let q = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await?;
+            metrics::gauge!("saga_dlq_depth", "queue" => queue).set(f64::from(q.message_count()));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+    ch.close(200, "shutdown".into()).await.ok();
+    Ok(())
+}
+
 /// One connection's life: declare the topology, run every task until shutdown or the first
 /// failure (which stops the others).
 async fn run_once(
@@ -120,6 +151,11 @@ async fn run_once(
     tasks.spawn(orchestrator.clone().run_feed(stop.clone()));
     tasks.spawn(orchestrator.clone().run_deadlines(stop.clone()));
     tasks.spawn(orchestrator.run_replies(conn.clone(), stop.clone()));
+    tasks.spawn(report_dead_letter_depth(
+        conn.clone(),
+        names.clone(),
+        stop.clone(),
+    ));
     if config.participants {
         for p in participants::Participant::ALL {
             tasks.spawn(participants::run(

@@ -75,13 +75,24 @@ pub async fn load(
     order_id: OrderId,
     max_attempts: u32,
 ) -> Result<(SagaState, Expected), SagaError> {
+    let (state, expected, _) = load_with_time(conn, order_id, max_attempts).await?;
+    Ok((state, expected))
+}
+
+/// [`load`], plus when the last input was recorded (the current step's start).
+async fn load_with_time(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    max_attempts: u32,
+) -> Result<(SagaState, Expected, Option<chrono::DateTime<chrono::Utc>>), SagaError> {
     let (stored, expected) = event_store::load_stream(conn, saga_stream_id(order_id)).await?;
+    let last = stored.last().map(|e| e.recorded_at);
     let inputs = stored
         .into_iter()
         .map(|e| serde_json::from_value::<SagaInput>(e.payload))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
-    Ok((saga::replay(max_attempts, &inputs), expected))
+    Ok((saga::replay(max_attempts, &inputs), expected, last))
 }
 
 impl Orchestrator {
@@ -95,24 +106,37 @@ impl Orchestrator {
     }
 
     /// Applies one input in the caller's transaction. `causation` is the message or event
-    /// that carried it.
+    /// that carried it, `trace` its W3C trace context (passed on to every message and event
+    /// this input causes).
     pub async fn handle(
         &self,
         conn: &mut PgConnection,
         order_id: OrderId,
         input: SagaInput,
         causation: Uuid,
+        trace: Option<String>,
     ) -> Result<(), SagaError> {
-        let (state, expected) = load(conn, order_id, self.config.step_attempts).await?;
+        let (state, expected, step_started) =
+            load_with_time(conn, order_id, self.config.step_attempts).await?;
         let (next, commands) = saga::transition(state.clone(), input.clone());
         if next == state && commands.is_empty() {
             return Ok(()); // a duplicate, a stale deadline, a reply for another step
+        }
+        if let (saga::Phase::Awaiting(step), Some(started)) = (state.phase, step_started)
+            && next.phase != state.phase
+        {
+            let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
+            metrics::histogram!("saga_step_duration_seconds", "step" => step_name(step))
+                .record(took.as_secs_f64());
+        }
+        if state.phase == saga::Phase::NotStarted {
+            metrics::counter!("sagas_started_total").increment(1);
         }
         let meta = Metadata {
             correlation_id: order_id.0,
             causation_id: causation,
             actor: "system:saga".into(),
-            traceparent: None,
+            traceparent: trace.clone(),
             command_id: None,
         };
         let recorded = NewEvent {
@@ -149,7 +173,7 @@ impl Orchestrator {
                 target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
                 routing_key: self.names.routing_key(destination),
                 ordering_key: order_id.to_string(),
-                headers: json!({"causation_id": recorded.event_id.to_string(), "message_type": command_type(&c)}),
+                headers: command_headers(recorded.event_id, &c, trace.as_deref()),
                 payload: serde_json::to_vec(&c).expect("saga command serializes"),
             });
         }
@@ -267,6 +291,7 @@ impl Orchestrator {
         input: SagaInput,
         causation: Uuid,
         inbox: Option<Uuid>,
+        trace: Option<String>,
     ) -> Result<(), Failure> {
         for _ in 0..10 {
             let mut tx = self.pool.begin().await?;
@@ -285,7 +310,7 @@ impl Orchestrator {
                 }
             }
             match self
-                .handle(&mut tx, order_id, input.clone(), causation)
+                .handle(&mut tx, order_id, input.clone(), causation, trace.clone())
                 .await
             {
                 Ok(()) => {
@@ -332,6 +357,7 @@ impl Orchestrator {
                     reply.input,
                     m.message_id,
                     Some(m.message_id),
+                    m.traceparent,
                 )
                 .await
             }
@@ -401,7 +427,11 @@ impl Orchestrator {
                     continue;
                 }
             };
-            match self.handle(&mut tx, order_id, input, e.event_id).await {
+            let trace = e.metadata["traceparent"].as_str().map(str::to_owned);
+            match self
+                .handle(&mut tx, order_id, input, e.event_id, trace)
+                .await
+            {
                 Ok(()) => {}
                 Err(SagaError::Corrupt(id, m)) => {
                     tracing::error!(order_id = %id, error = %m, "saga unreadable; skipped");
@@ -443,6 +473,10 @@ impl Orchestrator {
     }
 
     async fn fire_due(&self) -> anyhow::Result<usize> {
+        let running: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_deadlines")
+            .fetch_one(&self.pool)
+            .await?;
+        metrics::gauge!("sagas_awaiting_a_step").set(running as f64);
         let mut tx = self.pool.begin().await?;
         let due: Vec<(Uuid, String, i32)> = sqlx::query_as(
             "DELETE FROM saga_deadlines WHERE order_id IN (
@@ -462,7 +496,7 @@ impl Orchestrator {
             };
             metrics::counter!("saga_deadlines_fired_total", "step" => step_name(step)).increment(1);
             match self
-                .handle(&mut tx, OrderId(*order_id), input, Uuid::now_v7())
+                .handle(&mut tx, OrderId(*order_id), input, Uuid::now_v7(), None)
                 .await
             {
                 Ok(()) => {}
@@ -492,11 +526,17 @@ fn parse_step(s: &str) -> Option<Step> {
         .find(|step| step_name(*step) == s)
 }
 
-fn command_type(c: &SagaCommand) -> String {
-    serde_json::to_value(c)
+/// AMQP headers of a command: what caused it, its type, and the trace context.
+fn command_headers(causation: Uuid, c: &SagaCommand, trace: Option<&str>) -> serde_json::Value {
+    let message_type = serde_json::to_value(c)
         .ok()
         .and_then(|v| v["type"].as_str().map(str::to_owned))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mut h = json!({"causation_id": causation.to_string(), "message_type": message_type});
+    if let Some(t) = trace {
+        h["traceparent"] = json!(t);
+    }
+    h
 }
 
 #[cfg(test)]

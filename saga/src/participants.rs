@@ -194,7 +194,13 @@ async fn handle(
         .bind(platform::amqp::COMMANDS_EXCHANGE)
         .bind(names.routing_key("replies"))
         .bind(order_id.to_string())
-        .bind(json!({"causation_id": m.message_id.to_string(), "participant": participant.name()}))
+        .bind({
+            let mut h = json!({"causation_id": m.message_id.to_string(), "participant": participant.name()});
+            if let Some(t) = &m.traceparent {
+                h["traceparent"] = json!(t);
+            }
+            h
+        })
         .bind(payload)
         .execute(&mut *tx)
         .await?;

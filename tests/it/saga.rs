@@ -238,7 +238,57 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
         ]
     );
 
-    // Out of stock (9 of SKU-2 left, 20 asked): cancelled, nothing reserved for it.
+    // The trace context of the checkout request follows the saga's messages and events.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", stack.api.base))
+        .bearer_auth(stack.api.customer("alice"))
+        .header("Idempotency-Key", "traced")
+        .header("traceparent", trace)
+        .json(&body("tok_visa", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let traced: Uuid = r.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(stack.outcome(traced).await.0, "OrderConfirmed");
+    let traces: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT metadata->>'traceparent' FROM events WHERE stream_id = $1 OR stream_id = $2",
+    )
+    .bind(traced)
+    .bind(saga::orchestrator::saga_stream_id(domain::values::OrderId(
+        traced,
+    )))
+    .fetch_all(stack.pool())
+    .await
+    .unwrap();
+    assert_eq!(traces.len(), 8, "4 order events and 4 saga inputs");
+    assert!(
+        traces.iter().all(|t| t.as_deref() == Some(trace)),
+        "{traces:?}"
+    );
+    let command_traces: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT headers->>'traceparent' FROM outbox WHERE destination = 'amqp' AND ordering_key = $1",
+    )
+    .bind(traced.to_string())
+    .fetch_all(stack.pool())
+    .await
+    .unwrap();
+    assert_eq!(command_traces.len(), 6, "3 commands and 3 replies");
+    assert!(
+        command_traces.iter().all(|t| t.as_deref() == Some(trace)),
+        "{command_traces:?}"
+    );
+    assert_eq!(
+        (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
+        (4, 2)
+    );
+
+    // Out of stock (8 of SKU-2 left, 20 asked): cancelled, nothing reserved for it.
     let short = stack.checkout(body("tok_visa", 20)).await;
     let (t, reason) = stack.outcome(short).await;
     assert_eq!(t, "OrderCancelled");
@@ -248,7 +298,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     );
     assert_eq!(
         (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
-        (2, 1)
+        (4, 2)
     );
     assert_eq!(stack.payment(short).await, None);
 
@@ -261,7 +311,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     );
     stack
         .eventually("the declined order's stock is released", || async {
-            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (2, 1)
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (4, 2)
         })
         .await;
 
@@ -270,7 +320,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     assert_eq!(stack.outcome(flaky).await.0, "OrderConfirmed");
     assert_eq!(
         (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await),
-        (4, 2)
+        (6, 3)
     );
 
     // A duplicate reply (same message id) changes nothing.
