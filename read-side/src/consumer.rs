@@ -136,12 +136,7 @@ impl Projector {
         give_up: Option<(&str, i32, chrono::DateTime<chrono::Utc>)>,
     ) -> anyhow::Result<Handled> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(format!("{}ms", self.config.lock_timeout.as_millis()))
-            .execute(&mut *tx)
-            .await?;
-        projection::lock_for_write(&mut tx, self.kind).await?;
+        let mut tx = self.begin().await?;
         let next: Option<i64> = sqlx::query_scalar(
             "SELECT next_offset FROM projection_checkpoints WHERE projection = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
         )
@@ -295,12 +290,7 @@ impl Projector {
     /// The fast path: every message of `batch` applied, with the checkpoints, in one
     /// transaction. `Ok(false)` (nothing written) when a message needs the one-by-one path.
     async fn handle_batch(&self, batch: &[OwnedMessage]) -> anyhow::Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(format!("{}ms", self.config.lock_timeout.as_millis()))
-            .execute(&mut *tx)
-            .await?;
-        projection::lock_for_write(&mut tx, self.kind).await?;
+        let mut tx = self.begin().await?;
         let topic = batch[0].topic();
         if batch.iter().any(|m| m.topic() != topic) {
             return Ok(false);
@@ -377,6 +367,17 @@ impl Projector {
         metrics::histogram!("projection_batch_size", "projection" => self.kind.name())
             .record(batch.len() as f64);
         Ok(true)
+    }
+
+    /// A transaction with the lock timeout set and the projection's write lock taken.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", self.config.lock_timeout.as_millis()))
+            .execute(&mut *tx)
+            .await?;
+        projection::lock_for_write(&mut tx, self.kind).await?;
+        Ok(tx)
     }
 
     fn backoff(&self, failures: u32) -> Duration {

@@ -219,6 +219,55 @@ async fn append_op(pool: PgPool, i: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A benchmark run's own infrastructure: a scratch database (migrated) and the order-events
+/// topic under a fresh prefix. [`Scratch::cleanup`] removes both.
+pub(crate) struct Scratch {
+    pub pool: PgPool,
+    /// The services with the scratch database and the run's topic prefix.
+    pub infra: platform::config::InfraConfig,
+    pub prefix: String,
+    pub topic: String,
+    name: String,
+    admin_url: String,
+}
+
+impl Scratch {
+    pub async fn create(infra: &platform::config::InfraConfig, max: u32) -> anyhow::Result<Self> {
+        let admin_url = infra.database_url.clone();
+        let (pool, name, db_url) = scratch_db(&admin_url, max).await?;
+        let prefix = format!("bench-{}.", &Uuid::new_v4().simple().to_string()[..8]);
+        let infra = platform::config::InfraConfig {
+            kafka_topic_prefix: prefix.clone(),
+            database_url: db_url,
+            ..infra.clone()
+        };
+        let topic = infra.topic("orders.events");
+        platform::kafka::ensure_topics(
+            &infra.kafka_brokers,
+            std::slice::from_ref(&topic),
+            infra.kafka_partitions,
+        )
+        .await?;
+        println!("scratch database {name}, prefix {prefix}\n");
+        Ok(Self {
+            pool,
+            infra,
+            prefix,
+            topic,
+            name,
+            admin_url,
+        })
+    }
+
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        platform::kafka::delete_topics(&self.infra.kafka_brokers, &[self.topic])
+            .await
+            .ok();
+        drop_db(&self.admin_url, &self.name).await
+    }
+}
+
 /// A scratch database for one benchmark run, dropped afterwards.
 pub(crate) async fn scratch_db(
     admin_url: &str,

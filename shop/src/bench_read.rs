@@ -107,11 +107,18 @@ async fn read_feed_only(pool: &PgPool, batch: i64) -> anyhow::Result<usize> {
 }
 
 pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Result<()> {
-    let admin_url = infra.database_url.clone();
-    let (pool, name, db_url) = crate::bench::scratch_db(&admin_url, 16).await?;
+    print!("shop bench read-side: ");
+    let scratch = crate::bench::Scratch::create(infra, 16).await?;
+    let (pool, infra, prefix, topic) = (
+        scratch.pool.clone(),
+        scratch.infra.clone(),
+        scratch.prefix.clone(),
+        scratch.topic.clone(),
+    );
+    let db_url = infra.database_url.clone();
     let orders = args.events / 4;
     println!(
-        "shop bench read-side: scratch database {name}; {} events ({orders} orders), batches of {}\n",
+        "{} events ({orders} orders), batches of {}\n",
         orders * 4,
         args.batch_size
     );
@@ -163,19 +170,6 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
     sqlx::query("TRUNCATE events, outbox, streams, idempotency_keys")
         .execute(&pool)
         .await?;
-    let prefix = format!("bench-{}.", &Uuid::new_v4().simple().to_string()[..8]);
-    let infra = InfraConfig {
-        kafka_topic_prefix: prefix.clone(),
-        database_url: db_url.clone(),
-        ..infra.clone()
-    };
-    let topic = infra.topic("orders.events");
-    platform::kafka::ensure_topics(
-        &infra.kafka_brokers,
-        std::slice::from_ref(&topic),
-        infra.kafka_partitions,
-    )
-    .await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let relay_cfg = outbox_relay::RelayConfig {
         poll_interval: Duration::from_millis(50),
@@ -294,10 +288,6 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
     relay_task.await??;
     projector_task.await??;
     api_task.await??;
-    pool.close().await;
-    platform::kafka::delete_topics(&infra.kafka_brokers, &[topic])
-        .await
-        .ok();
-    crate::bench::drop_db(&admin_url, &name).await?;
+    scratch.cleanup().await?;
     Ok(())
 }

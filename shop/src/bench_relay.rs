@@ -77,22 +77,15 @@ fn rate(n: usize, d: Duration) -> f64 {
 }
 
 pub async fn relay(infra: &InfraConfig, args: &RelayBenchArgs) -> anyhow::Result<()> {
-    let admin_url = infra.database_url.clone();
-    let (pool, name, db_url) = crate::bench::scratch_db(&admin_url, 16).await?;
-    let prefix = format!("bench-{}.", &Uuid::new_v4().simple().to_string()[..8]);
-    let infra = InfraConfig {
-        kafka_topic_prefix: prefix.clone(),
-        database_url: db_url.clone(),
-        ..infra.clone()
-    };
-    let topic = infra.topic("orders.events");
-    platform::kafka::ensure_topics(
-        &infra.kafka_brokers,
-        std::slice::from_ref(&topic),
-        infra.kafka_partitions,
-    )
-    .await?;
-    println!("shop bench relay: scratch database {name}, topic {topic}\n");
+    print!("shop bench relay: ");
+    let scratch = crate::bench::Scratch::create(infra, 16).await?;
+    let (pool, infra, prefix, topic) = (
+        scratch.pool.clone(),
+        scratch.infra.clone(),
+        scratch.prefix.clone(),
+        scratch.topic.clone(),
+    );
+    let db_url = infra.database_url.clone();
     let cfg = RelayConfig {
         batch_size: 2000,
         poll_interval: Duration::from_millis(50),
@@ -284,11 +277,7 @@ pub async fn relay(infra: &InfraConfig, args: &RelayBenchArgs) -> anyhow::Result
         args.rate
     );
 
-    pool.close().await;
-    platform::kafka::delete_topics(&infra.kafka_brokers, &[topic])
-        .await
-        .ok();
-    crate::bench::drop_db(&admin_url, &name).await?;
+    scratch.cleanup().await?;
     consumer.unsubscribe();
     Ok(())
 }

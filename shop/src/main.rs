@@ -17,6 +17,7 @@ use uuid::Uuid;
 mod bench;
 mod bench_read;
 mod bench_relay;
+mod bench_saga;
 
 #[derive(Parser)]
 #[command(
@@ -204,6 +205,8 @@ enum BenchCommand {
     Relay(bench_relay::RelayBenchArgs),
     /// Read side: rebuild throughput beside a feed-read baseline, and live projection lag.
     ReadSide(bench_read::ReadBenchArgs),
+    /// Checkout saga: sagas/s and placed -> confirmed latency beside a transport baseline.
+    Saga(bench_saga::SagaBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -282,6 +285,9 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Bench {
             command: BenchCommand::ReadSide(args),
         } => bench_read::read_side(&cli.infra, &args).await?,
+        Command::Bench {
+            command: BenchCommand::Saga(args),
+        } => bench_saga::saga(&cli.infra, &args).await?,
         Command::Audit {
             command: AuditCommand::Verify { order },
         } => return audit_verify(&cli.infra, order).await,

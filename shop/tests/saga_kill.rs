@@ -8,7 +8,7 @@ use std::{
 
 use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
-use shop_tests::{TestApi, TestRabbit, checkout_body};
+use shop_tests::{TestApi, TestKafka, TestRabbit, checkout_body};
 use tokio_util::sync::CancellationToken;
 
 fn spawn_saga(api: &TestApi, rabbit: &TestRabbit) -> Child {
@@ -53,13 +53,12 @@ async fn an_orchestrator_killed_mid_run_and_restarted_finishes_every_saga_exactl
     )
     .await
     .unwrap();
+    let mut kafka = TestKafka::new().await;
+    kafka.create_topics(&["orders.events"], 1).await;
     let infra = InfraConfig {
-        kafka_topic_prefix: format!("{}.", shop_tests::unique_prefix()),
+        kafka_topic_prefix: kafka.prefix.clone(),
         ..shop_tests::infra()
     };
-    platform::kafka::ensure_topics(&infra.kafka_brokers, &[infra.topic("orders.events")], 1)
-        .await
-        .unwrap();
     let shutdown = CancellationToken::new();
     let relay = Relay::new(
         api.db.pool.clone(),

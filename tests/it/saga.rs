@@ -9,7 +9,7 @@ use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
 use saga::{SagaConfig, participants, topology::Names};
 use serde_json::{Value, json};
-use shop_tests::{TestApi, TestRabbit, checkout_body};
+use shop_tests::{TestApi, TestKafka, TestRabbit, checkout_body};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -17,6 +17,8 @@ use uuid::Uuid;
 struct SagaStack {
     api: TestApi,
     rabbit: TestRabbit,
+    /// Deletes the per-test topic when dropped.
+    _kafka: TestKafka,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Stops only the saga runtime (see `restart_saga`).
@@ -41,8 +43,11 @@ impl SagaStack {
                 .await
                 .unwrap();
         }
+        // Kafka rows (order events) go to a per-test topic that nobody reads here.
+        let mut kafka = TestKafka::new().await;
+        kafka.create_topics(&["orders.events"], 1).await;
         let infra = InfraConfig {
-            kafka_topic_prefix: format!("{}.", shop_tests::unique_prefix()),
+            kafka_topic_prefix: kafka.prefix.clone(),
             ..shop_tests::infra()
         };
         let shutdown = CancellationToken::new();
@@ -50,10 +55,6 @@ impl SagaStack {
             poll_interval: Duration::from_millis(100),
             ..RelayConfig::default()
         };
-        // Kafka rows (order events) go to a per-test topic that nobody reads here.
-        platform::kafka::ensure_topics(&infra.kafka_brokers, &[infra.topic("orders.events")], 1)
-            .await
-            .unwrap();
         let relay = Relay::new(pool.clone(), &infra, relay_cfg).unwrap();
         let saga_stop = shutdown.child_token();
         let tasks = vec![
@@ -72,6 +73,7 @@ impl SagaStack {
         Self {
             api,
             rabbit,
+            _kafka: kafka,
             shutdown,
             tasks,
             saga_stop,
@@ -173,6 +175,22 @@ impl SagaStack {
         .fetch_all(self.pool())
         .await
         .unwrap()
+    }
+
+    /// Publishes `body` to the replies queue as message `id` (confirmed).
+    async fn publish_reply(&self, ch: &lapin::Channel, body: &[u8], id: Uuid) {
+        let key = Names::new(&self.rabbit.prefix).routing_key("replies");
+        ch.basic_publish(
+            platform::amqp::COMMANDS_EXCHANGE.into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_message_id(id.to_string().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     }
 
     async fn stop(self) {
@@ -337,20 +355,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
         .await
         .unwrap();
-    ch.basic_publish(
-        platform::amqp::COMMANDS_EXCHANGE.into(),
-        Names::new(&stack.rabbit.prefix)
-            .routing_key("replies")
-            .as_str()
-            .into(),
-        BasicPublishOptions::default(),
-        &payload,
-        BasicProperties::default().with_message_id(reply_id.to_string().into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    stack.publish_reply(&ch, &payload, reply_id).await;
     // A marker behind it on the same queue: once the marker is handled, so is the duplicate
     // (one consumer, in order). It is a fresh message with a reply the saga ignores.
     let marker = Uuid::now_v7();
@@ -358,20 +363,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
         "order_id": flaky, "input": {"type": "shipment_created", "shipment_id": "again"}
     }))
     .unwrap();
-    ch.basic_publish(
-        platform::amqp::COMMANDS_EXCHANGE.into(),
-        Names::new(&stack.rabbit.prefix)
-            .routing_key("replies")
-            .as_str()
-            .into(),
-        BasicPublishOptions::default(),
-        &marker_body,
-        BasicProperties::default().with_message_id(marker.to_string().into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    stack.publish_reply(&ch, &marker_body, marker).await;
     stack
         .eventually("the marker is handled", || async {
             let n: i64 =
