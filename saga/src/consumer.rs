@@ -1,7 +1,7 @@
 //! The AMQP consumer loop shared by the orchestrator's reply queue and the participants.
 //!
-//! One message at a time per loop: the handler does its work in a PostgreSQL transaction and
-//! the message is acked only after that commits. Outcomes:
+//! Up to `concurrency` messages at once: the handler does its work in a PostgreSQL
+//! transaction and each message is acked only after its transaction commits. Outcomes:
 //! - done: ack;
 //! - transient failure (database down, an injected flaky error): nack with requeue after a
 //!   backoff, until the message has been delivered `max_deliveries` times, then dead-letter;
@@ -13,10 +13,15 @@
 //! acked. Shutdown stops taking messages and lets the one in hand finish; unacked prefetched
 //! messages go back to the queue when the channel closes.
 
-use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use lapin::{
     BasicProperties, Connection,
     message::Delivery,
@@ -60,6 +65,8 @@ pub struct ConsumeOptions {
     pub dead_letter_queue: String,
     pub max_deliveries: u32,
     pub retry_base: Duration,
+    /// Messages handled at once.
+    pub concurrency: usize,
 }
 
 /// Consumes `options.queue` until `shutdown`, calling `handle` for each message.
@@ -73,9 +80,11 @@ where
     H: Fn(Inbound) -> Fut,
     Fut: Future<Output = Result<(), Failure>>,
 {
-    let ch = platform::amqp::consumer_channel(&conn, 20).await?;
+    let concurrency = options.concurrency.max(1);
+    let prefetch = u16::try_from(concurrency * 2).unwrap_or(u16::MAX);
+    let ch = platform::amqp::consumer_channel(&conn, prefetch).await?;
     let dlq = platform::amqp::confirm_channel(&conn).await?;
-    let mut deliveries = ch
+    let deliveries = ch
         .basic_consume(
             options.queue.as_str().into(),
             format!("{}-{}", options.queue, Uuid::new_v4().simple())
@@ -86,77 +95,103 @@ where
         )
         .await?;
     // First failure per message id, for the dead-letter envelope (this process's view).
-    let mut first_failures: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
-    loop {
-        let d = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = deliveries.next() => match d {
-                Some(d) => d?,
-                None => anyhow::bail!("the broker closed the consumer of {}", options.queue),
-            },
-        };
-        let message_id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|m| Uuid::parse_str(m.as_str()).ok());
-        let attempts = delivery_count(&d) + 1;
-        let outcome = match message_id {
-            None => Err(Failure::Poison {
-                class: "missing_message_id",
-                message: "the message has no UUID message_id".into(),
-            }),
-            Some(message_id) => {
-                handle(Inbound {
-                    message_id,
-                    body: d.data.clone(),
-                    routing_key: d.routing_key.to_string(),
-                    delivery: attempts,
-                    traceparent: string_header(&d, "traceparent"),
-                })
-                .await
+    let first_failures: Mutex<HashMap<Uuid, DateTime<Utc>>> = Mutex::default();
+    let (options, handle, dlq, first_failures, shutdown_ref) =
+        (&options, &handle, &dlq, &first_failures, &shutdown);
+    let result = deliveries
+        .take_until(shutdown.cancelled())
+        .map_err(anyhow::Error::from)
+        .try_for_each_concurrent(concurrency, |d| async move {
+            settle(options, handle, dlq, first_failures, shutdown_ref, d).await
+        })
+        .await;
+    ch.close(200, "shutdown".into()).await.ok();
+    if result.is_ok() && !shutdown.is_cancelled() {
+        anyhow::bail!("the broker closed the consumer of {}", options.queue);
+    }
+    result
+}
+
+/// Handles one delivery and acks, requeues or dead-letters it.
+async fn settle<H, Fut>(
+    options: &ConsumeOptions,
+    handle: &H,
+    dlq: &lapin::Channel,
+    first_failures: &Mutex<HashMap<Uuid, DateTime<Utc>>>,
+    shutdown: &CancellationToken,
+    d: Delivery,
+) -> anyhow::Result<()>
+where
+    H: Fn(Inbound) -> Fut,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    let message_id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .and_then(|m| Uuid::parse_str(m.as_str()).ok());
+    let attempts = delivery_count(&d) + 1;
+    let outcome = match message_id {
+        None => Err(Failure::Poison {
+            class: "missing_message_id",
+            message: "the message has no UUID message_id".into(),
+        }),
+        Some(message_id) => {
+            handle(Inbound {
+                message_id,
+                body: d.data.clone(),
+                routing_key: d.routing_key.to_string(),
+                delivery: attempts,
+                traceparent: string_header(&d, "traceparent"),
+            })
+            .await
+        }
+    };
+    let key = message_id.unwrap_or_default();
+    match outcome {
+        Ok(()) => {
+            first_failures.lock().expect("failures lock").remove(&key);
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        Err(Failure::Transient(e)) if attempts < options.max_deliveries => {
+            first_failures
+                .lock()
+                .expect("failures lock")
+                .entry(key)
+                .or_insert_with(Utc::now);
+            metrics::counter!("saga_retries_total", "queue" => options.queue.clone()).increment(1);
+            let wait = options
+                .retry_base
+                .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
+                .min(Duration::from_secs(10));
+            tracing::warn!(queue = %options.queue, %key, attempts, error = %e, retry_in = ?wait, "transient failure; redelivering");
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-        };
-        let key = message_id.unwrap_or_default();
-        match outcome {
-            Ok(()) => {
-                first_failures.remove(&key);
-                d.ack(BasicAckOptions::default()).await?;
-            }
-            Err(Failure::Transient(e)) if attempts < options.max_deliveries => {
-                first_failures.entry(key).or_insert_with(Utc::now);
-                metrics::counter!("saga_retries_total", "queue" => options.queue.clone())
-                    .increment(1);
-                let wait = options
-                    .retry_base
-                    .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
-                    .min(Duration::from_secs(10));
-                tracing::warn!(queue = %options.queue, %key, attempts, error = %e, retry_in = ?wait, "transient failure; redelivering");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                d.nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
-            }
-            Err(failure) => {
-                let (class, message) = match failure {
-                    Failure::Transient(m) => ("transient", m),
-                    Failure::Poison { class, message } => (class, message),
-                };
-                let first = first_failures.remove(&key).unwrap_or_else(Utc::now);
-                tracing::error!(queue = %options.queue, %key, class, error = %message, "dead-lettering a message");
-                dead_letter(&dlq, &options, &d, class, &message, attempts, first).await?;
-                metrics::counter!("saga_dead_letters_total", "queue" => options.queue.clone(), "class" => class)
-                    .increment(1);
-                d.ack(BasicAckOptions::default()).await?;
-            }
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Err(failure) => {
+            let (class, message) = match failure {
+                Failure::Transient(m) => ("transient", m),
+                Failure::Poison { class, message } => (class, message),
+            };
+            let first = first_failures
+                .lock()
+                .expect("failures lock")
+                .remove(&key)
+                .unwrap_or_else(Utc::now);
+            tracing::error!(queue = %options.queue, %key, class, error = %message, "dead-lettering a message");
+            dead_letter(dlq, options, &d, class, &message, attempts, first).await?;
+            metrics::counter!("saga_dead_letters_total", "queue" => options.queue.clone(), "class" => class)
+                .increment(1);
+            d.ack(BasicAckOptions::default()).await?;
         }
     }
-    ch.close(200, "shutdown".into()).await.ok();
     Ok(())
 }
 

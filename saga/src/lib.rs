@@ -46,6 +46,9 @@ pub struct SagaConfig {
     /// First redelivery delay after a transient failure (doubles per attempt, at most 10 s).
     #[arg(long, env = "SAGA_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
     pub retry_base: Duration,
+    /// Messages each consumer (orchestrator replies, each participant) handles at once.
+    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
     /// Run the stand-in participants in this process.
     #[arg(long, env = "SAGA_PARTICIPANTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub participants: bool,
@@ -68,6 +71,7 @@ impl Default for SagaConfig {
             step_attempts: 3,
             max_deliveries: 5,
             retry_base: Duration::from_millis(200),
+            concurrency: 8,
             participants: true,
             poison_replies_from: None,
             refuse_commands_at: None,

@@ -343,6 +343,7 @@ impl Orchestrator {
             dead_letter_queue: self.names.dead_letter_queue("replies"),
             max_deliveries: self.config.max_deliveries,
             retry_base: self.config.retry_base,
+            concurrency: self.config.concurrency,
         };
         consumer::consume(conn, options, shutdown, |m| {
             let this = self.clone();

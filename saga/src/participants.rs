@@ -60,6 +60,7 @@ pub async fn run(
         dead_letter_queue: names.dead_letter_queue(participant.name()),
         max_deliveries: config.max_deliveries,
         retry_base: config.retry_base,
+        concurrency: config.concurrency,
     };
     let poison = config.poison_replies_from.as_deref() == Some(participant.name());
     let refuse = config.refuse_commands_at.as_deref() == Some(participant.name());

@@ -218,6 +218,8 @@ fn body(token: &str, sku2_quantity: i64) -> Value {
 async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     let stack = SagaStack::start(SagaConfig {
         retry_base: Duration::from_millis(50),
+        // One reply at a time, so the duplicate below is handled before its marker.
+        concurrency: 1,
         ..SagaConfig::default()
     })
     .await;
@@ -357,7 +359,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
         .unwrap();
     stack.publish_reply(&ch, &payload, reply_id).await;
     // A marker behind it on the same queue: once the marker is handled, so is the duplicate
-    // (one consumer, in order). It is a fresh message with a reply the saga ignores.
+    // (one message at a time, in order). It is a fresh message with a reply the saga ignores.
     let marker = Uuid::now_v7();
     let marker_body = serde_json::to_vec(&json!({
         "order_id": flaky, "input": {"type": "shipment_created", "shipment_id": "again"}
