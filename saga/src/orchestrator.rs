@@ -366,8 +366,11 @@ impl Orchestrator {
         .await
     }
 
-    /// Starts and stops sagas from the event store's feed until `shutdown`.
+    /// Starts and stops sagas from the event store's feed until `shutdown`. Wakes on the
+    /// outbox's NOTIFY (every append sends one) and polls every second as a fallback.
     pub async fn run_feed(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen("outbox").await?;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let wait = match self.feed_page().await {
@@ -375,16 +378,23 @@ impl Orchestrator {
                     failures = 0;
                     continue;
                 }
-                Ok(_) => Duration::from_millis(100),
+                Ok(_) => None,
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "saga feed step failed");
-                    Duration::from_millis(100 * u64::from(failures.min(50)))
+                    Some(Duration::from_millis(100 * u64::from(failures.min(50))))
                 }
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
+            match wait {
+                Some(backoff) => tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                },
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = listener.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                },
             }
         }
         Ok(())
