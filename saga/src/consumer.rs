@@ -3,29 +3,25 @@
 //! Up to `concurrency` messages at once: the handler does its work in a PostgreSQL
 //! transaction and each message is acked only after its transaction commits. Outcomes:
 //! - done: ack;
-//! - transient failure (database down, an injected flaky error): nack with requeue after a
-//!   backoff, until the message has been delivered `max_deliveries` times, then dead-letter;
+//! - transient failure (database down, an injected flaky error): a copy goes to the retry
+//!   queue of this attempt's delay (it comes back to the queue when its TTL expires) and the
+//!   original is acked, until `max_deliveries` attempts, then dead-letter;
 //! - poison (malformed, unknown type, failed validation): dead-letter at once.
 //!
 //! A dead letter is the original body published to `<queue>.dlq` (persistent, confirmed)
 //! with the original headers plus `original_queue`, `original_routing_key`, `error_class`,
 //! `error_message`, `attempts`, `first_failure`, `last_failure`; only then is the original
-//! acked. Shutdown stops taking messages and lets the one in hand finish; unacked prefetched
+//! acked. A retry copy carries `x-retry-attempt`, `first_failure` and `original_routing_key`. Shutdown stops taking messages and lets the one in hand finish; unacked prefetched
 //! messages go back to the queue when the channel closes.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use lapin::{
     BasicProperties, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions},
     types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
@@ -64,7 +60,9 @@ pub struct ConsumeOptions {
     pub queue: String,
     pub dead_letter_queue: String,
     pub max_deliveries: u32,
-    pub retry_base: Duration,
+    /// Wait before each redelivery (attempt 1 waits `retry_delays[0]`, ...); one retry queue
+    /// per entry is declared by [`crate::topology::declare`].
+    pub retry_delays: Vec<Duration>,
     /// Messages handled at once.
     pub concurrency: usize,
 }
@@ -94,15 +92,12 @@ where
             FieldTable::default(),
         )
         .await?;
-    // First failure per message id, for the dead-letter envelope (this process's view).
-    let first_failures: Mutex<HashMap<Uuid, DateTime<Utc>>> = Mutex::default();
-    let (options, handle, dlq, first_failures, shutdown_ref) =
-        (&options, &handle, &dlq, &first_failures, &shutdown);
+    let (options, handle, publisher) = (&options, &handle, &dlq);
     let result = deliveries
         .take_until(shutdown.cancelled())
         .map_err(anyhow::Error::from)
         .try_for_each_concurrent(concurrency, |d| async move {
-            settle(options, handle, dlq, first_failures, shutdown_ref, d).await
+            settle(options, handle, publisher, d).await
         })
         .await;
     ch.close(200, "shutdown".into()).await.ok();
@@ -112,13 +107,11 @@ where
     result
 }
 
-/// Handles one delivery and acks, requeues or dead-letters it.
+/// Handles one delivery and acks it, sends it to a retry queue, or dead-letters it.
 async fn settle<H, Fut>(
     options: &ConsumeOptions,
     handle: &H,
-    dlq: &lapin::Channel,
-    first_failures: &Mutex<HashMap<Uuid, DateTime<Utc>>>,
-    shutdown: &CancellationToken,
+    publisher: &lapin::Channel,
     d: Delivery,
 ) -> anyhow::Result<()>
 where
@@ -130,7 +123,8 @@ where
         .message_id()
         .as_ref()
         .and_then(|m| Uuid::parse_str(m.as_str()).ok());
-    let attempts = delivery_count(&d) + 1;
+    // Attempts so far: our retry count, or the broker's redelivery count after a crash.
+    let attempts = retry_count(&d).max(delivery_count(&d)) + 1;
     let outcome = match message_id {
         None => Err(Failure::Poison {
             class: "missing_message_id",
@@ -150,43 +144,51 @@ where
     let key = message_id.unwrap_or_default();
     match outcome {
         Ok(()) => {
-            first_failures.lock().expect("failures lock").remove(&key);
             d.ack(BasicAckOptions::default()).await?;
         }
         Err(Failure::Transient(e)) if attempts < options.max_deliveries => {
-            first_failures
-                .lock()
-                .expect("failures lock")
-                .entry(key)
-                .or_insert_with(Utc::now);
+            let first = first_failure(&d).unwrap_or_else(Utc::now);
+            let delay =
+                options.retry_delays[(attempts as usize - 1).min(options.retry_delays.len() - 1)];
             metrics::counter!("saga_retries_total", "queue" => options.queue.clone()).increment(1);
-            let wait = options
-                .retry_base
-                .saturating_mul(2u32.saturating_pow(attempts.min(16) - 1))
-                .min(Duration::from_secs(10));
-            tracing::warn!(queue = %options.queue, %key, attempts, error = %e, retry_in = ?wait, "transient failure; redelivering");
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-            d.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
+            tracing::warn!(queue = %options.queue, %key, attempts, error = %e, retry_in = ?delay, "transient failure; retrying later");
+            let retry_queue = crate::topology::Names::retry_queue(&options.queue, delay);
+            republish(
+                publisher,
+                &retry_queue,
+                &d,
+                &[
+                    (RETRY_ATTEMPT, attempts.to_string()),
+                    (FIRST_FAILURE, first.to_rfc3339()),
+                    (ORIGINAL_ROUTING_KEY, original_routing_key(&d)),
+                    ("last_error", e),
+                ],
+            )
             .await?;
+            d.ack(BasicAckOptions::default()).await?;
         }
         Err(failure) => {
             let (class, message) = match failure {
                 Failure::Transient(m) => ("transient", m),
                 Failure::Poison { class, message } => (class, message),
             };
-            let first = first_failures
-                .lock()
-                .expect("failures lock")
-                .remove(&key)
-                .unwrap_or_else(Utc::now);
+            let first = first_failure(&d).unwrap_or_else(Utc::now);
             tracing::error!(queue = %options.queue, %key, class, error = %message, "dead-lettering a message");
-            dead_letter(dlq, options, &d, class, &message, attempts, first).await?;
+            republish(
+                publisher,
+                &options.dead_letter_queue,
+                &d,
+                &[
+                    ("original_queue", options.queue.clone()),
+                    (ORIGINAL_ROUTING_KEY, original_routing_key(&d)),
+                    ("error_class", class.to_owned()),
+                    ("error_message", message),
+                    ("attempts", attempts.to_string()),
+                    (FIRST_FAILURE, first.to_rfc3339()),
+                    ("last_failure", Utc::now().to_rfc3339()),
+                ],
+            )
+            .await?;
             metrics::counter!("saga_dead_letters_total", "queue" => options.queue.clone(), "class" => class)
                 .increment(1);
             d.ack(BasicAckOptions::default()).await?;
@@ -218,26 +220,40 @@ fn delivery_count(d: &Delivery) -> u32 {
         .unwrap_or(0)
 }
 
-async fn dead_letter(
+/// Header names the retry path keeps on a message.
+const RETRY_ATTEMPT: &str = "x-retry-attempt";
+const FIRST_FAILURE: &str = "first_failure";
+const ORIGINAL_ROUTING_KEY: &str = "original_routing_key";
+
+/// Failed attempts recorded by the retry path.
+fn retry_count(d: &Delivery) -> u32 {
+    string_header(d, RETRY_ATTEMPT)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn first_failure(d: &Delivery) -> Option<DateTime<Utc>> {
+    string_header(d, FIRST_FAILURE)?.parse().ok()
+}
+
+/// The routing key the message was first sent with (a retried message comes back with its
+/// queue's name as routing key).
+fn original_routing_key(d: &Delivery) -> String {
+    string_header(d, ORIGINAL_ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string())
+}
+
+/// Publishes a copy of `d` straight to `queue` (default exchange), persistent and confirmed,
+/// with its headers plus `extra`.
+async fn republish(
     ch: &lapin::Channel,
-    options: &ConsumeOptions,
+    queue: &str,
     d: &Delivery,
-    class: &str,
-    message: &str,
-    attempts: u32,
-    first: DateTime<Utc>,
+    extra: &[(&str, String)],
 ) -> anyhow::Result<()> {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
-    let mut set = |k: &str, v: String| {
-        headers.insert(k.into(), AMQPValue::LongString(v.into()));
-    };
-    set("original_queue", options.queue.clone());
-    set("original_routing_key", d.routing_key.to_string());
-    set("error_class", class.to_owned());
-    set("error_message", message.to_owned());
-    set("attempts", attempts.to_string());
-    set("first_failure", first.to_rfc3339());
-    set("last_failure", Utc::now().to_rfc3339());
+    for (k, v) in extra {
+        headers.insert((*k).into(), AMQPValue::LongString(v.as_str().into()));
+    }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(headers);
@@ -250,7 +266,7 @@ async fn dead_letter(
     let confirm = ch
         .basic_publish(
             "".into(),
-            options.dead_letter_queue.as_str().into(),
+            queue.into(),
             BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
@@ -261,9 +277,8 @@ async fn dead_letter(
         .await?
         .await?;
     anyhow::ensure!(
-        confirm.is_ack(),
-        "the broker refused the dead letter for {}",
-        options.dead_letter_queue
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "the broker refused the copy for {queue}"
     );
     Ok(())
 }

@@ -63,6 +63,20 @@ pub struct SagaConfig {
     pub refuse_commands_at: Option<String>,
 }
 
+impl SagaConfig {
+    /// The wait before each redelivery: `retry_base` doubling per attempt, at most 10 s, one
+    /// per delivery after the first.
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        (1..self.max_deliveries.max(1))
+            .map(|attempt| {
+                self.retry_base
+                    .saturating_mul(2u32.saturating_pow(attempt.min(16) - 1))
+                    .min(Duration::from_secs(10))
+            })
+            .collect()
+    }
+}
+
 impl Default for SagaConfig {
     fn default() -> Self {
         Self {
@@ -148,7 +162,7 @@ async fn run_once(
 ) -> anyhow::Result<()> {
     let conn = std::sync::Arc::new(platform::amqp::connect(amqp_url, "checkout-saga").await?);
     let names = topology::Names::new(&config.queue_prefix);
-    topology::declare(&conn, &names).await?;
+    topology::declare(&conn, &names, &config.retry_delays()).await?;
     let stop = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
     let orchestrator = orchestrator::Orchestrator::new(pool.clone(), config.clone());

@@ -342,7 +342,7 @@ impl Orchestrator {
             queue: self.names.queue("replies"),
             dead_letter_queue: self.names.dead_letter_queue("replies"),
             max_deliveries: self.config.max_deliveries,
-            retry_base: self.config.retry_base,
+            retry_delays: self.config.retry_delays(),
             concurrency: self.config.concurrency,
         };
         consumer::consume(conn, options, shutdown, |m| {

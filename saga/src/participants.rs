@@ -59,7 +59,7 @@ pub async fn run(
         queue: names.queue(participant.name()),
         dead_letter_queue: names.dead_letter_queue(participant.name()),
         max_deliveries: config.max_deliveries,
-        retry_base: config.retry_base,
+        retry_delays: config.retry_delays(),
         concurrency: config.concurrency,
     };
     let poison = config.poison_replies_from.as_deref() == Some(participant.name());

@@ -166,7 +166,8 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
         ..saga::SagaConfig::default()
     };
     let names = saga::topology::Names::new(&prefix);
-    saga::topology::declare(&conn, &names).await?;
+    let retry_delays = saga_cfg.retry_delays();
+    saga::topology::declare(&conn, &names, &retry_delays).await?;
     let saga_task = tokio::spawn(saga::run(
         pool.clone(),
         infra.amqp_url.clone(),
@@ -279,12 +280,10 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
     saga_task.await??;
     api_task.await??;
     let ch = conn.create_channel().await?;
-    for d in saga::topology::DESTINATIONS {
-        for q in [names.queue(d), names.dead_letter_queue(d)] {
-            ch.queue_delete(q.as_str().into(), Default::default())
-                .await
-                .ok();
-        }
+    for q in names.all_queues(&retry_delays) {
+        ch.queue_delete(q.as_str().into(), Default::default())
+            .await
+            .ok();
     }
     conn.close(200, "done".into()).await.ok();
     scratch.cleanup().await?;

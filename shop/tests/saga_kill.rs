@@ -38,7 +38,10 @@ async fn an_orchestrator_killed_mid_run_and_restarted_finishes_every_saga_exactl
     let api = TestApi::new().await;
     let rabbit = TestRabbit::new().await;
     let names = saga::topology::Names::new(&rabbit.prefix);
-    saga::topology::declare(&rabbit.conn, &names).await.unwrap();
+    let retry_delays = saga::SagaConfig::default().retry_delays();
+    saga::topology::declare(&rabbit.conn, &names, &retry_delays)
+        .await
+        .unwrap();
     saga::participants::set_stock(
         &api.db.pool,
         &domain::values::Sku::parse("SKU-1").unwrap(),
@@ -138,9 +141,6 @@ async fn an_orchestrator_killed_mid_run_and_restarted_finishes_every_saga_exactl
             .await
             .unwrap();
     assert_eq!(reserved, [2 * n, n]);
-    let queues: Vec<String> = saga::topology::DESTINATIONS
-        .iter()
-        .flat_map(|d| [names.queue(d), names.dead_letter_queue(d)])
-        .collect();
+    let queues = names.all_queues(&retry_delays);
     rabbit.delete_queues(&queues).await;
 }

@@ -23,6 +23,8 @@ struct SagaStack {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Stops only the saga runtime (see `restart_saga`).
     saga_stop: CancellationToken,
+    /// The retry queues' delays, to delete them at the end.
+    retry_delays: Vec<Duration>,
 }
 
 impl SagaStack {
@@ -34,10 +36,15 @@ impl SagaStack {
             ..config
         };
         let pool = api.db.pool.clone();
+        let retry_delays = config.retry_delays();
         // Declared up front (the runtime declares them too) so the test can watch them at once.
-        saga::topology::declare(&rabbit.conn, &Names::new(&config.queue_prefix))
-            .await
-            .unwrap();
+        saga::topology::declare(
+            &rabbit.conn,
+            &Names::new(&config.queue_prefix),
+            &config.retry_delays(),
+        )
+        .await
+        .unwrap();
         for (sku, qty) in [("SKU-1", 10), ("SKU-2", 10)] {
             participants::set_stock(&pool, &Sku::parse(sku).unwrap(), qty)
                 .await
@@ -77,6 +84,7 @@ impl SagaStack {
             shutdown,
             tasks,
             saga_stop,
+            retry_delays,
         }
     }
 
@@ -199,10 +207,7 @@ impl SagaStack {
             t.await.unwrap().unwrap();
         }
         let names = Names::new(&self.rabbit.prefix);
-        let queues: Vec<String> = saga::topology::DESTINATIONS
-            .iter()
-            .flat_map(|d| [names.queue(d), names.dead_letter_queue(d)])
-            .collect();
+        let queues = names.all_queues(&self.retry_delays);
         self.rabbit.delete_queues(&queues).await;
     }
 }
@@ -583,5 +588,45 @@ async fn a_refused_command_is_dead_lettered_and_replaying_it_after_the_fix_compl
         saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, false).await,
         Err(saga::dead_letters::ResolveError::NotFound(_))
     ));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_failing_transiently_past_its_retries_is_dead_lettered_and_compensated() {
+    let stack = SagaStack::start(SagaConfig {
+        max_deliveries: 3,
+        retry_base: Duration::from_millis(50),
+        step_timeout: Duration::from_secs(2),
+        step_attempts: 1,
+        ..SagaConfig::default()
+    })
+    .await;
+    let order = stack.checkout(body("tok_flaky_9", 1)).await;
+    let (t, reason) = stack.outcome(order).await;
+    assert_eq!(
+        (t.as_str(), reason.as_deref()),
+        (
+            "OrderCancelled",
+            Some("payment step timed out after 1 attempts")
+        )
+    );
+    let names = Names::new(&stack.rabbit.prefix);
+    let dead = saga::dead_letters::list(&stack.rabbit.conn, &names)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].queue, names.dead_letter_queue("payment"));
+    assert_eq!(
+        (dead[0].error_class.as_str(), dead[0].attempts.as_str()),
+        ("transient", "3")
+    );
+    assert_eq!(dead[0].original_routing_key, names.routing_key("payment"));
+    assert!(dead[0].first_failure.is_some() && dead[0].first_failure <= dead[0].last_failure);
+    stack
+        .eventually("the stock is released", || async {
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (0, 0)
+        })
+        .await;
+    assert_eq!(stack.payment(order).await, None);
     stack.stop().await;
 }
