@@ -9,7 +9,7 @@ use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
 use saga::{SagaConfig, participants, topology::Names};
 use serde_json::{Value, json};
-use shop_tests::{TestApi, TestKafka, TestRabbit, checkout_body};
+use shop_tests::{Gql, TestApi, TestKafka, TestRabbit, checkout_body};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -17,6 +17,7 @@ use uuid::Uuid;
 struct SagaStack {
     api: TestApi,
     rabbit: TestRabbit,
+    gql: Gql,
     /// Deletes the per-test topic when dropped.
     _kafka: TestKafka,
     shutdown: CancellationToken,
@@ -52,7 +53,7 @@ impl SagaStack {
         }
         // Kafka rows (order events) go to a per-test topic that nobody reads here.
         let mut kafka = TestKafka::new().await;
-        kafka.create_topics(&["orders.events"], 1).await;
+        let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
         let infra = InfraConfig {
             kafka_topic_prefix: kafka.prefix.clone(),
             ..shop_tests::infra()
@@ -77,9 +78,25 @@ impl SagaStack {
                 saga_stop.clone(),
             )),
         ];
+        // The read side too, so outcomes can be checked where customers see them.
+        let projector = read_side::consumer::Projector::order_summary(
+            api.db.pool.clone(),
+            &kafka.brokers,
+            &topic,
+            &kafka.prefix,
+        )
+        .unwrap();
+        let mut tasks = tasks;
+        tasks.insert(0, tokio::spawn(projector.run(shutdown.clone())));
+        let gql = Gql::serve(
+            read_side::graphql::router(api.db.pool.clone(), api.auth.clone()),
+            shutdown.clone(),
+        )
+        .await;
         Self {
             api,
             rabbit,
+            gql,
             _kafka: kafka,
             shutdown,
             tasks,
@@ -245,6 +262,35 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
             "payment_authorized",
             "shipment_created"
         ]
+    );
+    // Visible as confirmed in GraphQL, with every step in its progress.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let progress = loop {
+        let r = stack
+            .gql
+            .query(
+                Some(&stack.api.customer("alice")),
+                "query($id: ID!) { order(id: $id) { status timeline { status } }
+                   checkoutProgress(orderId: $id) { inventoryReserved paymentAuthorized shipmentCreated confirmed } }",
+                json!({"id": ok}),
+            )
+            .await;
+        if r["data"]["order"]["status"] == "CONFIRMED" {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never CONFIRMED in GraphQL: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        progress["data"]["order"]["timeline"],
+        json!([{"status": "PENDING"}, {"status": "INVENTORY_RESERVED"}, {"status": "PAYMENT_AUTHORIZED"}, {"status": "CONFIRMED"}])
+    );
+    assert_eq!(
+        progress["data"]["checkoutProgress"],
+        json!({"inventoryReserved": true, "paymentAuthorized": true, "shipmentCreated": true, "confirmed": true})
     );
     let order_events: Vec<String> = sqlx::query_scalar(
         "SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version",
