@@ -17,8 +17,8 @@
 //! # Layout
 //! - [`model`]: rows in and out (`NewEvent`, `StoredEvent`, `Metadata`, `OutboxMessage`).
 //! - [`hash`]: canonical encoding and the chain hash.
-//! - [`append`](mod@append): the one-statement append.
-//! - [`read`]: loading a stream, the global feed.
+//! - [`append`](mod@append): the one-statement append, and outbox messages without events.
+//! - [`read`]: loading a stream (or one event, or several streams), the global feed.
 //! - [`audit`]: hash-chain verification.
 #![forbid(unsafe_code)]
 
@@ -28,9 +28,9 @@ pub mod hash;
 pub mod model;
 pub mod read;
 
-pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
+pub use append::{AppendOutcome, Expected, append, append_at, enqueue, now_micros};
 pub use model::{Destination, Metadata, NewEvent, OutboxMessage, StoredEvent};
-pub use read::{FeedCursor, load_stream, read_feed};
+pub use read::{FeedCursor, load_event, load_stream, load_streams, read_feed};
 
 /// Errors of the store. A conflict is an expected outcome of concurrency, not a failure.
 #[derive(Debug, thiserror::Error)]

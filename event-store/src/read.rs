@@ -47,6 +47,36 @@ pub async fn load_stream(
     Ok((events, expected))
 }
 
+/// One event of a stream by version, if stored.
+pub async fn load_event(
+    conn: &mut PgConnection,
+    stream_id: Uuid,
+    version: i64,
+) -> Result<Option<StoredEvent>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version = $2"
+    ))
+    .bind(stream_id)
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Every event of several streams, by stream then version, in one query.
+pub async fn load_streams(
+    conn: &mut PgConnection,
+    stream_ids: &[Uuid],
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM events WHERE stream_id = ANY($1) ORDER BY stream_id, stream_version"
+    ))
+    .bind(stream_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
 /// Where a feed reader is: the `(tx_id, position)` of the last event it has seen.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FeedCursor {

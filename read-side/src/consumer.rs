@@ -1,9 +1,11 @@
 //! The projector loop: one Kafka consumer group per projection.
 //!
-//! For each message: in one PostgreSQL transaction, skip it if the stored checkpoint is past
-//! its offset, apply it, and move the checkpoint; commit; then commit the Kafka offset. A crash
-//! between the two commits redelivers the message, and the checkpoint (and the per-version
-//! idempotency of the projection) makes that a no-op. A poison message is dead-lettered
+//! The messages that have already arrived (up to 1,000; it never waits for more) are applied
+//! in one PostgreSQL transaction: skip those behind the stored per-partition checkpoint,
+//! apply the rest, move the checkpoints; commit; then commit the Kafka offsets. A batch with a
+//! message that needs special handling is redone one message at a time. A crash between the
+//! two commits redelivers the messages, and the checkpoints (and the per-version idempotency
+//! of the projection) make that a no-op. A poison message is dead-lettered
 //! ([`crate::dead_letters`]) and copied to the DLQ topic. A transient failure (the database,
 //! a lock held too long) is retried with capped exponential backoff, blocking its partition;
 //! after `max_attempts` it is dead-lettered as `transient` so the partition moves on. When
@@ -137,15 +139,8 @@ impl Projector {
     ) -> anyhow::Result<Handled> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
         let mut tx = self.begin().await?;
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT next_offset FROM projection_checkpoints WHERE projection = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-        )
-        .bind(self.kind.name())
-        .bind(topic)
-        .bind(partition)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if next.is_some_and(|n| offset < n) {
+        let next = self.checkpoints(&mut tx, topic, &[partition]).await?;
+        if next.first().is_some_and(|(_, n)| offset < *n) {
             return Ok(Handled::BehindCheckpoint);
         }
         let incoming = Incoming {
@@ -163,16 +158,8 @@ impl Projector {
                 .await?
             }
         };
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-        )
-        .bind(self.kind.name())
-        .bind(topic)
-        .bind(partition)
-        .bind(offset + 1)
-        .execute(&mut *tx)
-        .await?;
+        self.advance(&mut tx, topic, &[(partition, offset + 1)])
+            .await?;
         tx.commit().await?;
         metrics::counter!("projection_events_total", "projection" => self.kind.name()).increment(1);
         if let Processed::DeadLettered(dl) = &processed {
@@ -298,15 +285,7 @@ impl Projector {
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let stored: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM projection_checkpoints
-             WHERE projection = $1 AND topic = $2 AND partition = ANY($3) ORDER BY partition FOR UPDATE",
-        )
-        .bind(self.kind.name())
-        .bind(topic)
-        .bind(&partitions)
-        .fetch_all(&mut *tx)
-        .await?;
+        let stored = self.checkpoints(&mut tx, topic, &partitions).await?;
         let next = |p: i32| stored.iter().find(|s| s.0 == p).map_or(0, |s| s.1);
         let mut decoded = Vec::with_capacity(batch.len());
         for m in batch.iter().filter(|m| m.offset() >= next(m.partition())) {
@@ -349,6 +328,40 @@ impl Projector {
                 (*p, last.unwrap_or(0) + 1)
             })
             .collect();
+        self.advance(&mut tx, topic, &ends).await?;
+        tx.commit().await?;
+        metrics::counter!("projection_events_total", "projection" => self.kind.name())
+            .increment(decoded.len() as u64);
+        metrics::histogram!("projection_batch_size", "projection" => self.kind.name())
+            .record(batch.len() as f64);
+        Ok(true)
+    }
+
+    /// The stored next offsets of `partitions` (those that have one), locked.
+    async fn checkpoints(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, i64)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_checkpoints
+             WHERE projection = $1 AND topic = $2 AND partition = ANY($3) ORDER BY partition FOR UPDATE",
+        )
+        .bind(self.kind.name())
+        .bind(topic)
+        .bind(partitions)
+        .fetch_all(&mut *conn)
+        .await
+    }
+
+    /// Moves the checkpoints to the given next offsets (never backwards).
+    async fn advance(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        topic: &str,
+        next: &[(i32, i64)],
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
              SELECT $1, $2, p, o FROM unnest($3::int[], $4::bigint[]) AS x(p, o)
@@ -357,16 +370,11 @@ impl Projector {
         )
         .bind(self.kind.name())
         .bind(topic)
-        .bind(ends.iter().map(|e| e.0).collect::<Vec<_>>())
-        .bind(ends.iter().map(|e| e.1).collect::<Vec<_>>())
-        .execute(&mut *tx)
+        .bind(next.iter().map(|e| e.0).collect::<Vec<_>>())
+        .bind(next.iter().map(|e| e.1).collect::<Vec<_>>())
+        .execute(&mut *conn)
         .await?;
-        tx.commit().await?;
-        metrics::counter!("projection_events_total", "projection" => self.kind.name())
-            .increment(decoded.len() as u64);
-        metrics::histogram!("projection_batch_size", "projection" => self.kind.name())
-            .record(batch.len() as f64);
-        Ok(true)
+        Ok(())
     }
 
     /// A transaction with the lock timeout set and the projection's write lock taken.

@@ -59,6 +59,20 @@ pub struct DeadLetter {
 struct Poison {
     class: &'static str,
     message: String,
+    /// Attempts so far and when the first failed (`None`: this one, now).
+    attempts: i32,
+    first_failed_at: Option<DateTime<Utc>>,
+}
+
+impl Poison {
+    fn new(class: &'static str, message: String) -> Self {
+        Self {
+            class,
+            message,
+            attempts: 1,
+            first_failed_at: None,
+        }
+    }
 }
 
 fn envelope_poison(e: &EnvelopeError) -> Poison {
@@ -69,10 +83,7 @@ fn envelope_poison(e: &EnvelopeError) -> Poison {
         EnvelopeError::Event(DecodeError::UnsupportedVersion { .. }) => "unknown_schema_version",
         EnvelopeError::Event(DecodeError::Invalid { .. }) => "invalid_payload",
     };
-    Poison {
-        class,
-        message: e.to_string(),
-    }
+    Poison::new(class, e.to_string())
 }
 
 /// Applies one message to a projection (through its live views), parking or dead-lettering it
@@ -133,10 +144,7 @@ async fn apply_envelope(
                 projection,
                 msg,
                 Some(env),
-                Poison {
-                    class: "invariant",
-                    message: e.to_string(),
-                },
+                Poison::new("invariant", e.to_string()),
             )
             .await
         }
@@ -190,22 +198,11 @@ pub async fn dead_letter_transient(
 ) -> Result<Processed, sqlx::Error> {
     let env = Envelope::parse(msg.payload).ok();
     let poison = Poison {
-        class: "transient",
-        message: error.to_owned(),
+        attempts,
+        first_failed_at: Some(first_failed_at),
+        ..Poison::new("transient", error.to_owned())
     };
-    let processed = dead_letter(conn, kind.name(), msg, env.as_ref(), poison).await?;
-    let Processed::DeadLettered(mut dl) = processed else {
-        unreachable!("dead_letter always dead-letters")
-    };
-    sqlx::query("UPDATE dead_letters SET attempts = $2, first_failed_at = $3 WHERE id = $1")
-        .bind(dl.id)
-        .bind(attempts)
-        .bind(first_failed_at)
-        .execute(&mut *conn)
-        .await?;
-    dl.attempts = attempts;
-    dl.first_failed_at = first_failed_at;
-    Ok(Processed::DeadLettered(dl))
+    dead_letter(conn, kind.name(), msg, env.as_ref(), poison).await
 }
 
 async fn dead_letter(
@@ -219,8 +216,8 @@ async fn dead_letter(
         class = poison.class, error = %poison.message, "dead-lettering an event");
     let row = sqlx::query(&format!(
         r#"INSERT INTO dead_letters (projection, stream_id, stream_version, event_id, topic, partition, "offset",
-                                     error_class, error_message, attempts, payload)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10)
+                                     error_class, error_message, attempts, payload, first_failed_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, COALESCE($12, now()))
            RETURNING {COLUMNS}"#
     ))
     .bind(projection)
@@ -232,7 +229,9 @@ async fn dead_letter(
     .bind(msg.offset)
     .bind(poison.class)
     .bind(&poison.message)
+    .bind(poison.attempts)
     .bind(msg.payload)
+    .bind(poison.first_failed_at)
     .fetch_one(&mut *conn)
     .await?;
     metrics::counter!("projection_dead_letters_total", "projection" => projection.to_owned(), "class" => poison.class)
@@ -354,10 +353,8 @@ async fn from_event_store(
     stream_id: Uuid,
     version: i64,
 ) -> Result<Option<Envelope>, sqlx::Error> {
-    let (events, _) = event_store::load_stream(conn, stream_id).await?;
-    Ok(events
-        .into_iter()
-        .find(|e| e.stream_version == version)
+    Ok(event_store::load_event(conn, stream_id, version)
+        .await?
         .map(Envelope::from_stored))
 }
 

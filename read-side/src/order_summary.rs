@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::Envelope,
-    projection::{Applied, ApplyError, Decoded, Target, next_version},
+    projection::{Applied, ApplyError, Decoded, Target, next_version, touched_orders},
 };
 
 pub const NAME: &str = "order_summary";
@@ -107,18 +107,10 @@ pub async fn apply_batch(
     events: &[Decoded],
 ) -> Result<Vec<Applied>, ApplyError> {
     let table = target.table("order_summary");
-    let mut ids: Vec<Uuid> = events.iter().map(|d| d.env.stream_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    // Live writers lock the rows they change (a dead-letter replay may touch the same order);
-    // a rebuild is the only writer of its version.
-    let lock = if target == Target::Live {
-        "ORDER BY order_id FOR UPDATE"
-    } else {
-        ""
-    };
+    let ids = touched_orders(events);
     let loaded = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM {table} WHERE order_id = ANY($1) {lock}"
+        "SELECT {COLUMNS} FROM {table} WHERE order_id = ANY($1) {}",
+        target.row_lock()
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)

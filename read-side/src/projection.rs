@@ -96,6 +96,24 @@ impl Target {
             Target::Version(v) => versioned(base, v),
         }
     }
+
+    /// The clause that locks the rows a batch loads: live writers lock them in id order (a
+    /// dead-letter replay may touch the same order); a rebuild is the only writer of its
+    /// version.
+    pub fn row_lock(self) -> &'static str {
+        match self {
+            Target::Live => "ORDER BY order_id FOR UPDATE",
+            Target::Version(_) => "",
+        }
+    }
+}
+
+/// The distinct orders a batch touches, sorted.
+pub fn touched_orders(events: &[Decoded]) -> Vec<uuid::Uuid> {
+    let mut ids: Vec<_> = events.iter().map(|d| d.env.stream_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 pub fn versioned(base: &str, version: i32) -> String {

@@ -559,11 +559,13 @@ impl Rebuild {
             return Ok(());
         }
         let at: HashMap<Uuid, i64> = ahead.iter().copied().collect();
-        let mut events = Vec::new();
-        for (id, _) in &ahead {
-            let (stream, _) = event_store::load_stream(conn, *id).await?;
-            events.extend(stream.into_iter().filter(|e| e.stream_version > at[id]));
-        }
+        let ids: Vec<Uuid> = ahead.iter().map(|(id, _)| *id).collect();
+        // One query: this runs while the live projector waits on the switch lock.
+        let events: Vec<_> = event_store::load_streams(conn, &ids)
+            .await?
+            .into_iter()
+            .filter(|e| e.stream_version > at[&e.stream_id])
+            .collect();
         tracing::info!(
             projection = self.kind.name(),
             orders = ahead.len(),

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::Envelope,
-    projection::{Applied, ApplyError, Decoded, Target, next_version},
+    projection::{Applied, ApplyError, Decoded, Target, next_version, touched_orders},
 };
 
 pub const NAME: &str = "sales_by_product";
@@ -128,17 +128,11 @@ pub async fn apply_batch(
         target.table("sales_orders"),
         target.table("sales_by_product_hour"),
     );
-    let mut ids: Vec<Uuid> = events.iter().map(|d| d.env.stream_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let lock = if target == Target::Live {
-        "ORDER BY order_id FOR UPDATE"
-    } else {
-        ""
-    };
+    let ids = touched_orders(events);
     let loaded = sqlx::query(&format!(
         "SELECT order_id, version, placed_hour, currency, lines, cancelled FROM {orders_table}
-         WHERE order_id = ANY($1) {lock}"
+         WHERE order_id = ANY($1) {}",
+        target.row_lock()
     ))
     .bind(&ids)
     .fetch_all(&mut *conn)

@@ -26,6 +26,8 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use write_side::order_stream;
+
 use crate::{
     SagaConfig,
     consumer::{self, ConsumeOptions, Failure},
@@ -249,13 +251,12 @@ impl Orchestrator {
             },
             _ => return Ok(()),
         };
-        let (stored, expected) = event_store::load_stream(conn, order_id.0).await?;
-        let events = stored
-            .iter()
-            .map(|e| wire::decode(&e.event_type, e.schema_version, &e.payload))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
-        let state = order::replay(&events);
+        let (state, expected) = order_stream::load(conn, order_id)
+            .await
+            .map_err(|e| match e {
+                order_stream::LoadError::Database(e) => SagaError::Database(e),
+                unreadable => SagaError::Corrupt(order_id, unreadable.to_string()),
+            })?;
         let new = match order::decide(&state, command) {
             Ok(new) => new,
             Err(rejected) => {
@@ -263,24 +264,7 @@ impl Orchestrator {
                 return Ok(());
             }
         };
-        let recorded_at = event_store::now_micros();
-        let (stored, outbox) = write_side::records::order_records(
-            order_id,
-            expected.version + 1,
-            &new,
-            meta,
-            recorded_at,
-        );
-        event_store::append_at(
-            conn,
-            order_id.0,
-            write_side::records::ORDER_STREAM,
-            &expected,
-            &stored,
-            &outbox,
-            recorded_at,
-        )
-        .await?;
+        order_stream::append(conn, order_id, &expected, &new, meta).await?;
         Ok(())
     }
 

@@ -16,6 +16,7 @@ use domain::{
     saga::{SagaCommand, SagaInput},
     values::{OrderId, Quantity, Sku},
 };
+use event_store::{Destination, OutboxMessage};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -187,24 +188,21 @@ async fn handle(
         } else {
             serde_json::to_vec(&Reply { order_id, input }).expect("reply serializes")
         };
-        sqlx::query(
-            "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
-             VALUES ($1, 'amqp', $2, $3, $4, $5, $6)",
-        )
-        .bind(Uuid::now_v7())
-        .bind(platform::amqp::COMMANDS_EXCHANGE)
-        .bind(names.routing_key("replies"))
-        .bind(order_id.to_string())
-        .bind({
-            let mut h = json!({"causation_id": m.message_id.to_string(), "participant": participant.name()});
-            if let Some(t) = &m.traceparent {
-                h["traceparent"] = json!(t);
-            }
-            h
-        })
-        .bind(payload)
-        .execute(&mut *tx)
-        .await?;
+        let mut headers =
+            json!({"causation_id": m.message_id.to_string(), "participant": participant.name()});
+        if let Some(t) = &m.traceparent {
+            headers["traceparent"] = json!(t);
+        }
+        let reply = OutboxMessage {
+            message_id: Uuid::now_v7(),
+            destination: Destination::Amqp,
+            target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
+            routing_key: names.routing_key("replies"),
+            ordering_key: order_id.to_string(),
+            headers,
+            payload,
+        };
+        event_store::enqueue(&mut tx, &[reply]).await?;
     }
     tx.commit().await?;
     metrics::counter!("saga_participant_commands_total", "participant" => participant.name())

@@ -86,8 +86,8 @@ async fn transport_baseline(
     Ok(out)
 }
 
-/// Placed -> confirmed per order (ms, sorted) and the span from first placed to last
-/// confirmed (s), for orders whose key starts with `phase`.
+/// Placed -> confirmed per order of `orders` (ms, sorted) and the span from the first placed
+/// to the last confirmed (s).
 async fn saga_latencies(pool: &PgPool, orders: &[Uuid]) -> anyhow::Result<(Vec<f64>, f64)> {
     let rows: Vec<(f64, f64, f64)> = sqlx::query_as(
         "SELECT EXTRACT(EPOCH FROM c.recorded_at - p.recorded_at)::float8 * 1000,

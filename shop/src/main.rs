@@ -40,8 +40,8 @@ enum Command {
     Setup,
     /// Applies pending database migrations only.
     Migrate,
-    /// Runs every service role in this process until SIGTERM/Ctrl-C: the command API and the
-    /// outbox relay.
+    /// Runs every service role in this process until SIGTERM/Ctrl-C: the command API, the
+    /// outbox relay, the projectors with the GraphQL API, and the checkout saga.
     Run {
         #[command(flatten)]
         write_side: write_side::WriteSideConfig,

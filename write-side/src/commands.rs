@@ -11,7 +11,6 @@
 use domain::{
     order::{self, CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
     values::{OrderId, Reason},
-    wire,
 };
 use event_store::{Expected, Metadata, StoreError};
 use platform::auth::{Principal, Role};
@@ -19,10 +18,7 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{
-    problem::ApiError,
-    records::{ORDER_STREAM, order_records},
-};
+use crate::{order_stream, problem::ApiError};
 
 /// Who asks, with which key and request, in which trace.
 #[derive(Debug, Clone)]
@@ -179,26 +175,9 @@ async fn append_order_events(
     expected: &Expected,
     events: &[domain::order::OrderEvent],
 ) -> Result<i64, ApiError> {
-    let recorded_at = event_store::now_micros();
-    let (stored, outbox) = order_records(
-        order_id,
-        expected.version + 1,
-        events,
-        &metadata(ctx, order_id),
-        recorded_at,
-    );
-    let out = event_store::append_at(
-        conn,
-        order_id.0,
-        ORDER_STREAM,
-        expected,
-        &stored,
-        &outbox,
-        recorded_at,
-    )
-    .await
-    .map_err(store_error)?;
-    Ok(out.version)
+    order_stream::append(conn, order_id, expected, events, &metadata(ctx, order_id))
+        .await
+        .map_err(store_error)
 }
 
 fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {
@@ -215,15 +194,12 @@ pub async fn load_order(
     principal: &Principal,
     order_id: OrderId,
 ) -> Result<(Order, Expected), ApiError> {
-    let (stored, expected) = event_store::load_stream(conn, order_id.0).await?;
-    let events = stored
-        .iter()
-        .map(|e| wire::decode(&e.event_type, e.schema_version, &e.payload))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            ApiError::Internal(format!("order {order_id} has an unreadable event: {e}"))
+    let (state, expected) = order_stream::load(conn, order_id)
+        .await
+        .map_err(|e| match e {
+            order_stream::LoadError::Database(e) => e.into(),
+            unreadable => ApiError::Internal(unreadable.to_string()),
         })?;
-    let state = order::replay(&events);
     let visible = match (principal.role, state.customer_id()) {
         (_, None) => false,
         (Role::Operator, Some(_)) => true,

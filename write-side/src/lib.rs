@@ -8,6 +8,7 @@
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
 //! - [`dto`]: request bodies and their conversion into domain commands.
 //! - [`records`]: domain events -> stored events + outbox messages (the wire envelope).
+//! - [`order_stream`]: loading an order into the aggregate, appending its events.
 //! - [`commands`]: the transaction: idempotency, load, decide, append.
 //! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod commands;
 pub mod dto;
 pub mod http;
+pub mod order_stream;
 pub mod problem;
 pub mod records;
 
