@@ -52,17 +52,17 @@ pub const LEADER_LOCK: i64 = 0x6f7574626f78;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
     /// Rows published per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(id = "relay_batch_size", long = "relay-batch-size", env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: i64,
     /// How often to look for rows when no NOTIFY arrives (and how often a standby instance
     /// tries to become leader).
-    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = platform::config::parse_duration)]
+    #[arg(id = "relay_poll_interval", long = "relay-poll-interval", env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = platform::config::parse_duration)]
     pub poll_interval: Duration,
     /// Published rows are deleted after this long.
-    #[arg(long, env = "RELAY_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
+    #[arg(id = "relay_retention", long = "relay-retention", env = "RELAY_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
     pub retention: Duration,
     /// Longest wait between retries while a broker is failing.
-    #[arg(long, env = "RELAY_MAX_BACKOFF", default_value = "30s", value_parser = platform::config::parse_duration)]
+    #[arg(id = "relay_max_backoff", long = "relay-max-backoff", env = "RELAY_MAX_BACKOFF", default_value = "30s", value_parser = platform::config::parse_duration)]
     pub max_backoff: Duration,
 }
 
@@ -270,6 +270,21 @@ fn backoff(failures: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1 << failures.min(16));
     let capped = base.min(max);
     capped.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// The relay as a supervised role: a new relay (producers, AMQP sink) on each start, its
+/// broker readiness reported through `ready` (shared across restarts, read by `/readyz`).
+pub async fn run_role(
+    pool: PgPool,
+    infra: platform::config::InfraConfig,
+    cfg: RelayConfig,
+    ready: Arc<AtomicBool>,
+    ctx: platform::supervisor::RoleCtx,
+) -> anyhow::Result<()> {
+    let mut relay = Relay::new(pool, &infra, cfg)?;
+    relay.ready = ready;
+    ctx.up();
+    run(relay, infra.database_url.clone(), ctx.shutdown().clone()).await
 }
 
 /// Runs the relay until `shutdown`: stands by until it is leader, then publishes batches as

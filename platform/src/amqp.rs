@@ -18,6 +18,32 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     Connection::connect(url, props).await
 }
 
+/// Resolves when `conn` is lost: the connection reports an error (a reset socket, the broker
+/// closing it with CONNECTION_FORCED when it stops, a missed heartbeat), or is seen not
+/// connected any more. Consumers' streams do not always end when that happens, so every
+/// long-running user of a connection races its work against this and reconnects.
+pub async fn connection_lost(conn: &Connection) -> anyhow::Error {
+    use futures::StreamExt;
+    let mut events = conn.events_listener();
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) => {
+                    return anyhow::Error::from(e).context("RabbitMQ connection lost");
+                }
+                Some(_) => {}
+                None => return anyhow::anyhow!("RabbitMQ connection closed"),
+            },
+            _ = check.tick() => {
+                if !conn.status().connected() {
+                    return anyhow::anyhow!("RabbitMQ connection is no longer connected");
+                }
+            }
+        }
+    }
+}
+
 /// A channel with publisher confirms enabled.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
     let ch = conn.create_channel().await?;

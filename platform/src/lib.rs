@@ -8,6 +8,9 @@
 //! - [`telemetry`]: `tracing` set-up (JSON when stdout is not a terminal, `RUST_LOG`).
 //! - [`shutdown`]: the one cancellation token, cancelled by SIGTERM or Ctrl-C.
 //! - [`auth`]: bearer JWTs (HS256) with a role, shared by the command API and GraphQL.
+//! - [`errors`]: the one classification of failures (transient, permanent, poison).
+//! - [`supervisor`]: named roles restarted with backoff on transient failures; a permanent
+//!   one stops the process non-zero. `/readyz` reports every role.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` routes for any axum server.
 //! - [`db`], [`kafka`], [`amqp`]: connecting to PostgreSQL, Kafka and RabbitMQ the same way
 //!   everywhere (pool sizes, idempotent producer, publisher confirms, topic creation).
@@ -17,7 +20,9 @@ pub mod amqp;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod errors;
 pub mod kafka;
 pub mod ops;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;

@@ -1,11 +1,14 @@
-//! Operational endpoints every service exposes: `/healthz`, `/readyz`, `/metrics`.
+//! Operational endpoints: `/healthz`, `/readyz`, `/metrics`.
 //!
+//! `/readyz` and `/metrics` belong on the ops listener (loopback by default): they tell an
+//! outsider what runs and how loaded it is. Public listeners merge only [`health_router`].
 //! `/healthz` says the process is alive (always 200 while it can answer). `/readyz` runs the
 //! service's named dependency checks and answers 503 with the failing ones when any fails, so a
 //! load balancer stops sending work while, say, PostgreSQL is unreachable. `/metrics` renders
 //! the process-wide Prometheus recorder that every crate writes to through the `metrics` macros.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -18,7 +21,24 @@ use futures::future::{BoxFuture, join_all};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
+use anyhow::Context;
+
+use crate::supervisor::{RoleCtx, Roles};
+
 type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Where the ops listener (`/healthz`, `/readyz`, `/metrics`) listens, and how long a role
+/// may be down before `/readyz` answers 503.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OpsConfig {
+    /// Address of the ops listener: `/readyz` (every role), `/metrics`, `/healthz`. Keep it
+    /// on loopback or a private network.
+    #[arg(id = "ops_addr", long = "ops-addr", env = "OPS_ADDR", default_value = "127.0.0.1:9090")]
+    pub addr: SocketAddr,
+    /// How long a role that was up may be restarting before `/readyz` answers 503.
+    #[arg(id = "ops_ready_grace", long = "ops-ready-grace", env = "READY_GRACE", default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub ready_grace: Duration,
+}
 
 /// How long one readiness check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -27,6 +47,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(&'static str, CheckFn)>,
+    roles: Option<(Roles, Duration)>,
 }
 
 impl Readiness {
@@ -66,6 +87,12 @@ impl Readiness {
         })
     }
 
+    /// Also requires every supervised role to be up (or restarting for less than `grace`).
+    pub fn roles(mut self, roles: Roles, grace: Duration) -> Self {
+        self.roles = Some((roles, grace));
+        self
+    }
+
     /// Runs every check concurrently; returns whether all passed and a per-check report.
     pub async fn report(&self) -> (bool, serde_json::Value) {
         let results = join_all(self.checks.iter().map(|(name, f)| async move {
@@ -76,7 +103,7 @@ impl Readiness {
             (*name, r)
         }))
         .await;
-        let ready = results.iter().all(|(_, r)| r.is_ok());
+        let mut ready = results.iter().all(|(_, r)| r.is_ok());
         let checks: serde_json::Map<_, _> = results
             .into_iter()
             .map(|(name, r)| {
@@ -87,7 +114,16 @@ impl Readiness {
                 (name.to_owned(), v)
             })
             .collect();
-        (ready, json!({"ready": ready, "checks": checks}))
+        let mut body = json!({"checks": checks});
+        if let Some((roles, grace)) = &self.roles {
+            let (roles_ready, report) = roles.report(*grace);
+            ready &= roles_ready;
+            body["roles"] = report["roles"].clone();
+            body["role_details"] = report["role_details"].clone();
+        }
+        body["ready"] = json!(ready);
+        body["status"] = json!(if ready { "ready" } else { "degraded" });
+        (ready, body)
     }
 }
 
@@ -108,11 +144,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Routes for `/healthz`, `/readyz` and `/metrics`, to merge into a service's router.
+/// `/healthz` alone: what a public listener (command API, GraphQL) exposes.
+pub fn health_router() -> Router {
+    Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+}
+
+/// Routes for `/healthz`, `/readyz` and `/metrics`: the ops listener (loopback by default).
 pub fn router(readiness: Readiness) -> Router {
     let handle = metrics_handle();
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+    health_router()
         .route("/readyz", get(readyz).with_state(readiness))
         .route(
             "/metrics",
@@ -127,6 +167,20 @@ pub fn router(readiness: Readiness) -> Router {
                 }
             }),
         )
+}
+
+/// Binds `addr` and serves `router` as a supervised role until shutdown. A port already
+/// taken is a permanent failure (the process stops with the address in the message).
+pub async fn serve(addr: SocketAddr, router: Router, ctx: RoleCtx) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {} to {addr} (port taken?)", ctx.name()))?;
+    tracing::info!(role = ctx.name(), %addr, "listening");
+    ctx.up();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(ctx.shutdown().clone().cancelled_owned())
+        .await
+        .with_context(|| format!("serving {} on {addr}", ctx.name()))
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {

@@ -32,13 +32,13 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectorConfig {
     /// Attempts at a message failing with transient errors before it is dead-lettered.
-    #[arg(long, env = "PROJECTION_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(id = "projection_max_attempts", long = "projection-max-attempts", env = "PROJECTION_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt up to 30 s.
-    #[arg(long, env = "PROJECTION_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
+    #[arg(id = "projection_retry_base", long = "projection-retry-base", env = "PROJECTION_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
     pub retry_base: Duration,
     /// How long one message may wait for a row lock before that attempt fails.
-    #[arg(long, env = "PROJECTION_LOCK_TIMEOUT", default_value = "5s", value_parser = platform::config::parse_duration)]
+    #[arg(id = "projection_lock_timeout", long = "projection-lock-timeout", env = "PROJECTION_LOCK_TIMEOUT", default_value = "5s", value_parser = platform::config::parse_duration)]
     pub lock_timeout: Duration,
 }
 
@@ -200,19 +200,46 @@ impl Projector {
         }
     }
 
-    /// Consumes until `shutdown`; the message in hand is finished first.
+    /// The projector of `kind` as a supervised role: creates the consumer, waits until a
+    /// broker answers (so the role is up only while Kafka is reachable), then consumes until
+    /// shutdown. A consumer error (a broker restarting, the group coordinator moving) ends
+    /// the run with that error; the supervisor starts it again after a backoff, and the
+    /// PostgreSQL checkpoints make the redelivered messages no-ops.
+    pub async fn run_role(
+        kind: Kind,
+        pool: PgPool,
+        brokers: String,
+        topic: String,
+        group_prefix: String,
+        config: ProjectorConfig,
+        ctx: platform::supervisor::RoleCtx,
+    ) -> anyhow::Result<()> {
+        let projector = Self::new(kind, pool, &brokers, &topic, &group_prefix, config)?;
+        platform::kafka::wait_ready(&brokers, Duration::from_secs(10)).await?;
+        ctx.up();
+        projector.run(ctx.shutdown().clone()).await
+    }
+
+    /// Consumes until `shutdown`; the message in hand is finished first. Returns the first
+    /// consumer error (nothing is skipped: the offsets of unapplied messages stay
+    /// uncommitted).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        use anyhow::Context;
         use futures::FutureExt;
+        let name = self.kind.name();
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m?.detach(),
+                m = self.consumer.recv() => m.with_context(|| format!("projector {name}: consuming from Kafka"))?.detach(),
             };
             // Whatever else has already arrived joins the batch; nothing waits for more.
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.consumer.recv().now_or_never() {
-                    Some(m) => batch.push(m?.detach()),
+                    Some(m) => batch.push(
+                        m.with_context(|| format!("projector {name}: consuming from Kafka"))?
+                            .detach(),
+                    ),
                     None => break,
                 }
             }
@@ -227,6 +254,8 @@ impl Projector {
                     Offset::Offset(m.offset() + 1),
                 )?;
             }
+            metrics::gauge!("projection_last_progress_timestamp_seconds", "projection" => name)
+                .set(chrono::Utc::now().timestamp() as f64);
             if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
                 // The checkpoints in PostgreSQL already cover them; a redelivery is skipped.
                 tracing::debug!(error = %e, "kafka offset commit failed");

@@ -706,9 +706,8 @@ impl GraphqlApi {
         builder.finish()
     }
 
-    /// `/graphql`, `/graphql/ws` plus the ops routes (`/readyz` checks PostgreSQL).
+    /// `/graphql`, `/graphql/ws` and `/healthz` (readiness and metrics are on the ops listener).
     pub fn router(&self) -> Router {
-        let readiness = platform::ops::Readiness::new().postgres(self.pool.clone());
         Router::new()
             .route("/graphql", get(graphiql).post(graphql))
             .route("/graphql/ws", get(graphql_ws))
@@ -716,7 +715,7 @@ impl GraphqlApi {
                 schema: self.schema(),
                 auth: self.auth.clone(),
             })
-            .merge(platform::ops::router(readiness))
+            .merge(platform::ops::health_router())
     }
 }
 

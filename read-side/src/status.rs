@@ -38,6 +38,10 @@ pub struct ProjectionStatus {
     pub state: State,
     pub position: i64,
     pub lag: Option<i64>,
+    /// Partitions whose next offset to apply is below the oldest offset Kafka still holds:
+    /// events the projection never applied were deleted by retention. Never skipped
+    /// silently: the way out is `shop projections rebuild NAME` (from the event store).
+    pub behind_retention: Option<i64>,
     pub rebuild: Option<RebuildStatus>,
     pub last_rebuilt_at: Option<DateTime<Utc>>,
 }
@@ -128,6 +132,17 @@ pub async fn all(
                 })
                 .sum()
         });
+        let behind_retention = marks.as_ref().map(|(topic, m)| {
+            m.iter()
+                .filter(|(p, (low, _))| {
+                    let at = checkpoints
+                        .iter()
+                        .find(|c| &c.0 == topic && c.1 == **p)
+                        .map_or(0, |c| c.2);
+                    at < *low
+                })
+                .count() as i64
+        });
         let rebuild_version: Option<i32> = r.try_get("rebuild_version")?;
         let state = match rebuild_version {
             None => State::Live,
@@ -140,6 +155,7 @@ pub async fn all(
             state,
             position,
             lag,
+            behind_retention,
             rebuild: match rebuild_version {
                 None => None,
                 Some(version) => Some(RebuildStatus {
@@ -155,4 +171,44 @@ pub async fn all(
         });
     }
     Ok(out)
+}
+
+/// Exports every projection's position, lag and retention trouble to `/metrics` every 10 s
+/// (a supervised role): `projection_position`, `projection_lag_events`,
+/// `projection_partitions_behind_retention`. A projection behind retention is also logged.
+pub async fn report_metrics(
+    pool: PgPool,
+    watermarks: Watermarks,
+    ctx: platform::supervisor::RoleCtx,
+) -> anyhow::Result<()> {
+    let mut warned = std::collections::HashSet::new();
+    while !ctx.shutdown().is_cancelled() {
+        match all(&pool, Some(&watermarks)).await {
+            Ok(statuses) => {
+                ctx.up();
+                for p in statuses {
+                    metrics::gauge!("projection_position", "projection" => p.name)
+                        .set(p.position as f64);
+                    if let Some(lag) = p.lag {
+                        metrics::gauge!("projection_lag_events", "projection" => p.name)
+                            .set(lag as f64);
+                    }
+                    if let Some(n) = p.behind_retention {
+                        metrics::gauge!("projection_partitions_behind_retention", "projection" => p.name)
+                            .set(n as f64);
+                        if n > 0 && warned.insert(p.name) {
+                            tracing::error!(projection = p.name, partitions = n,
+                                "events this projection never applied are gone from Kafka (retention); rebuild it from the event store: shop projections rebuild {}", p.name);
+                        }
+                    }
+                }
+            }
+            Err(e) => ctx.down(&format!("reading projection status: {e}")),
+        }
+        tokio::select! {
+            _ = ctx.shutdown().cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+    Ok(())
 }

@@ -23,8 +23,9 @@ pub mod orchestrator;
 pub mod participants;
 pub mod topology;
 
-use std::time::Duration;
+use std::{future::Future, sync::Arc, time::Duration};
 
+use platform::supervisor::Supervisor;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -32,34 +33,34 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, clap::Args)]
 pub struct SagaConfig {
     /// Prefix of the saga's queue names and routing keys (isolates deployments sharing a broker).
-    #[arg(long, env = "SAGA_QUEUE_PREFIX", default_value = "")]
+    #[arg(id = "saga_queue_prefix", long = "saga-queue-prefix", env = "SAGA_QUEUE_PREFIX", default_value = "")]
     pub queue_prefix: String,
     /// How long a step may go unanswered before it is sent again.
-    #[arg(long, env = "SAGA_STEP_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
+    #[arg(id = "saga_step_timeout", long = "saga-step-timeout", env = "SAGA_STEP_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
     pub step_timeout: Duration,
     /// How many times a step is sent before the saga compensates.
-    #[arg(long, env = "SAGA_STEP_ATTEMPTS", default_value_t = 3)]
+    #[arg(id = "saga_step_attempts", long = "saga-step-attempts", env = "SAGA_STEP_ATTEMPTS", default_value_t = 3)]
     pub step_attempts: u32,
     /// Deliveries of one message (transient failures) before it goes to the dead-letter queue.
-    #[arg(long, env = "SAGA_MAX_DELIVERIES", default_value_t = 5)]
+    #[arg(id = "saga_max_deliveries", long = "saga-max-deliveries", env = "SAGA_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u32,
     /// First redelivery delay after a transient failure (doubles per attempt, at most 10 s).
-    #[arg(long, env = "SAGA_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
+    #[arg(id = "saga_retry_base", long = "saga-retry-base", env = "SAGA_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
     pub retry_base: Duration,
     /// Messages each consumer (orchestrator replies, each participant) handles at once.
-    #[arg(long, env = "SAGA_CONCURRENCY", default_value_t = 8)]
+    #[arg(id = "saga_concurrency", long = "saga-concurrency", env = "SAGA_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Run the stand-in participants in this process.
-    #[arg(long, env = "SAGA_PARTICIPANTS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(id = "saga_participants", long = "saga-participants", env = "SAGA_PARTICIPANTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub participants: bool,
     /// Stand-in switch: the named participant (inventory, payment, shipping) answers with
     /// malformed replies, to exercise the orchestrator's dead-letter path.
-    #[arg(long, env = "SAGA_POISON_REPLIES_FROM")]
+    #[arg(id = "saga_poison_replies_from", long = "saga-poison-replies-from", env = "SAGA_POISON_REPLIES_FROM")]
     pub poison_replies_from: Option<String>,
     /// Stand-in switch: the named participant refuses every command as invalid (dead-letters
     /// it), like a participant with a validation bug; replay the dead letters after turning
     /// it off.
-    #[arg(long, env = "SAGA_REFUSE_COMMANDS_AT")]
+    #[arg(id = "saga_refuse_commands_at", long = "saga-refuse-commands-at", env = "SAGA_REFUSE_COMMANDS_AT")]
     pub refuse_commands_at: Option<String>,
 }
 
@@ -93,32 +94,108 @@ impl Default for SagaConfig {
     }
 }
 
-/// Runs the orchestrator (and the participants, if configured) until `shutdown`. A broker
-/// outage does not stop it: the tasks are restarted on a new connection after a backoff
-/// (messages not acked meanwhile are redelivered; inputs are idempotent).
+/// Runs the orchestrator (and the participants, if configured) until `shutdown`, each part
+/// a supervised role ([`roles`]). Returns only at shutdown or on a permanent failure.
 pub async fn run(
     pool: PgPool,
     amqp_url: String,
     config: SagaConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut failures = 0u32;
-    while !shutdown.is_cancelled() {
-        match run_once(&pool, &amqp_url, &config, &shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                failures += 1;
-                let wait = Duration::from_millis(250 * u64::from(failures.min(40)));
-                tracing::warn!(error = %e, retry_in = ?wait, "saga runtime stopped; restarting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
+    let mut supervisor = Supervisor::new(shutdown);
+    roles(&mut supervisor, pool, amqp_url, config);
+    supervisor.wait().await
+}
+
+/// Adds the saga's roles to `supervisor`. The feed and the deadlines need only PostgreSQL;
+/// each RabbitMQ consumer has its own connection, so a broker outage restarts those alone,
+/// and each reconnects and declares its queues again when the broker is back.
+/// - `saga:feed`: starts and stops sagas from the event store's feed;
+/// - `saga:deadlines`: fires due step deadlines;
+/// - `saga:replies`: consumes participants' replies;
+/// - `saga:dlq-depth`: exports the dead-letter queues' depth;
+/// - `participant:inventory|payment|shipping`: the stand-ins, when configured.
+pub fn roles(supervisor: &mut Supervisor, pool: PgPool, amqp_url: String, config: SagaConfig) {
+    let orchestrator = orchestrator::Orchestrator::new(pool.clone(), config.clone());
+    let o = orchestrator.clone();
+    supervisor.spawn("saga:feed", move |ctx| o.clone().run_feed(ctx));
+    let o = orchestrator.clone();
+    supervisor.spawn("saga:deadlines", move |ctx| o.clone().run_deadlines(ctx));
+    let names = topology::Names::new(&config.queue_prefix);
+    let delays = config.retry_delays();
+    let (url, o) = (amqp_url.clone(), orchestrator);
+    let (n, d) = (names.clone(), delays.clone());
+    supervisor.spawn("saga:replies", move |ctx| {
+        let (url, o, n, d) = (url.clone(), o.clone(), n.clone(), d.clone());
+        async move {
+            let conn = connect(&url, "checkout-saga", &n, &d).await?;
+            ctx.up();
+            watched(&conn, o.run_replies(conn.clone(), ctx.shutdown().clone())).await
         }
+    });
+    let (url, n, d) = (amqp_url.clone(), names.clone(), delays.clone());
+    supervisor.spawn("saga:dlq-depth", move |ctx| {
+        let (url, n, d) = (url.clone(), n.clone(), d.clone());
+        async move {
+            let conn = connect(&url, "checkout-saga-dlq-depth", &n, &d).await?;
+            ctx.up();
+            watched(
+                &conn,
+                report_dead_letter_depth(conn.clone(), n, ctx.shutdown().clone()),
+            )
+            .await
+        }
+    });
+    if !config.participants {
+        return;
     }
-    tracing::info!("saga runtime stopped");
-    Ok(())
+    for p in participants::Participant::ALL {
+        let (url, n, d, pool, config) = (
+            amqp_url.clone(),
+            names.clone(),
+            delays.clone(),
+            pool.clone(),
+            config.clone(),
+        );
+        supervisor.spawn(format!("participant:{}", p.name()), move |ctx| {
+            let (url, n, d, pool, config) =
+                (url.clone(), n.clone(), d.clone(), pool.clone(), config.clone());
+            async move {
+                let conn = connect(&url, &format!("participant-{}", p.name()), &n, &d).await?;
+                ctx.up();
+                let consuming =
+                    participants::run(p, pool, conn.clone(), config, ctx.shutdown().clone());
+                watched(&conn, consuming).await
+            }
+        });
+    }
+}
+
+/// A connection with the saga's topology declared (idempotent, so every reconnect declares
+/// whatever a restarted broker lost).
+async fn connect(
+    url: &str,
+    name: &str,
+    names: &topology::Names,
+    retry_delays: &[Duration],
+) -> anyhow::Result<Arc<lapin::Connection>> {
+    let conn = Arc::new(platform::amqp::connect(url, name).await?);
+    topology::declare(&conn, names, retry_delays).await?;
+    Ok(conn)
+}
+
+/// Runs `work` until it ends or the connection is lost (whichever first), then closes the
+/// connection. A lost connection is an error, so the supervisor reconnects.
+async fn watched(
+    conn: &lapin::Connection,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let result = tokio::select! {
+        r = work => r,
+        e = platform::amqp::connection_lost(conn) => Err(e),
+    };
+    conn.close(200, "shutdown".into()).await.ok();
+    result
 }
 
 /// Exports `saga_dlq_depth{queue}` every 10 s (passive declares: nothing is created).
@@ -150,50 +227,4 @@ async fn report_dead_letter_depth(
     }
     ch.close(200, "shutdown".into()).await.ok();
     Ok(())
-}
-
-/// One connection's life: declare the topology, run every task until shutdown or the first
-/// failure (which stops the others).
-async fn run_once(
-    pool: &PgPool,
-    amqp_url: &str,
-    config: &SagaConfig,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let conn = std::sync::Arc::new(platform::amqp::connect(amqp_url, "checkout-saga").await?);
-    let names = topology::Names::new(&config.queue_prefix);
-    topology::declare(&conn, &names, &config.retry_delays()).await?;
-    let stop = shutdown.child_token();
-    let mut tasks = tokio::task::JoinSet::new();
-    let orchestrator = orchestrator::Orchestrator::new(pool.clone(), config.clone());
-    tasks.spawn(orchestrator.clone().run_feed(stop.clone()));
-    tasks.spawn(orchestrator.clone().run_deadlines(stop.clone()));
-    tasks.spawn(orchestrator.run_replies(conn.clone(), stop.clone()));
-    tasks.spawn(report_dead_letter_depth(
-        conn.clone(),
-        names.clone(),
-        stop.clone(),
-    ));
-    if config.participants {
-        for p in participants::Participant::ALL {
-            tasks.spawn(participants::run(
-                p,
-                pool.clone(),
-                conn.clone(),
-                config.clone(),
-                stop.clone(),
-            ));
-        }
-    }
-    let mut result = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
-            stop.cancel();
-            if result.is_ok() {
-                result = Err(e);
-            }
-        }
-    }
-    conn.close(200, "shutdown".into()).await.ok();
-    result
 }

@@ -23,6 +23,7 @@ use event_store::{
 };
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
+use platform::supervisor::RoleCtx;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -352,19 +353,26 @@ impl Orchestrator {
 
     /// Starts and stops sagas from the event store's feed until `shutdown`. Wakes on the
     /// outbox's NOTIFY (every append sends one) and polls every second as a fallback.
-    pub async fn run_feed(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_feed(self, ctx: RoleCtx) -> anyhow::Result<()> {
+        let shutdown = ctx.shutdown().clone();
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen("outbox").await?;
+        ctx.up();
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let wait = match self.feed_page().await {
                 Ok(n) if n > 0 => {
                     failures = 0;
+                    ctx.up();
                     continue;
                 }
-                Ok(_) => None,
+                Ok(_) => {
+                    ctx.up();
+                    None
+                }
                 Err(e) => {
                     failures += 1;
+                    ctx.down(&format!("{e:#}"));
                     tracing::warn!(error = %e, "saga feed step failed");
                     Some(Duration::from_millis(100 * u64::from(failures.min(50))))
                 }
@@ -448,11 +456,16 @@ impl Orchestrator {
     }
 
     /// Fires due step deadlines until `shutdown`.
-    pub async fn run_deadlines(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_deadlines(self, ctx: RoleCtx) -> anyhow::Result<()> {
+        let shutdown = ctx.shutdown().clone();
         while !shutdown.is_cancelled() {
             let fired = match self.fire_due().await {
-                Ok(n) => n,
+                Ok(n) => {
+                    ctx.up();
+                    n
+                }
                 Err(e) => {
+                    ctx.down(&format!("{e:#}"));
                     tracing::warn!(error = %e, "firing saga deadlines failed");
                     0
                 }

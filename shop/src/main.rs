@@ -4,13 +4,20 @@
 //! libraries. Every subcommand's work lives in a library crate where tests can drive it.
 #![forbid(unsafe_code)]
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use platform::{
     auth::{AuthConfig, Authenticator, Role},
     config::InfraConfig,
+    errors::{ErrorClass, classify},
+    ops::OpsConfig,
+    supervisor::Supervisor,
 };
 use uuid::Uuid;
 
@@ -47,9 +54,6 @@ enum Command {
         write_side: write_side::WriteSideConfig,
         #[command(flatten)]
         relay: outbox_relay::RelayConfig,
-        /// Address of the relay's /healthz, /readyz and /metrics.
-        #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
-        relay_ops_addr: std::net::SocketAddr,
         /// Address of the GraphQL read API (GraphiQL on GET /graphql).
         #[arg(long, env = "GRAPHQL_ADDR", default_value = "127.0.0.1:8081")]
         graphql_addr: std::net::SocketAddr,
@@ -57,12 +61,16 @@ enum Command {
         projector: read_side::consumer::ProjectorConfig,
         #[command(flatten)]
         saga: saga::SagaConfig,
+        #[command(flatten)]
+        ops: OpsConfig,
     },
     /// Runs only the checkout saga (orchestrator, and the stand-in participants unless
     /// SAGA_PARTICIPANTS=false).
     Saga {
         #[command(flatten)]
         saga: saga::SagaConfig,
+        #[command(flatten)]
+        ops: OpsConfig,
     },
     /// Stand-in inventory: stock per SKU.
     Inventory {
@@ -73,9 +81,8 @@ enum Command {
     Relay {
         #[command(flatten)]
         relay: outbox_relay::RelayConfig,
-        /// Address of the relay's /healthz, /readyz and /metrics.
-        #[arg(long, env = "RELAY_OPS_ADDR", default_value = "127.0.0.1:9091")]
-        ops_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        ops: OpsConfig,
     },
     /// Read-side projections: status, and rebuild by replay of the event store.
     Projections {
@@ -231,34 +238,35 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Run {
             write_side,
             relay,
-            relay_ops_addr,
             graphql_addr,
             projector,
             saga,
+            ops,
         } => {
-            run(
-                &cli.infra,
-                &write_side,
-                relay,
-                relay_ops_addr,
-                graphql_addr,
-                projector,
-                saga,
-            )
-            .await?
+            let roles = Roles {
+                write_side: Some(write_side),
+                relay: Some(relay),
+                graphql_addr: Some(graphql_addr),
+                projector: Some(projector),
+                saga: Some(saga),
+            };
+            run(&cli.infra, roles, ops).await?
         }
-        Command::Saga { saga } => {
-            let pool = platform::db::connect_config(&cli.infra).await?;
-            saga::run(
-                pool,
-                cli.infra.amqp_url.clone(),
-                saga,
-                platform::shutdown::token(),
-            )
-            .await?
+        Command::Saga { saga, ops } => {
+            let roles = Roles {
+                saga: Some(saga),
+                ..Roles::default()
+            };
+            run(&cli.infra, roles, ops).await?
         }
         Command::Inventory { command } => return inventory(&cli.infra, command).await,
-        Command::Relay { relay, ops_addr } => run_relay(&cli.infra, relay, ops_addr).await?,
+        Command::Relay { relay, ops } => {
+            let roles = Roles {
+                relay: Some(relay),
+                ..Roles::default()
+            };
+            run(&cli.infra, roles, ops).await?
+        }
         Command::Outbox { command } => return outbox(&cli.infra, command).await,
         Command::Dlq {
             queue_prefix,
@@ -321,113 +329,115 @@ async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(
-    infra: &InfraConfig,
-    write_cfg: &write_side::WriteSideConfig,
-    relay_cfg: outbox_relay::RelayConfig,
-    relay_ops_addr: std::net::SocketAddr,
-    graphql_addr: std::net::SocketAddr,
-    projector_cfg: read_side::consumer::ProjectorConfig,
-    saga_cfg: saga::SagaConfig,
-) -> anyhow::Result<()> {
-    setup(infra).await?;
+/// Which roles a `shop run|relay|saga` process runs (the others stay `None`).
+#[derive(Default)]
+struct Roles {
+    write_side: Option<write_side::WriteSideConfig>,
+    relay: Option<outbox_relay::RelayConfig>,
+    graphql_addr: Option<std::net::SocketAddr>,
+    projector: Option<read_side::consumer::ProjectorConfig>,
+    saga: Option<saga::SagaConfig>,
+}
+
+/// Sets up the database and topics, then runs the chosen roles under one supervisor with the
+/// ops listener until SIGTERM/Ctrl-C (exit 0) or a permanent failure (exit non-zero).
+async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::token();
+    if !setup_with_retries(infra, &shutdown).await? {
+        return Ok(());
+    }
     let pool = platform::db::connect_config(infra).await?;
-    let checkout_saga = tokio::spawn(saga::run(
-        pool.clone(),
-        infra.amqp_url.clone(),
-        saga_cfg,
-        shutdown.clone(),
-    ));
+    let mut sup = Supervisor::new(shutdown);
+    let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
-    let mut projecting = Vec::new();
-    for kind in read_side::projection::Kind::ALL {
-        let projector = read_side::consumer::Projector::new(
-            kind,
-            pool.clone(),
-            &infra.kafka_brokers,
-            &topic,
-            &infra.kafka_topic_prefix,
-            projector_cfg.clone(),
-        )?;
-        projecting.push(tokio::spawn(projector.run(shutdown.clone())));
+    if let Some(cfg) = roles.write_side.as_ref() {
+        let state = write_side::http::AppState::new(pool.clone(), Authenticator::from_config(&cfg.auth));
+        let router = write_side::http::router(state, cfg.max_body_bytes);
+        let addr = cfg.http_addr;
+        sup.spawn("command-api", move |ctx| platform::ops::serve(addr, router.clone(), ctx));
     }
-    let graphql_listener = tokio::net::TcpListener::bind(graphql_addr)
-        .await
-        .with_context(|| {
-            format!("binding the GraphQL API to {graphql_addr} (port taken? set GRAPHQL_ADDR)")
-        })?;
-    tracing::info!(addr = %graphql_addr, "graphql api listening");
-    let graphql_api = read_side::graphql::GraphqlApi {
-        pool: pool.clone(),
-        auth: Authenticator::from_config(&write_cfg.auth),
-        watermarks: Some(read_side::status::Watermarks::new(
-            &infra.kafka_brokers,
-            &topic,
-        )?),
-    };
-    let graphql = axum::serve(graphql_listener, graphql_api.router())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let graphql = tokio::spawn(async move { graphql.await });
-    // The relay keeps its own readiness: a broker outage must not make the command API look
-    // unready, since commands keep being accepted into the outbox meanwhile.
-    let relay = tokio::spawn(serve_relay(
-        infra.clone(),
-        pool.clone(),
-        relay_cfg,
-        relay_ops_addr,
-        shutdown.clone(),
-    ));
-    let api = write_side::build(write_cfg, pool).await?;
-    let served = api.run(shutdown.clone()).await;
-    shutdown.cancel();
-    relay.await??;
-    for p in projecting {
-        p.await??;
+    if let Some(relay_cfg) = roles.relay {
+        let ready = Arc::new(AtomicBool::new(true));
+        readiness = readiness.flag("relay.brokers", ready.clone());
+        let (pool, infra) = (pool.clone(), infra.clone());
+        sup.spawn("relay", move |ctx| {
+            outbox_relay::run_role(pool.clone(), infra.clone(), relay_cfg.clone(), ready.clone(), ctx)
+        });
     }
-    checkout_saga.await??;
-    graphql.await??;
-    served?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-async fn run_relay(
-    infra: &InfraConfig,
-    relay_cfg: outbox_relay::RelayConfig,
-    ops_addr: std::net::SocketAddr,
-) -> anyhow::Result<()> {
-    let shutdown = platform::shutdown::token();
-    let pool = platform::db::connect_config(infra).await?;
-    serve_relay(infra.clone(), pool, relay_cfg, ops_addr, shutdown).await
-}
-
-/// The relay loop plus its own /healthz, /readyz (PostgreSQL and brokers) and /metrics.
-async fn serve_relay(
-    infra: InfraConfig,
-    pool: sqlx::PgPool,
-    relay_cfg: outbox_relay::RelayConfig,
-    ops_addr: std::net::SocketAddr,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    let relay = outbox_relay::Relay::new(pool.clone(), &infra, relay_cfg)?;
-    let readiness = platform::ops::Readiness::new()
-        .postgres(pool)
-        .flag("brokers", relay.ready.clone());
-    let listener = tokio::net::TcpListener::bind(ops_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the relay's ops endpoint to {ops_addr} (port taken? set RELAY_OPS_ADDR)"
-            )
-        })?;
-    let ops = axum::serve(listener, platform::ops::router(readiness))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let ops_task = tokio::spawn(async move { ops.await });
-    let result = outbox_relay::run(relay, infra.database_url.clone(), shutdown.clone()).await;
-    shutdown.cancel();
-    ops_task.await??;
+    if let Some(projector_cfg) = roles.projector {
+        for kind in read_side::projection::Kind::ALL {
+            let (pool, infra, topic, cfg) = (pool.clone(), infra.clone(), topic.clone(), projector_cfg.clone());
+            sup.spawn(format!("projector:{}", kind.name()), move |ctx| {
+                read_side::consumer::Projector::run_role(
+                    kind,
+                    pool.clone(),
+                    infra.kafka_brokers.clone(),
+                    topic.clone(),
+                    infra.kafka_topic_prefix.clone(),
+                    cfg.clone(),
+                    ctx,
+                )
+            });
+        }
+        let watermarks = read_side::status::Watermarks::new(&infra.kafka_brokers, &topic)?;
+        let p = pool.clone();
+        sup.spawn("projection-metrics", move |ctx| {
+            read_side::status::report_metrics(p.clone(), watermarks.clone(), ctx)
+        });
+    }
+    if let (Some(addr), Some(cfg)) = (roles.graphql_addr, roles.write_side.as_ref()) {
+        let graphql_api = read_side::graphql::GraphqlApi {
+            pool: pool.clone(),
+            auth: Authenticator::from_config(&cfg.auth),
+            watermarks: Some(read_side::status::Watermarks::new(&infra.kafka_brokers, &topic)?),
+        };
+        let router = graphql_api.router();
+        sup.spawn("graphql", move |ctx| platform::ops::serve(addr, router.clone(), ctx));
+    }
+    if let Some(saga_cfg) = roles.saga {
+        saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);
+    }
+    let readiness = readiness.roles(sup.roles(), ops.ready_grace);
+    let ops_router = platform::ops::router(readiness);
+    sup.spawn("ops", move |ctx| platform::ops::serve(ops.addr, ops_router.clone(), ctx));
+    let result = sup.wait().await;
+    pool.close().await;
+    match &result {
+        Ok(()) => tracing::info!("stopped"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "stopped after a permanent failure"),
+    }
     result
+}
+
+/// Runs `shop setup`, retrying transient failures (PostgreSQL or Kafka still starting) with
+/// backoff until shutdown; a permanent one (a migration whose checksum changed, wrong
+/// credentials) is returned. `false` when shutdown came first.
+async fn setup_with_retries(
+    infra: &InfraConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<bool> {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let e = match setup(infra).await {
+            Ok(()) => return Ok(true),
+            Err(e) => e,
+        };
+        if classify(&e) == ErrorClass::Permanent {
+            return Err(e.context("setting up the database and topics"));
+        }
+        let wait = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "setup failed; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 async fn dlq(
@@ -721,4 +731,79 @@ async fn audit_verify(infra: &InfraConfig, order: Option<Uuid>) -> anyhow::Resul
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flattened config together: clap's own consistency checks (duplicate ids or
+    /// long names, bad defaults) run here instead of at a user's first start.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `scripts/run.sh` runs `shop run` with no arguments and only the environment that
+    /// `scripts/lib.sh` exports (the same one this test runs under through scripts/test.sh).
+    #[test]
+    fn shop_run_parses_with_the_defaults() {
+        let cli = Cli::try_parse_from(["shop", "run"]).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run {
+            write_side,
+            relay,
+            graphql_addr,
+            projector,
+            saga,
+            ops,
+        } = cli.command
+        else {
+            panic!("not the run command");
+        };
+        assert_eq!(write_side.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(graphql_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(ops.addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(relay.batch_size, outbox_relay::RelayConfig::default().batch_size);
+        let (p, s) = (
+            read_side::consumer::ProjectorConfig::default(),
+            saga::SagaConfig::default(),
+        );
+        assert_eq!(projector.retry_base, p.retry_base);
+        assert_eq!(projector.max_attempts, p.max_attempts);
+        assert_eq!(saga.retry_base, s.retry_base);
+        assert_eq!(saga.step_timeout, s.step_timeout);
+        assert!(saga.participants);
+        // The role-prefixed flags reach their own config only.
+        let cli = Cli::try_parse_from([
+            "shop",
+            "run",
+            "--projection-retry-base",
+            "1s",
+            "--saga-retry-base",
+            "3s",
+        ])
+        .unwrap();
+        let Command::Run {
+            projector, saga, ..
+        } = cli.command
+        else {
+            panic!("not the run command");
+        };
+        assert_eq!(projector.retry_base, Duration::from_secs(1));
+        assert_eq!(saga.retry_base, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn every_subcommand_parses_with_its_defaults() {
+        for args in [
+            &["shop", "relay"][..],
+            &["shop", "saga"],
+            &["shop", "setup"],
+            &["shop", "projections", "status"],
+            &["shop", "dlq", "list"],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
 }

@@ -608,9 +608,10 @@ async fn ops_endpoints_and_openapi() {
     place(&api, &api.customer("c")).await;
     let get = |p: &str| api.http.get(format!("{}{p}", api.base)).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
-    let ready = get("/readyz").await.unwrap();
-    assert_eq!(ready.status(), 200);
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    // Readiness and metrics are on the ops listener, not on the public port.
+    assert_eq!(get("/readyz").await.unwrap().status(), 404);
+    assert_eq!(get("/metrics").await.unwrap().status(), 404);
+    let metrics = platform::ops::metrics_handle().render();
     assert!(
         metrics.contains("commands_total{command=\"checkout\",outcome=\"accepted\"}"),
         "{metrics}"
@@ -627,7 +628,10 @@ async fn ops_endpoints_and_openapi() {
         );
     }
     // With the database gone, readiness says so.
+    let readiness = platform::ops::Readiness::new().postgres(api.db.pool.clone());
+    assert!(readiness.report().await.0);
     api.db.pool.close().await;
-    let r = get("/readyz").await.unwrap();
-    assert_eq!(r.status(), 503);
+    let (ready, body) = readiness.report().await;
+    assert!(!ready);
+    assert_eq!(body["checks"]["postgres"]["status"], "down");
 }

@@ -12,6 +12,8 @@
 //!   test declared.
 #![forbid(unsafe_code)]
 
+pub mod invariants;
+
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;

@@ -18,7 +18,6 @@ use axum::{
 use domain::values::{CustomerId, OrderId, Reason};
 use platform::{
     auth::{Authenticator, Principal, Role},
-    ops::Readiness,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -54,7 +53,6 @@ impl AppState {
 
 pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
     state.max_body_bytes = max_body_bytes;
-    let readiness = Readiness::new().postgres(state.pool.clone());
     Router::new()
         .route("/orders", post(checkout))
         .route("/orders/{id}/cancel", post(cancel))
@@ -65,7 +63,7 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
-        .merge(platform::ops::router(readiness))
+        .merge(platform::ops::health_router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
 }
 
