@@ -52,7 +52,12 @@ pub const LEADER_LOCK: i64 = 0x6f7574626f78;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
     /// Rows published per batch.
-    #[arg(id = "relay_batch_size", long = "relay-batch-size", env = "RELAY_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(
+        id = "relay_batch_size",
+        long = "relay-batch-size",
+        env = "RELAY_BATCH_SIZE",
+        default_value_t = 1000
+    )]
     pub batch_size: i64,
     /// How often to look for rows when no NOTIFY arrives (and how often a standby instance
     /// tries to become leader).

@@ -196,7 +196,10 @@ mod tests {
             RDKafkaErrorCode::BrokerTransportFailure,
         ));
         assert_eq!(classify(&e), ErrorClass::Transient);
-        assert_eq!(classify(&anyhow::Error::from(sqlx::Error::PoolTimedOut)), ErrorClass::Transient);
+        assert_eq!(
+            classify(&anyhow::Error::from(sqlx::Error::PoolTimedOut)),
+            ErrorClass::Transient
+        );
     }
 
     #[test]
@@ -222,6 +225,9 @@ mod tests {
         assert_eq!(classify_sqlstate("23505"), ErrorClass::Poison);
         assert_eq!(classify_sqlstate("40001"), ErrorClass::Transient);
         assert_eq!(classify_sqlstate("57P01"), ErrorClass::Transient);
-        assert_eq!(classify(&anyhow::anyhow!("something odd")), ErrorClass::Transient);
+        assert_eq!(
+            classify(&anyhow::anyhow!("something odd")),
+            ErrorClass::Transient
+        );
     }
 }

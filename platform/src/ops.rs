@@ -33,7 +33,12 @@ type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + S
 pub struct OpsConfig {
     /// Address of the ops listener: `/readyz` (every role), `/metrics`, `/healthz`. Keep it
     /// on loopback or a private network.
-    #[arg(id = "ops_addr", long = "ops-addr", env = "OPS_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(
+        id = "ops_addr",
+        long = "ops-addr",
+        env = "OPS_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
     pub addr: SocketAddr,
     /// How long a role that was up may be restarting before `/readyz` answers 503.
     #[arg(id = "ops_ready_grace", long = "ops-ready-grace", env = "READY_GRACE", default_value = "10s", value_parser = crate::config::parse_duration)]

@@ -67,7 +67,8 @@ impl Status {
 struct RoleState {
     status: Status,
     since: Instant,
-    ever_up: bool,
+    /// When the role last stopped being up (`None` while up or before it first was).
+    down_since: Option<Instant>,
     restarts: u64,
     last_error: Option<String>,
 }
@@ -82,18 +83,19 @@ impl Roles {
         let state = roles.entry(role.to_owned()).or_insert(RoleState {
             status,
             since: Instant::now(),
-            ever_up: false,
+            down_since: None,
             restarts: 0,
             last_error: None,
         });
         if state.status != status {
             state.since = Instant::now();
         }
-        state.status = status;
-        state.ever_up |= status == Status::Up;
-        if status == Status::Restarting {
-            state.restarts += 1;
+        if status == Status::Up {
+            state.down_since = None;
+        } else if state.status == Status::Up {
+            state.down_since = Some(Instant::now());
         }
+        state.status = status;
         if error.is_some() {
             state.last_error = error;
         }
@@ -104,9 +106,20 @@ impl Roles {
         });
     }
 
+    fn count_restart(&self, role: &str) {
+        if let Some(state) = self.0.lock().expect("roles lock").get_mut(role) {
+            state.restarts += 1;
+        }
+        metrics::counter!("shop_role_restarts_total", "role" => role.to_owned()).increment(1);
+    }
+
     /// The status of one role, if it exists.
     pub fn status(&self, role: &str) -> Option<Status> {
-        self.0.lock().expect("roles lock").get(role).map(|s| s.status)
+        self.0
+            .lock()
+            .expect("roles lock")
+            .get(role)
+            .map(|s| s.status)
     }
 
     /// Whether every role is ready, and the per-role report. A role counts as ready while
@@ -119,9 +132,8 @@ impl Roles {
         let mut details = serde_json::Map::new();
         for (name, s) in roles.iter() {
             let ok = s.status == Status::Up
-                || (s.ever_up
-                    && matches!(s.status, Status::Restarting | Status::Starting)
-                    && s.since.elapsed() < grace);
+                || (matches!(s.status, Status::Restarting | Status::Starting)
+                    && s.down_since.is_some_and(|t| t.elapsed() < grace));
             ready &= ok;
             statuses.insert(name.clone(), json!(s.status.as_str()));
             details.insert(
@@ -192,9 +204,10 @@ impl Supervisor {
             shutdown,
             roles: Roles::default(),
             tasks: JoinSet::new(),
+            // Jitter adds up to the delay again: restarts wait 0.25 s .. 20 s.
             backoff: ExponentialBuilder::new()
-                .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(Duration::from_secs(30))
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(10))
                 .with_jitter()
                 .without_max_times(),
             stop_timeout: Duration::from_secs(30),
@@ -296,9 +309,14 @@ where
 {
     let role = ctx.name.clone();
     let mut delays = backoff.build();
+    let mut first = true;
     loop {
         tracing::info!(%role, "role starting");
-        ctx.roles.set(&role, Status::Starting, None);
+        // After a failure the role shows as restarting until it is up again.
+        if first {
+            ctx.roles.set(&role, Status::Starting, None);
+            first = false;
+        }
         let started = Instant::now();
         let outcome = AssertUnwindSafe(start(ctx.clone())).catch_unwind().await;
         if ctx.shutdown.is_cancelled() {
@@ -334,7 +352,7 @@ where
             delays = backoff.build();
         }
         let wait = delays.next().unwrap_or(Duration::from_secs(30));
-        metrics::counter!("shop_role_restarts_total", "role" => role.to_string()).increment(1);
+        ctx.roles.count_restart(&role);
         tracing::warn!(%role, class = class.as_str(), error = chain, retry_in = ?wait, "role failed; restarting");
         ctx.roles.set(&role, Status::Restarting, Some(chain));
         tokio::select! {

@@ -32,7 +32,12 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectorConfig {
     /// Attempts at a message failing with transient errors before it is dead-lettered.
-    #[arg(id = "projection_max_attempts", long = "projection-max-attempts", env = "PROJECTION_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(
+        id = "projection_max_attempts",
+        long = "projection-max-attempts",
+        env = "PROJECTION_MAX_ATTEMPTS",
+        default_value_t = 5
+    )]
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt up to 30 s.
     #[arg(id = "projection_retry_base", long = "projection-retry-base", env = "PROJECTION_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]

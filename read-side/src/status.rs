@@ -197,8 +197,12 @@ pub async fn report_metrics(
                         metrics::gauge!("projection_partitions_behind_retention", "projection" => p.name)
                             .set(n as f64);
                         if n > 0 && warned.insert(p.name) {
-                            tracing::error!(projection = p.name, partitions = n,
-                                "events this projection never applied are gone from Kafka (retention); rebuild it from the event store: shop projections rebuild {}", p.name);
+                            tracing::error!(
+                                projection = p.name,
+                                partitions = n,
+                                "events this projection never applied are gone from Kafka (retention); rebuild it from the event store: shop projections rebuild {}",
+                                p.name
+                            );
                         }
                     }
                 }

@@ -33,34 +33,62 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, clap::Args)]
 pub struct SagaConfig {
     /// Prefix of the saga's queue names and routing keys (isolates deployments sharing a broker).
-    #[arg(id = "saga_queue_prefix", long = "saga-queue-prefix", env = "SAGA_QUEUE_PREFIX", default_value = "")]
+    #[arg(
+        id = "saga_queue_prefix",
+        long = "saga-queue-prefix",
+        env = "SAGA_QUEUE_PREFIX",
+        default_value = ""
+    )]
     pub queue_prefix: String,
     /// How long a step may go unanswered before it is sent again.
     #[arg(id = "saga_step_timeout", long = "saga-step-timeout", env = "SAGA_STEP_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
     pub step_timeout: Duration,
     /// How many times a step is sent before the saga compensates.
-    #[arg(id = "saga_step_attempts", long = "saga-step-attempts", env = "SAGA_STEP_ATTEMPTS", default_value_t = 3)]
+    #[arg(
+        id = "saga_step_attempts",
+        long = "saga-step-attempts",
+        env = "SAGA_STEP_ATTEMPTS",
+        default_value_t = 3
+    )]
     pub step_attempts: u32,
     /// Deliveries of one message (transient failures) before it goes to the dead-letter queue.
-    #[arg(id = "saga_max_deliveries", long = "saga-max-deliveries", env = "SAGA_MAX_DELIVERIES", default_value_t = 5)]
+    #[arg(
+        id = "saga_max_deliveries",
+        long = "saga-max-deliveries",
+        env = "SAGA_MAX_DELIVERIES",
+        default_value_t = 5
+    )]
     pub max_deliveries: u32,
     /// First redelivery delay after a transient failure (doubles per attempt, at most 10 s).
     #[arg(id = "saga_retry_base", long = "saga-retry-base", env = "SAGA_RETRY_BASE", default_value = "200ms", value_parser = platform::config::parse_duration)]
     pub retry_base: Duration,
     /// Messages each consumer (orchestrator replies, each participant) handles at once.
-    #[arg(id = "saga_concurrency", long = "saga-concurrency", env = "SAGA_CONCURRENCY", default_value_t = 8)]
+    #[arg(
+        id = "saga_concurrency",
+        long = "saga-concurrency",
+        env = "SAGA_CONCURRENCY",
+        default_value_t = 8
+    )]
     pub concurrency: usize,
     /// Run the stand-in participants in this process.
     #[arg(id = "saga_participants", long = "saga-participants", env = "SAGA_PARTICIPANTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub participants: bool,
     /// Stand-in switch: the named participant (inventory, payment, shipping) answers with
     /// malformed replies, to exercise the orchestrator's dead-letter path.
-    #[arg(id = "saga_poison_replies_from", long = "saga-poison-replies-from", env = "SAGA_POISON_REPLIES_FROM")]
+    #[arg(
+        id = "saga_poison_replies_from",
+        long = "saga-poison-replies-from",
+        env = "SAGA_POISON_REPLIES_FROM"
+    )]
     pub poison_replies_from: Option<String>,
     /// Stand-in switch: the named participant refuses every command as invalid (dead-letters
     /// it), like a participant with a validation bug; replay the dead letters after turning
     /// it off.
-    #[arg(id = "saga_refuse_commands_at", long = "saga-refuse-commands-at", env = "SAGA_REFUSE_COMMANDS_AT")]
+    #[arg(
+        id = "saga_refuse_commands_at",
+        long = "saga-refuse-commands-at",
+        env = "SAGA_REFUSE_COMMANDS_AT"
+    )]
     pub refuse_commands_at: Option<String>,
 }
 
@@ -158,8 +186,13 @@ pub fn roles(supervisor: &mut Supervisor, pool: PgPool, amqp_url: String, config
             config.clone(),
         );
         supervisor.spawn(format!("participant:{}", p.name()), move |ctx| {
-            let (url, n, d, pool, config) =
-                (url.clone(), n.clone(), d.clone(), pool.clone(), config.clone());
+            let (url, n, d, pool, config) = (
+                url.clone(),
+                n.clone(),
+                d.clone(),
+                pool.clone(),
+                config.clone(),
+            );
             async move {
                 let conn = connect(&url, &format!("participant-{}", p.name()), &n, &d).await?;
                 ctx.up();

@@ -21,9 +21,9 @@ use domain::{
 use event_store::{
     Destination, Expected, FeedCursor, Metadata, NewEvent, OutboxMessage, StoreError,
 };
+use platform::supervisor::RoleCtx;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
-use platform::supervisor::RoleCtx;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -351,22 +351,36 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
     if let Some(cfg) = roles.write_side.as_ref() {
-        let state = write_side::http::AppState::new(pool.clone(), Authenticator::from_config(&cfg.auth));
+        let state =
+            write_side::http::AppState::new(pool.clone(), Authenticator::from_config(&cfg.auth));
         let router = write_side::http::router(state, cfg.max_body_bytes);
         let addr = cfg.http_addr;
-        sup.spawn("command-api", move |ctx| platform::ops::serve(addr, router.clone(), ctx));
+        sup.spawn("command-api", move |ctx| {
+            platform::ops::serve(addr, router.clone(), ctx)
+        });
     }
     if let Some(relay_cfg) = roles.relay {
         let ready = Arc::new(AtomicBool::new(true));
         readiness = readiness.flag("relay.brokers", ready.clone());
         let (pool, infra) = (pool.clone(), infra.clone());
         sup.spawn("relay", move |ctx| {
-            outbox_relay::run_role(pool.clone(), infra.clone(), relay_cfg.clone(), ready.clone(), ctx)
+            outbox_relay::run_role(
+                pool.clone(),
+                infra.clone(),
+                relay_cfg.clone(),
+                ready.clone(),
+                ctx,
+            )
         });
     }
     if let Some(projector_cfg) = roles.projector {
         for kind in read_side::projection::Kind::ALL {
-            let (pool, infra, topic, cfg) = (pool.clone(), infra.clone(), topic.clone(), projector_cfg.clone());
+            let (pool, infra, topic, cfg) = (
+                pool.clone(),
+                infra.clone(),
+                topic.clone(),
+                projector_cfg.clone(),
+            );
             sup.spawn(format!("projector:{}", kind.name()), move |ctx| {
                 read_side::consumer::Projector::run_role(
                     kind,
@@ -389,22 +403,32 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
         let graphql_api = read_side::graphql::GraphqlApi {
             pool: pool.clone(),
             auth: Authenticator::from_config(&cfg.auth),
-            watermarks: Some(read_side::status::Watermarks::new(&infra.kafka_brokers, &topic)?),
+            watermarks: Some(read_side::status::Watermarks::new(
+                &infra.kafka_brokers,
+                &topic,
+            )?),
         };
         let router = graphql_api.router();
-        sup.spawn("graphql", move |ctx| platform::ops::serve(addr, router.clone(), ctx));
+        sup.spawn("graphql", move |ctx| {
+            platform::ops::serve(addr, router.clone(), ctx)
+        });
     }
     if let Some(saga_cfg) = roles.saga {
         saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);
     }
     let readiness = readiness.roles(sup.roles(), ops.ready_grace);
     let ops_router = platform::ops::router(readiness);
-    sup.spawn("ops", move |ctx| platform::ops::serve(ops.addr, ops_router.clone(), ctx));
+    sup.spawn("ops", move |ctx| {
+        platform::ops::serve(ops.addr, ops_router.clone(), ctx)
+    });
     let result = sup.wait().await;
     pool.close().await;
     match &result {
         Ok(()) => tracing::info!("stopped"),
-        Err(e) => tracing::error!(error = format!("{e:#}"), "stopped after a permanent failure"),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "stopped after a permanent failure"
+        ),
     }
     result
 }
@@ -764,7 +788,10 @@ mod tests {
         assert_eq!(write_side.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(graphql_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(ops.addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(relay.batch_size, outbox_relay::RelayConfig::default().batch_size);
+        assert_eq!(
+            relay.batch_size,
+            outbox_relay::RelayConfig::default().batch_size
+        );
         let (p, s) = (
             read_side::consumer::ProjectorConfig::default(),
             saga::SagaConfig::default(),

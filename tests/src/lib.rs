@@ -10,9 +10,12 @@
 //! - [`TestKafka`]: per-test topic names, created with the admin API and deleted afterwards.
 //! - [`TestRabbit`]: a connection plus a per-test name prefix; `delete_queues` removes what a
 //!   test declared.
+//! - [`process`]: `shop run` as a child process started like `scripts/run.sh`, and a client.
+//! - [`invariants`]: whole-system invariants checked after faults.
 #![forbid(unsafe_code)]
 
 pub mod invariants;
+pub mod process;
 
 use std::time::Duration;
 

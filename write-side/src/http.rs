@@ -16,9 +16,7 @@ use axum::{
     routing::{get, post},
 };
 use domain::values::{CustomerId, OrderId, Reason};
-use platform::{
-    auth::{Authenticator, Principal, Role},
-};
+use platform::auth::{Authenticator, Principal, Role};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

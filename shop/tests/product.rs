@@ -1,0 +1,111 @@
+//! The product as its users run it: the real `shop` binary, started the way
+//! `scripts/run.sh` starts it, serves a checkout end to end (HTTP in, GraphQL out) and stops
+//! cleanly on SIGTERM with nothing left pending.
+
+use std::{path::Path, time::Duration};
+
+use shop_tests::process::ShopProcess;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shop"))
+}
+
+#[tokio::test]
+async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
+    let mut shop = ShopProcess::start(bin()).await;
+    let ready = shop.readyz().await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    for role in [
+        "command-api",
+        "graphql",
+        "relay",
+        "projector:order_summary",
+        "projector:sales_by_product",
+        "saga:feed",
+        "saga:replies",
+        "participant:payment",
+        "ops",
+    ] {
+        assert_eq!(ready["roles"][role], "up", "{role}: {ready}");
+    }
+
+    let token = shop.token("customer", "c-product");
+    let mut orders = Vec::new();
+    for (i, payment) in ["tok_visa", "tok_visa", "tok_visa", "tok_decline"]
+        .iter()
+        .enumerate()
+    {
+        let sku = format!("SKU-{}", i + 1);
+        orders.push((shop.checkout(&token, &sku, payment).await, *payment));
+    }
+    for (id, payment) in &orders {
+        let want = if *payment == "tok_decline" {
+            "CANCELLED"
+        } else {
+            "CONFIRMED"
+        };
+        let mut seen = None;
+        for _ in 0..240 {
+            seen = shop.order_status(&token, *id).await;
+            if seen.as_deref() == Some(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(
+            seen.as_deref(),
+            Some(want),
+            "order {id}:\n{}",
+            shop.log_tail(30)
+        );
+    }
+    let sys = shop.system();
+    let ids: Vec<_> = orders.iter().map(|(id, _)| *id).collect();
+    let report = shop_tests::invariants::check(&sys, &ids).await;
+    eprintln!("{report}");
+    assert_eq!((report.confirmed, report.cancelled), (3, 1), "{report}");
+    report.assert_ok();
+
+    let status = shop.terminate(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        shop.log_tail(30)
+    );
+    let log = std::fs::read_to_string(&shop.log).unwrap();
+    assert!(
+        log.contains("\"stopped\""),
+        "no clean stop logged:\n{}",
+        shop.log_tail(30)
+    );
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .fetch_one(&shop.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "outbox rows left unpublished");
+    shop.clean_up_brokers().await;
+}
+
+/// A migration whose checksum no longer matches the database is a permanent failure: `shop
+/// run` exits non-zero with the reason, instead of running half alive.
+#[tokio::test]
+async fn a_schema_mismatch_stops_shop_run_with_a_non_zero_status() {
+    let mut shop = ShopProcess::start(bin()).await;
+    shop.terminate(Duration::from_secs(60)).await;
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea WHERE version = (SELECT min(version) FROM _sqlx_migrations)")
+        .execute(&shop.db.pool)
+        .await
+        .unwrap();
+    let out = shop.command(&["run"]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "shop run started on a mismatched schema"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        format!("{stdout}{stderr}").contains("previously applied but has been modified"),
+        "{stdout}\n{stderr}"
+    );
+    shop.clean_up_brokers().await;
+}

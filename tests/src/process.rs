@@ -1,0 +1,315 @@
+//! `shop run` as a child process, started the way `scripts/run.sh` starts it, and a load
+//! generator that talks to it the way a shop's clients do (HTTP in, GraphQL out).
+//!
+//! Why: tests of parts passed while the product did not start (a clap clash) and did not
+//! heal (a role that died silently). These helpers let a test drive the real binary with
+//! the real services: `shop setup`, `shop inventory seed`, then `shop run` with only the
+//! environment `scripts/lib.sh` exports plus per-test isolation (its own database, topic
+//! prefix, queue prefix and free ports), and stop it with SIGTERM or SIGKILL.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{TestDb, unique_prefix};
+
+/// A running (or stopped) `shop run` child over its own database and broker names.
+pub struct ShopProcess {
+    bin: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    pub db: TestDb,
+    pub prefix: String,
+    pub api: String,
+    pub graphql: String,
+    pub ops: String,
+    pub log: PathBuf,
+    pub http: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl ShopProcess {
+    /// Sets up a fresh database and per-test names, runs `shop setup` and `shop inventory
+    /// seed` (as `scripts/run.sh` does), starts `shop run` and waits for `/readyz`.
+    pub async fn start(bin: &Path) -> Self {
+        let db = TestDb::new().await;
+        let prefix = format!("{}.", unique_prefix());
+        let (api, graphql, ops) = (free_port(), free_port(), free_port());
+        let env = vec![
+            ("DATABASE_URL".into(), db.url.clone()),
+            ("KAFKA_TOPIC_PREFIX".into(), prefix.clone()),
+            ("SAGA_QUEUE_PREFIX".into(), prefix.clone()),
+            ("HTTP_ADDR".into(), format!("127.0.0.1:{api}")),
+            ("GRAPHQL_ADDR".into(), format!("127.0.0.1:{graphql}")),
+            ("OPS_ADDR".into(), format!("127.0.0.1:{ops}")),
+            ("LOG_FORMAT".into(), "json".into()),
+            (
+                "RUST_LOG".into(),
+                "info,librdkafka=warn,rdkafka=warn".into(),
+            ),
+        ];
+        let log = std::env::temp_dir().join(format!("shop-{}log", prefix));
+        let mut this = Self {
+            bin: bin.to_owned(),
+            child: None,
+            env,
+            db,
+            prefix,
+            api: format!("http://127.0.0.1:{api}"),
+            graphql: format!("http://127.0.0.1:{graphql}/graphql"),
+            ops: format!("http://127.0.0.1:{ops}"),
+            log,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        };
+        for args in [&["setup"][..], &["inventory", "seed"]] {
+            let out = this.command(args).output().expect("run shop");
+            assert!(
+                out.status.success(),
+                "shop {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        this.spawn();
+        this.wait_ready(Duration::from_secs(120)).await;
+        this
+    }
+
+    /// `shop ARGS` with this process's environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Starts `shop run` (again, after a kill), appending to the log file.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "shop run is already running");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = self
+            .command(&["run"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start shop run");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the log's tail after `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("shop run exited with {status}:\n{}", self.log_tail(40));
+            }
+            let r = self.http.get(format!("{}/readyz", self.ops)).send().await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "shop run not ready after {timeout:?}: {}\n{}",
+                self.readyz().await,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The `/readyz` body (or the error reaching it).
+    pub async fn readyz(&self) -> Value {
+        match self.http.get(format!("{}/readyz", self.ops)).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(e) => json!({ "unreachable": e.to_string() }),
+        }
+    }
+
+    /// The last `n` lines of the process's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to the child.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("shop run is running");
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// SIGKILL, and reap the child.
+    pub fn kill(&mut self) {
+        self.signal("KILL");
+        if let Some(mut c) = self.child.take() {
+            c.wait().ok();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`) and returns its status.
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("shop run is running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for shop run") {
+                return status;
+            }
+            if started.elapsed() > timeout {
+                child.kill().ok();
+                panic!(
+                    "shop run did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A bearer token minted by `shop token`, as a user would.
+    pub fn token(&self, role: &str, subject: &str) -> String {
+        let out = self
+            .command(&["token", "--role", role, "--customer-id", subject])
+            .output()
+            .expect("run shop token");
+        assert!(out.status.success(), "shop token failed");
+        String::from_utf8(out.stdout)
+            .expect("utf-8 token")
+            .trim()
+            .to_owned()
+    }
+
+    /// Places one order, retrying with the same idempotency key while the system answers
+    /// 5xx or not at all (a client riding out a restart). Returns its id.
+    pub async fn checkout(&self, token: &str, sku: &str, payment_token: &str) -> Uuid {
+        let key = Uuid::new_v4().to_string();
+        let body = json!({
+            "currency": "EUR",
+            "items": [{"sku": sku, "quantity": 1, "unit_price_minor": 1250}],
+            "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin",
+                                 "postal_code": "10115", "country": "DE"},
+            "payment_token": payment_token,
+        });
+        let started = Instant::now();
+        loop {
+            let sent = self
+                .http
+                .post(format!("{}/orders", self.api))
+                .bearer_auth(token)
+                .header("Idempotency-Key", &key)
+                .json(&body)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().await.expect("checkout answer");
+                    return v["order_id"]
+                        .as_str()
+                        .expect("order_id")
+                        .parse()
+                        .expect("uuid");
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    panic!(
+                        "checkout refused: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )
+                }
+                _ => {}
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "checkout kept failing for 3 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The order's status in GraphQL (`None` until the read side has it).
+    pub async fn order_status(&self, token: &str, id: Uuid) -> Option<String> {
+        let q = json!({ "query": format!("{{ order(id: \"{id}\") {{ status }} }}") });
+        let r = self
+            .http
+            .post(&self.graphql)
+            .bearer_auth(token)
+            .json(&q)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.json().await.ok()?;
+        v["data"]["order"]["status"].as_str().map(str::to_owned)
+    }
+
+    /// The invariant checker's view of this process.
+    pub fn system(&self) -> crate::invariants::System {
+        let infra = crate::infra();
+        crate::invariants::System {
+            pool: self.db.pool.clone(),
+            kafka_brokers: infra.kafka_brokers,
+            topic: format!("{}orders.events", self.prefix),
+            graphql_url: self.graphql.clone(),
+            operator_token: self.token("operator", "operator"),
+            amqp_url: infra.amqp_url,
+            queue_prefix: self.prefix.clone(),
+            step_attempts: saga::SagaConfig::default().step_attempts,
+        }
+    }
+
+    /// Deletes the Kafka topics and RabbitMQ queues this process created.
+    pub async fn clean_up_brokers(&self) {
+        let infra = crate::infra();
+        let topics: Vec<String> = ["orders.events", "orders.events.dlq"]
+            .iter()
+            .map(|t| format!("{}{t}", self.prefix))
+            .collect();
+        platform::kafka::delete_topics(&infra.kafka_brokers, &topics)
+            .await
+            .ok();
+        let names = saga::topology::Names::new(&self.prefix);
+        let queues = names.all_queues(&saga::SagaConfig::default().retry_delays());
+        if let Ok(conn) = platform::amqp::connect(&infra.amqp_url, "shop-tests-cleanup").await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            for q in queues {
+                ch.queue_delete(q.as_str().into(), Default::default())
+                    .await
+                    .ok();
+            }
+        }
+    }
+}
+
+impl Drop for ShopProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
