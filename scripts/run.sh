@@ -3,12 +3,46 @@
 # started if missing, reused if running), migrations and topics, the development stock seed,
 # then every role of `shop` in one process (release build) until Ctrl-C. Stop the services
 # afterwards with scripts/stop.sh.
+#
+#   scripts/run.sh [ARGS...]      runs `shop run ARGS...` in the foreground
+#   scripts/run.sh --check        the same up to readiness (/readyz on OPS_ADDR answers 200),
+#                                 then SIGTERM; exits 0 only if it got ready and stopped cleanly
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+check=""
+if [[ "${1:-}" == "--check" ]]; then check=1; shift; fi
 bash "$here/deps.sh"
 bash "$here/services.sh" up
 cd "$here/.."
 cargo run --release -q -p shop -- setup
 # Development seed: a small stocked catalog for the stand-in inventory (existing stock is kept).
 cargo run --release -q -p shop -- inventory seed
-exec cargo run --release -p shop -- run "$@"
+if [[ -z "$check" ]]; then
+  exec cargo run --release -p shop -- run "$@"
+fi
+
+SERVICE=run-check
+source "$here/lib.sh"
+ops="${OPS_ADDR:-127.0.0.1:9090}"
+out="$LOCAL/logs/run-check.log"
+cargo run --release -q -p shop -- run "$@" >"$out" 2>&1 &
+pid=$!
+deadline=$((SECONDS + 180))
+until curl -sf "http://$ops/readyz" >/dev/null 2>&1; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    tail -n 30 "$out" >&2
+    die "shop run exited before it was ready (log: $out)"
+  fi
+  if ((SECONDS >= deadline)); then
+    kill -KILL "$pid" 2>/dev/null || true
+    tail -n 30 "$out" >&2
+    die "shop run was not ready within 180 s (log: $out)"
+  fi
+  sleep 0.5
+done
+log "ready: $(curl -s "http://$ops/readyz" | head -c 300)"
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+((status == 0)) || { tail -n 30 "$out" >&2; die "shop run exited with status $status after SIGTERM (log: $out)"; }
+log "stopped cleanly after SIGTERM"

@@ -87,17 +87,23 @@ pub async fn wait_ready(brokers: &str, timeout: Duration) -> Result<(), KafkaSet
         })
         .await
         .expect("metadata task panicked");
-        match res {
-            Ok(()) => return Ok(()),
+        let done = match res {
+            Ok(()) => Some(Ok(())),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(KafkaSetupError::Unreachable {
+                Some(Err(KafkaSetupError::Unreachable {
                     brokers: brokers.to_owned(),
                     waited: timeout,
                     last: e,
-                });
+                }))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(_) => None,
+        };
+        if let Some(result) = done {
+            // Destroying a client joins its broker threads: not on a runtime worker.
+            tokio::task::spawn_blocking(move || drop(producer));
+            return result;
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

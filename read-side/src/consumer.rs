@@ -219,8 +219,8 @@ impl Projector {
         config: ProjectorConfig,
         ctx: platform::supervisor::RoleCtx,
     ) -> anyhow::Result<()> {
-        let projector = Self::new(kind, pool, &brokers, &topic, &group_prefix, config)?;
         platform::kafka::wait_ready(&brokers, Duration::from_secs(10)).await?;
+        let projector = Self::new(kind, pool, &brokers, &topic, &group_prefix, config)?;
         ctx.up();
         projector.run(ctx.shutdown().clone()).await
     }
@@ -229,6 +229,18 @@ impl Projector {
     /// consumer error (nothing is skipped: the offsets of unapplied messages stay
     /// uncommitted).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let result = self.consume(&shutdown).await;
+        // Dropping a consumer closes it (leaving its group), which blocks the calling thread,
+        // for long while the broker is down: never on a runtime worker (with two of them, two
+        // projectors stalled the whole process once).
+        let Self {
+            consumer, producer, ..
+        } = self;
+        tokio::task::spawn_blocking(move || drop((consumer, producer)));
+        result
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         use anyhow::Context;
         use futures::FutureExt;
         let name = self.kind.name();
@@ -248,7 +260,7 @@ impl Projector {
                     None => break,
                 }
             }
-            if !self.handle_batch_with_retries(&batch, &shutdown).await {
+            if !self.handle_batch_with_retries(&batch, shutdown).await {
                 break;
             }
             let mut offsets = TopicPartitionList::new();

@@ -12,7 +12,7 @@ fn bin() -> &'static Path {
 
 #[tokio::test]
 async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
-    let mut shop = ShopProcess::start(bin()).await;
+    let shop = ShopProcess::start(bin()).await;
     let ready = shop.readyz().await;
     assert_eq!(ready["status"], "ready", "{ready}");
     for role in [
@@ -90,7 +90,7 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
 /// run` exits non-zero with the reason, instead of running half alive.
 #[tokio::test]
 async fn a_schema_mismatch_stops_shop_run_with_a_non_zero_status() {
-    let mut shop = ShopProcess::start(bin()).await;
+    let shop = ShopProcess::start(bin()).await;
     shop.terminate(Duration::from_secs(60)).await;
     sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea WHERE version = (SELECT min(version) FROM _sqlx_migrations)")
         .execute(&shop.db.pool)

@@ -21,7 +21,7 @@ use crate::{TestDb, unique_prefix};
 /// A running (or stopped) `shop run` child over its own database and broker names.
 pub struct ShopProcess {
     bin: PathBuf,
-    child: Option<Child>,
+    child: std::sync::Mutex<Option<Child>>,
     env: Vec<(String, String)>,
     pub db: TestDb,
     pub prefix: String,
@@ -60,9 +60,9 @@ impl ShopProcess {
             ),
         ];
         let log = std::env::temp_dir().join(format!("shop-{}log", prefix));
-        let mut this = Self {
+        let this = Self {
             bin: bin.to_owned(),
-            child: None,
+            child: std::sync::Mutex::new(None),
             env,
             db,
             prefix,
@@ -96,8 +96,9 @@ impl ShopProcess {
     }
 
     /// Starts `shop run` (again, after a kill), appending to the log file.
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "shop run is already running");
+    pub fn spawn(&self) {
+        let mut slot = self.child.lock().expect("child lock");
+        assert!(slot.is_none(), "shop run is already running");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -110,18 +111,20 @@ impl ShopProcess {
             .stderr(file)
             .spawn()
             .expect("start shop run");
-        self.child = Some(child);
+        *slot = Some(child);
     }
 
     /// Waits until `/readyz` answers 200; panics with the log's tail after `timeout`.
-    pub async fn wait_ready(&mut self, timeout: Duration) {
+    pub async fn wait_ready(&self, timeout: Duration) {
         let started = Instant::now();
         loop {
-            if let Some(status) = self
+            let exited = self
                 .child
+                .lock()
+                .expect("child lock")
                 .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 panic!("shop run exited with {status}:\n{}", self.log_tail(40));
             }
             let r = self.http.get(format!("{}/readyz", self.ops)).send().await;
@@ -155,26 +158,37 @@ impl ShopProcess {
 
     /// Sends `signal` (e.g. "TERM", "KILL") to the child.
     pub fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("shop run is running");
+        let pid = self
+            .child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .expect("shop run is running")
+            .id();
         let ok = Command::new("kill")
-            .args([format!("-{signal}"), child.id().to_string()])
+            .args([format!("-{signal}"), pid.to_string()])
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "kill -{signal} failed");
     }
 
     /// SIGKILL, and reap the child.
-    pub fn kill(&mut self) {
+    pub fn kill(&self) {
         self.signal("KILL");
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.lock().expect("child lock").take() {
             c.wait().ok();
         }
     }
 
     /// SIGTERM, then waits for the exit (at most `timeout`) and returns its status.
-    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn terminate(&self, timeout: Duration) -> ExitStatus {
         self.signal("TERM");
-        let mut child = self.child.take().expect("shop run is running");
+        let mut child = self
+            .child
+            .lock()
+            .expect("child lock")
+            .take()
+            .expect("shop run is running");
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("wait for shop run") {
@@ -307,7 +321,9 @@ impl ShopProcess {
 
 impl Drop for ShopProcess {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Ok(mut slot) = self.child.lock()
+            && let Some(mut c) = slot.take()
+        {
             c.kill().ok();
             c.wait().ok();
         }

@@ -1,0 +1,273 @@
+//! Faults under load, against the real services: each test starts `shop run` as a child
+//! process, keeps checkouts in flight, does something bad to one real service process, and
+//! then checks every whole-system invariant ([`shop_tests::invariants`]) with no manual step.
+//!
+//! These tests stop shared services, so they live in their own test binary (cargo runs test
+//! binaries one after another) and take one lock each, so they run one at a time. Every
+//! fault is undone by a guard, also when a test fails, so later binaries find the services
+//! up. `scripts/chaos.sh` runs the long version.
+
+use std::{
+    path::Path,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use shop_tests::{invariants, process::ShopProcess};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+/// Orders per test (CHAOS_ORDERS, default 240): enough that faults land while many are in
+/// flight; `scripts/chaos.sh` runs thousands.
+fn orders() -> usize {
+    std::env::var("CHAOS_ORDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(240)
+}
+/// Concurrent clients.
+const CLIENTS: usize = 12;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_shop"))
+}
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let status = Command::new(cmd)
+        .args(args)
+        .status()
+        .expect("run a command");
+    assert!(status.success(), "{cmd} {args:?} failed");
+}
+
+fn kafka_pid() -> String {
+    std::fs::read_to_string(root().join(".local/kafka/kafka.pid"))
+        .expect("the broker's pid file (scripts/kafka.sh)")
+        .trim()
+        .to_owned()
+}
+
+/// Undoes a fault when dropped (a failed test must not leave a service down).
+struct Undo(Option<Box<dyn FnOnce()>>);
+
+impl Undo {
+    fn new(f: impl FnOnce() + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+    fn now(mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+
+fn kafka_up() {
+    run(
+        "bash",
+        &[root().join("scripts/kafka.sh").to_str().unwrap(), "up"],
+    );
+}
+
+fn postgres_cluster() -> (String, String) {
+    let out = Command::new("pg_lsclusters")
+        .arg("--no-header")
+        .output()
+        .unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    let mut f = line.split_whitespace();
+    (f.next().unwrap().to_owned(), f.next().unwrap().to_owned())
+}
+
+/// Places `orders()` checkouts from `CLIENTS` concurrent clients (one in ten declined);
+/// `fault` runs once a third of them are placed, while the rest keep coming.
+async fn under_load(
+    shop: Arc<ShopProcess>,
+    fault: impl AsyncFnOnce(Arc<ShopProcess>),
+) -> Vec<Uuid> {
+    let token = Arc::new(shop.token("customer", "c-chaos"));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let placed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (shop, token, next, placed) =
+            (shop.clone(), token.clone(), next.clone(), placed.clone());
+        clients.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= orders() {
+                    return;
+                }
+                let payment = if i % 10 == 9 {
+                    "tok_decline"
+                } else {
+                    "tok_visa"
+                };
+                let id = shop
+                    .checkout(&token, &format!("SKU-{}", i % 5 + 1), payment)
+                    .await;
+                placed.lock().unwrap().push(id);
+            }
+        });
+    }
+    while placed.lock().unwrap().len() < orders() / 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fault(shop.clone()).await;
+    while let Some(r) = clients.join_next().await {
+        r.expect("client task");
+    }
+    let ids = placed.lock().unwrap().clone();
+    assert_eq!(ids.len(), orders());
+    ids
+}
+
+/// Waits for every order to settle, checks every invariant, then checks readiness and a
+/// clean stop.
+async fn settles(shop: ShopProcess, orders: &[Uuid], fault: &str, started: Instant) {
+    let sys = shop.system();
+    let report = invariants::wait_settled(&sys, orders, Duration::from_secs(240)).await;
+    eprintln!(
+        "chaos: {fault}|{}|{}|{}|{}|{:.1?}",
+        orders.len(),
+        report.confirmed,
+        report.cancelled,
+        report.violations.len(),
+        started.elapsed()
+    );
+    eprintln!("{fault}: {report}");
+    if !report.is_ok() {
+        eprintln!("{}", shop.log_tail(60));
+    }
+    report.assert_ok();
+    assert_eq!(
+        report.confirmed + report.cancelled,
+        orders.len(),
+        "{report}"
+    );
+    shop.wait_ready(Duration::from_secs(120)).await;
+    let status = shop.terminate(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "{fault}: exit {status}\n{}",
+        shop.log_tail(30)
+    );
+    shop.clean_up_brokers().await;
+}
+
+#[tokio::test]
+async fn kafka_broker_killed_and_restarted_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let shop = Arc::new(ShopProcess::start(bin()).await);
+    let started = Instant::now();
+    let orders = under_load(shop.clone(), async |shop: Arc<ShopProcess>| {
+        run("kill", &["-KILL", &kafka_pid()]);
+        let undo = Undo::new(kafka_up);
+        // The projectors notice and show as restarting; nothing ends silently.
+        let mut seen = serde_json::Value::Null;
+        for _ in 0..120 {
+            seen = shop.readyz().await;
+            if seen["roles"]["projector:order_summary"] == "restarting" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(
+            seen["roles"]["projector:order_summary"], "restarting",
+            "{seen}"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        undo.now();
+    })
+    .await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, "kafka SIGKILL", started).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_stopped_and_started_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let shop = Arc::new(ShopProcess::start(bin()).await);
+    let started = Instant::now();
+    let orders = under_load(shop.clone(), async |_| {
+        run("rabbitmqctl", &["-q", "stop_app"]);
+        let undo = Undo::new(|| run("rabbitmqctl", &["-q", "start_app"]));
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        undo.now();
+    })
+    .await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, "rabbitmq stop/start", started).await;
+}
+
+#[tokio::test]
+async fn postgres_restarted_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let shop = Arc::new(ShopProcess::start(bin()).await);
+    let started = Instant::now();
+    let orders = under_load(shop.clone(), async |_| {
+        let (version, name) = postgres_cluster();
+        run(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &version,
+                &name,
+                "restart",
+                "-m",
+                "fast",
+            ],
+        );
+    })
+    .await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, "postgres restart", started).await;
+}
+
+#[tokio::test]
+async fn shop_killed_and_restarted_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let shop = Arc::new(ShopProcess::start(bin()).await);
+    let started = Instant::now();
+    let orders = under_load(shop.clone(), async |shop: Arc<ShopProcess>| {
+        // Clients keep retrying with their idempotency keys while nothing listens.
+        shop.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        shop.spawn();
+        shop.wait_ready(Duration::from_secs(120)).await;
+    })
+    .await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, "shop SIGKILL", started).await;
+}
+
+#[tokio::test]
+async fn kafka_broker_stalled_under_load() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let shop = Arc::new(ShopProcess::start(bin()).await);
+    let started = Instant::now();
+    let orders = under_load(shop.clone(), async |_| {
+        let pid = kafka_pid();
+        run("kill", &["-STOP", &pid]);
+        let undo = Undo::new(move || run("kill", &["-CONT", &pid]));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        undo.now();
+    })
+    .await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, "kafka SIGSTOP 20 s", started).await;
+}
