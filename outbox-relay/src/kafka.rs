@@ -10,7 +10,9 @@ use std::time::Duration;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord, future_producer::DeliveryFuture},
+    producer::{
+        FutureProducer, FutureRecord, Producer, PurgeConfig, future_producer::DeliveryFuture,
+    },
 };
 use serde_json::Value;
 
@@ -19,6 +21,7 @@ use crate::{Delivery, store::OutboxRow};
 pub struct KafkaSink {
     producer: FutureProducer,
     topic_prefix: String,
+    brokers: String,
 }
 
 impl KafkaSink {
@@ -33,7 +36,31 @@ impl KafkaSink {
         Ok(Self {
             producer: cfg.create()?,
             topic_prefix: topic_prefix.to_owned(),
+            brokers: brokers.to_owned(),
         })
+    }
+
+    /// Replaces the producer with a new one. Why: after a broker stalled (SIGSTOP, a frozen
+    /// VM) in the middle of its start-up, an idempotent producer was seen never to deliver
+    /// again although the broker was healthy. The old producer's queued and in-flight
+    /// messages are purged and it is destroyed (on the blocking pool, it joins its threads)
+    /// before this returns, so nothing it held can reach the broker after what the new one
+    /// sends: the rows are still pending in the outbox and go out again, in order.
+    pub async fn reset(&mut self) -> Result<(), KafkaError> {
+        let fresh = Self::new(&self.brokers, &self.topic_prefix)?;
+        let old = std::mem::replace(self, fresh);
+        let destroyed = tokio::task::spawn_blocking(move || {
+            old.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            drop(old);
+        });
+        if tokio::time::timeout(Duration::from_secs(30), destroyed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the stalled Kafka producer is taking long to close; going on");
+        }
+        Ok(())
     }
 
     /// Sends every row, then waits for the delivery reports, in row order. A row whose send is

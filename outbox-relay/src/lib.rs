@@ -43,6 +43,9 @@ use crate::store::OutboxRow;
 /// After this long without delivery reports the relay reports itself unready.
 const STALL: Duration = Duration::from_secs(5);
 
+/// After this long without delivery reports the Kafka producer is recreated.
+const STALL_RESET: Duration = Duration::from_secs(30);
+
 /// How long a batch in flight may take to finish once shutdown was asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -147,13 +150,22 @@ impl Relay {
                 let publish = self.kafka.publish(&to_kafka);
                 tokio::pin!(publish);
                 tokio::select! {
-                    d = &mut publish => d,
+                    d = &mut publish => Some(d),
                     _ = tokio::time::sleep(STALL) => {
                         self.ready.store(false, Ordering::Relaxed);
                         tracing::warn!("kafka deliveries stalled; waiting for the broker");
-                        publish.await
+                        tokio::time::timeout(STALL_RESET - STALL, &mut publish).await.ok()
                     }
                 }
+            };
+            let Some(d) = d else {
+                self.kafka
+                    .reset()
+                    .await
+                    .context("recreating the Kafka producer")?;
+                anyhow::bail!(
+                    "no Kafka delivery report for {STALL_RESET:?}; the producer was recreated and the batch will be sent again"
+                );
             };
             metrics::histogram!("outbox_send_duration_seconds", "destination" => "kafka")
                 .record(started.elapsed().as_secs_f64());
@@ -230,7 +242,9 @@ impl Relay {
                 transient.len()
             );
         }
-        self.ready.store(true, Ordering::Relaxed);
+        if !self.ready.swap(true, Ordering::Relaxed) {
+            tracing::info!("brokers accept messages again");
+        }
         Ok(Outcome::Did {
             published: published.len(),
             failed,

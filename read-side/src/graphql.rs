@@ -478,6 +478,8 @@ impl MutationRoot {
                 return Err(error("INTERNAL", "the rebuild could not start"));
             }
         };
+        // Runs here at once; if it fails or this process dies, the rebuild stays interrupted
+        // and the `rebuilds` role of `shop run` resumes it (rebuild::run_worker).
         tokio::spawn(async move {
             if let Err(e) = started.run(|_| {}).await {
                 tracing::error!(projection = kind.name(), error = %e, "rebuild failed");

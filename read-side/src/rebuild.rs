@@ -576,3 +576,55 @@ impl Rebuild {
         self.apply(conn, &decoded).await
     }
 }
+
+/// The rebuild worker, a supervised role of `shop run`: every 2 s it resumes any rebuild left
+/// interrupted (its process crashed or was killed, its run failed, or a requester such as
+/// the GraphQL mutation handed it over), so every rebuild reaches its switch without a
+/// manual step. A rebuild stopped by a poison event is retried every 5 minutes (an operator
+/// fixes the cause meanwhile; `shop projections status` shows the error).
+pub async fn run_worker(pool: PgPool, ctx: platform::supervisor::RoleCtx) -> anyhow::Result<()> {
+    use crate::status::{self, State};
+    let mut poisoned: std::collections::HashMap<&'static str, std::time::Instant> =
+        std::collections::HashMap::new();
+    ctx.up();
+    while !ctx.shutdown().is_cancelled() {
+        for p in status::all(&pool, None).await? {
+            let Some(kind) = Kind::parse(p.name) else {
+                continue;
+            };
+            let cooling = poisoned
+                .get(p.name)
+                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(300));
+            if p.state != State::RebuildInterrupted || cooling {
+                continue;
+            }
+            let rebuild = match start(&pool, kind, &RebuildOptions::default()).await {
+                Ok(r) => r,
+                Err(RebuildError::AlreadyRunning(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            tracing::info!(
+                projection = p.name,
+                version = rebuild.version(),
+                "resuming an interrupted rebuild"
+            );
+            tokio::select! {
+                // Dropping the run releases the lock; the next start resumes where it was.
+                _ = ctx.shutdown().cancelled() => break,
+                done = rebuild.run(|_| {}) => match done {
+                    Ok(r) => tracing::info!(projection = r.projection, version = r.version, events = r.events, "rebuild finished"),
+                    Err(e @ RebuildError::Poison { .. }) => {
+                        tracing::error!(projection = p.name, error = %e, "rebuild stopped at a poison event");
+                        poisoned.insert(p.name, std::time::Instant::now());
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown().cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+    Ok(())
+}

@@ -393,6 +393,10 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
                 )
             });
         }
+        let p = pool.clone();
+        sup.spawn("rebuilds", move |ctx| {
+            read_side::rebuild::run_worker(p.clone(), ctx)
+        });
         let watermarks = read_side::status::Watermarks::new(&infra.kafka_brokers, &topic)?;
         let p = pool.clone();
         sup.spawn("projection-metrics", move |ctx| {

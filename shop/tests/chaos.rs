@@ -169,12 +169,20 @@ async fn settles(shop: ShopProcess, orders: &[Uuid], fault: &str, started: Insta
     shop.clean_up_brokers().await;
 }
 
-#[tokio::test]
-async fn kafka_broker_killed_and_restarted_under_load() {
+/// One fault scenario: a fresh `shop run`, the load, `fault` once a third is placed, then
+/// every invariant.
+async fn scenario(name: &str, fault: impl AsyncFnOnce(Arc<ShopProcess>)) {
     let _one = ONE_AT_A_TIME.lock().await;
     let shop = Arc::new(ShopProcess::start(bin()).await);
     let started = Instant::now();
-    let orders = under_load(shop.clone(), async |shop: Arc<ShopProcess>| {
+    let orders = under_load(shop.clone(), fault).await;
+    let shop = Arc::into_inner(shop).expect("clients done");
+    settles(shop, &orders, name, started).await;
+}
+
+#[tokio::test]
+async fn kafka_broker_killed_and_restarted_under_load() {
+    scenario("kafka SIGKILL", async |shop: Arc<ShopProcess>| {
         run("kill", &["-KILL", &kafka_pid()]);
         let undo = Undo::new(kafka_up);
         // The projectors notice and show as restarting; nothing ends silently.
@@ -194,32 +202,22 @@ async fn kafka_broker_killed_and_restarted_under_load() {
         undo.now();
     })
     .await;
-    let shop = Arc::into_inner(shop).expect("clients done");
-    settles(shop, &orders, "kafka SIGKILL", started).await;
 }
 
 #[tokio::test]
 async fn rabbitmq_stopped_and_started_under_load() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let shop = Arc::new(ShopProcess::start(bin()).await);
-    let started = Instant::now();
-    let orders = under_load(shop.clone(), async |_| {
+    scenario("rabbitmq stop/start", async |_| {
         run("rabbitmqctl", &["-q", "stop_app"]);
         let undo = Undo::new(|| run("rabbitmqctl", &["-q", "start_app"]));
         tokio::time::sleep(Duration::from_secs(8)).await;
         undo.now();
     })
     .await;
-    let shop = Arc::into_inner(shop).expect("clients done");
-    settles(shop, &orders, "rabbitmq stop/start", started).await;
 }
 
 #[tokio::test]
 async fn postgres_restarted_under_load() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let shop = Arc::new(ShopProcess::start(bin()).await);
-    let started = Instant::now();
-    let orders = under_load(shop.clone(), async |_| {
+    scenario("postgres restart", async |_| {
         let (version, name) = postgres_cluster();
         run(
             "pg_ctlcluster",
@@ -234,16 +232,11 @@ async fn postgres_restarted_under_load() {
         );
     })
     .await;
-    let shop = Arc::into_inner(shop).expect("clients done");
-    settles(shop, &orders, "postgres restart", started).await;
 }
 
 #[tokio::test]
 async fn shop_killed_and_restarted_under_load() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let shop = Arc::new(ShopProcess::start(bin()).await);
-    let started = Instant::now();
-    let orders = under_load(shop.clone(), async |shop: Arc<ShopProcess>| {
+    scenario("shop SIGKILL", async |shop: Arc<ShopProcess>| {
         // Clients keep retrying with their idempotency keys while nothing listens.
         shop.kill();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -251,16 +244,11 @@ async fn shop_killed_and_restarted_under_load() {
         shop.wait_ready(Duration::from_secs(120)).await;
     })
     .await;
-    let shop = Arc::into_inner(shop).expect("clients done");
-    settles(shop, &orders, "shop SIGKILL", started).await;
 }
 
 #[tokio::test]
 async fn kafka_broker_stalled_under_load() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let shop = Arc::new(ShopProcess::start(bin()).await);
-    let started = Instant::now();
-    let orders = under_load(shop.clone(), async |_| {
+    scenario("kafka SIGSTOP 20 s", async |_| {
         let pid = kafka_pid();
         run("kill", &["-STOP", &pid]);
         let undo = Undo::new(move || run("kill", &["-CONT", &pid]));
@@ -268,6 +256,4 @@ async fn kafka_broker_stalled_under_load() {
         undo.now();
     })
     .await;
-    let shop = Arc::into_inner(shop).expect("clients done");
-    settles(shop, &orders, "kafka SIGSTOP 20 s", started).await;
 }

@@ -602,3 +602,46 @@ async fn order_status_changes_stream_to_the_owner_over_websocket_after_they_comm
     );
     stack.stop().await;
 }
+
+/// A rebuild whose process died is finished by the `rebuilds` role of `shop run`, without a
+/// manual step, and the switched version equals the event-store fold.
+#[tokio::test]
+async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    append_orders(&pool, 60, 4).await;
+    let options = RebuildOptions {
+        batch_size: 20,
+        restart: false,
+    };
+    let interrupted = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    assert_eq!(interrupted.version(), 2);
+    drop(interrupted); // as if its process died
+    let shutdown = CancellationToken::new();
+    let mut supervisor = platform::supervisor::Supervisor::new(shutdown.clone());
+    let p = pool.clone();
+    supervisor.spawn("rebuilds", move |ctx| rebuild::run_worker(p.clone(), ctx));
+    let supervising = tokio::spawn(supervisor.wait());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = read_side::status::all(&pool, None).await.unwrap();
+        let summary = all.iter().find(|p| p.name == "order_summary").unwrap();
+        if summary.state == read_side::status::State::Live && summary.version == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not switched: {:?} v{}",
+            summary.state,
+            summary.version
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (want, _) = expected_from_event_store(&pool).await;
+    let (got, _) = actual(&pool).await;
+    assert_eq!(got, want);
+    shutdown.cancel();
+    supervising.await.unwrap().unwrap();
+}
