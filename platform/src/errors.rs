@@ -109,7 +109,10 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         // undefined table/column/function: configuration or a schema that does not match.
         c if c.starts_with("28") || c == "3D000" || c == "42501" => ErrorClass::Permanent,
         "42P01" | "42703" | "42883" | "42704" => ErrorClass::Permanent,
-        // data exceptions and integrity violations belong to one input.
+        // A unique violation is mostly two writers racing (optimistic concurrency): a retry
+        // sees the winner's row. Other integrity violations and data exceptions belong to
+        // one input.
+        "23505" => ErrorClass::Transient,
         c if c.starts_with("22") || c.starts_with("23") => ErrorClass::Poison,
         // connection exceptions, shutdown, cannot connect now, too many connections,
         // serialization failure, deadlock, lock not available, query cancelled (timeouts):
@@ -222,7 +225,8 @@ mod tests {
     #[test]
     fn bad_data_is_poison_and_unknown_is_transient() {
         assert_eq!(classify_sqlstate("22P02"), ErrorClass::Poison);
-        assert_eq!(classify_sqlstate("23505"), ErrorClass::Poison);
+        assert_eq!(classify_sqlstate("23514"), ErrorClass::Poison);
+        assert_eq!(classify_sqlstate("23505"), ErrorClass::Transient);
         assert_eq!(classify_sqlstate("40001"), ErrorClass::Transient);
         assert_eq!(classify_sqlstate("57P01"), ErrorClass::Transient);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Logging/tracing set-up, once per binary.
+//! Logging/tracing set-up (and the metrics recorder), once per binary.
 //!
 //! Human-readable output on a terminal, one JSON object per line otherwise (CI, services under
 //! a supervisor) so logs can be shipped as they are. `RUST_LOG` picks levels; the default keeps
@@ -30,4 +30,7 @@ pub fn init() {
     };
     // Already initialised (a test harness, a second service in one process): keep the first.
     let _ = result;
+    // The metrics recorder too, before any role counts anything (metrics recorded before a
+    // recorder exists are lost).
+    let _ = crate::ops::metrics_handle();
 }

@@ -38,9 +38,19 @@ pub enum Failure {
     },
 }
 
+/// Database errors by the one classification (`platform::errors`): data the database
+/// refuses for this message (a value out of range, a violated constraint) is poison, the
+/// rest (connection loss, timeouts, conflicts, and a schema mismatch, which is an operator's
+/// problem and not the message's) is retried.
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        Failure::Transient(format!("database: {e}"))
+        match platform::errors::classify_sqlx(&e) {
+            platform::errors::ErrorClass::Poison => Failure::Poison {
+                class: "invalid_data",
+                message: format!("database: {e}"),
+            },
+            _ => Failure::Transient(format!("database: {e}")),
+        }
     }
 }
 

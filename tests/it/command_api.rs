@@ -604,6 +604,8 @@ async fn two_hundred_concurrent_checkouts_lose_and_duplicate_nothing() {
 
 #[tokio::test]
 async fn ops_endpoints_and_openapi() {
+    // The recorder `shop` installs at start (platform::telemetry::init).
+    let handle = platform::ops::metrics_handle();
     let api = TestApi::new().await;
     place(&api, &api.customer("c")).await;
     let get = |p: &str| api.http.get(format!("{}{p}", api.base)).send();
@@ -611,7 +613,7 @@ async fn ops_endpoints_and_openapi() {
     // Readiness and metrics are on the ops listener, not on the public port.
     assert_eq!(get("/readyz").await.unwrap().status(), 404);
     assert_eq!(get("/metrics").await.unwrap().status(), 404);
-    let metrics = platform::ops::metrics_handle().render();
+    let metrics = handle.render();
     assert!(
         metrics.contains("commands_total{command=\"checkout\",outcome=\"accepted\"}"),
         "{metrics}"

@@ -337,3 +337,78 @@ async fn a_projector_killed_mid_stream_and_restarted_ends_with_the_same_read_mod
         "{rows:?}"
     );
 }
+
+/// A projection whose next offset fell below what Kafka still holds (retention deleted
+/// events it never applied) is reported by the status (and so by `shop projections status`,
+/// GraphQL and the `projection_partitions_behind_retention` metric), never skipped silently.
+#[tokio::test]
+async fn a_checkpoint_below_kafkas_retention_is_reported() {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        admin::{AdminClient, AdminOptions},
+        client::DefaultClientContext,
+        producer::FutureRecord,
+    };
+    use read_side::status::{Watermarks, all};
+
+    let db = shop_tests::TestDb::new().await;
+    let mut kafka = TestKafka::new().await;
+    let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
+    let producer = platform::kafka::producer(&kafka.brokers).unwrap();
+    for i in 0..5 {
+        let payload = format!("m{i}");
+        let record = FutureRecord::to(&topic)
+            .key("k")
+            .payload(&payload)
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // order_summary applied the first two; sales_by_product has applied nothing yet.
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
+         VALUES ('order_summary', $1, 0, 2)",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let watermarks = Watermarks::new(&kafka.brokers, &topic).unwrap();
+    let behind = |statuses: Vec<read_side::status::ProjectionStatus>, name: &str| {
+        statuses
+            .into_iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.behind_retention)
+    };
+    let before = all(&db.pool, Some(&watermarks)).await.unwrap();
+    assert_eq!(behind(before, "order_summary"), Some(0));
+
+    // Retention deletes everything before offset 4.
+    let admin: AdminClient<DefaultClientContext> = platform::kafka::base_config(&kafka.brokers)
+        .create()
+        .unwrap();
+    let mut cut = TopicPartitionList::new();
+    cut.add_partition_offset(&topic, 0, Offset::Offset(4))
+        .unwrap();
+    admin
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .unwrap();
+    let mut after = None;
+    for _ in 0..50 {
+        let statuses = all(&db.pool, Some(&watermarks)).await.unwrap();
+        after = behind(statuses.clone(), "order_summary");
+        if after == Some(1) {
+            assert_eq!(behind(statuses, "sales_by_product"), Some(1));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        after,
+        Some(1),
+        "the deleted offsets 2..3 were never applied"
+    );
+}
