@@ -18,7 +18,7 @@ out="$LOCAL/logs/chaos.log"
 : >"$out"
 for round in $(seq 1 "$rounds"); do
   log "round $round of $rounds ($orders orders per fault)"
-  CHAOS_ORDERS="$orders" cargo test --release -q -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
+  CHAOS_ORDERS="$orders" cargo test -q -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
     | grep -v '^{' | tee -a "$out" | grep -E "^(test |chaos:)" || true
 done
 echo

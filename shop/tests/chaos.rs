@@ -140,7 +140,8 @@ async fn under_load(
 /// clean stop.
 async fn settles(shop: ShopProcess, orders: &[Uuid], fault: &str, started: Instant) {
     let sys = shop.system();
-    let report = invariants::wait_settled(&sys, orders, Duration::from_secs(240)).await;
+    let timeout = Duration::from_secs(240.max(orders.len() as u64 / 5));
+    let report = invariants::wait_settled(&sys, orders, timeout).await;
     eprintln!(
         "chaos: {fault}|{}|{}|{}|{}|{:.1?}",
         orders.len(),
