@@ -16,10 +16,14 @@ SERVICE=chaos
 cd "$ROOT"
 out="$LOCAL/logs/chaos.log"
 : >"$out"
+status=0
 for round in $(seq 1 "$rounds"); do
   log "round $round of $rounds ($orders orders per fault)"
-  CHAOS_ORDERS="$orders" cargo test -q -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
-    | grep -v '^{' | tee -a "$out" | grep -E "^(test |chaos:)" || true
+  set +e
+  CHAOS_ORDERS="$orders" cargo test -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
+    | grep -v '^{' | tee -a "$out" | grep -E "^(test |chaos:)"
+  ((PIPESTATUS[0] == 0)) || status=1
+  set -e
 done
 echo
 printf '%-22s %7s %10s %10s %12s %s\n' fault orders confirmed cancelled violations "settled after"
@@ -29,4 +33,4 @@ done
 passed=$(grep -c '^test .* ok$' "$out" || true)
 failed=$(grep -c '^test .* FAILED$' "$out" || true)
 echo "summary: $passed passed, $failed failed"
-((failed == 0))
+exit "$status"

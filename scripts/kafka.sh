@@ -85,6 +85,9 @@ running_pid() {
 up() {
   local host port
   host=${KAFKA_BROKERS%%,*}; port=${host##*:}; host=${host%%:*}
+  # A broker left stopped (SIGSTOP by an interrupted fault test) still accepts TCP
+  # connections in the kernel: wake it first.
+  if [[ -n "$(running_pid)" ]]; then kill -CONT "$(running_pid)" 2>/dev/null || true; fi
   if port_open "$host" "$port"; then
     log "reusing the broker at $host:$port"
     return
@@ -101,6 +104,8 @@ up() {
     java_run kafka.tools.StorageTool format -t "$id" -c "$CONF" >>"$LOG" 2>&1 \
       || die "formatting Kafka storage failed, see $LOG"
   fi
+  local from=0
+  [[ -f "$LOG" ]] && from=$(wc -l <"$LOG")
   if [[ -z "$(running_pid)" ]]; then
     log "starting the broker (logs: $LOG)"
     # setsid: the broker must outlive this script and the shell that ran it.
@@ -110,7 +115,8 @@ up() {
     echo $! >"$PIDFILE"
   fi
   local deadline=$((SECONDS + 120))
-  until port_open 127.0.0.1 "$port" && grep -q 'Kafka Server started' "$LOG"; do
+  # Started means started this time: the log also holds earlier starts.
+  until port_open 127.0.0.1 "$port" && tail -n "+$((from + 1))" "$LOG" | grep -q 'Kafka Server started'; do
     [[ -n "$(running_pid)" ]] || die "the broker exited during start-up; last lines of $LOG:
 $(tail -n 20 "$LOG")"
     (( SECONDS < deadline )) || die "the broker did not start within 120 s, see $LOG"

@@ -315,6 +315,17 @@ pub async fn run(
     database_url: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let result = run_loop(&mut relay, database_url, shutdown).await;
+    // Destroying the Kafka producer flushes and joins its threads: not on a runtime worker.
+    tokio::task::spawn_blocking(move || drop(relay));
+    result
+}
+
+async fn run_loop(
+    relay: &mut Relay,
+    database_url: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (poll_interval, max_backoff) = (relay.cfg.poll_interval, relay.cfg.max_backoff);
     let mut listener = PgListener::connect_with(&relay.pool).await?;
     listener.listen("outbox").await?;

@@ -124,7 +124,12 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
 pub fn classify_migrate(e: &sqlx::migrate::MigrateError) -> ErrorClass {
     use sqlx::migrate::MigrateError as M;
     match e {
-        M::Execute(e) => classify_sqlx(e),
+        // Running a migration failed: a lost connection or a lock timeout is worth another
+        // try; SQL the database refuses is not.
+        M::Execute(e) | M::ExecuteMigration(e, _) => match classify_sqlx(e) {
+            ErrorClass::Transient => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        },
         // A changed checksum, a dirty or unknown version: a person must look.
         _ => ErrorClass::Permanent,
     }
@@ -141,8 +146,6 @@ pub fn classify_kafka(e: &KafkaError) -> ErrorClass {
                 | C::TopicAuthorizationFailed
                 | C::GroupAuthorizationFailed
                 | C::ClusterAuthorizationFailed
-                | C::UnsupportedVersion
-                | C::UnsupportedFeature
         )
     };
     match e {
@@ -164,12 +167,13 @@ pub fn classify_amqp(e: &lapin::Error) -> ErrorClass {
             ErrorClass::Permanent
         }
         K::ProtocolError(p) => match p.kind() {
-            // Wrong credentials or a queue declared elsewhere with other arguments.
+            // Wrong credentials, no such vhost.
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-            | AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
-            | AMQPErrorKind::Hard(AMQPHardError::INVALIDPATH)
-            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => ErrorClass::Permanent,
-            // CONNECTION_FORCED (the broker stopping), resource errors, ...
+            | AMQPErrorKind::Hard(AMQPHardError::INVALIDPATH) => ErrorClass::Permanent,
+            // CONNECTION_FORCED (the broker stopping), NOT_ALLOWED (a vhost restarting),
+            // PRECONDITION_FAILED (also how RabbitMQ closes a channel on an ack timeout;
+            // a queue declared with other arguments is marked permanent where it is
+            // declared), resource errors, ...
             _ => ErrorClass::Transient,
         },
         K::IOError(io) => classify_io(io),
@@ -177,13 +181,11 @@ pub fn classify_amqp(e: &lapin::Error) -> ErrorClass {
     }
 }
 
-pub fn classify_io(e: &std::io::Error) -> ErrorClass {
-    use std::io::ErrorKind as K;
-    match e.kind() {
-        // Binding a listener: the port is taken or the address is not ours.
-        K::AddrInUse | K::AddrNotAvailable | K::PermissionDenied => ErrorClass::Permanent,
-        _ => ErrorClass::Transient,
-    }
+/// I/O errors are transient: a refused or reset connection heals when the peer is back.
+/// (Binding a listener to a taken port is permanent; `ops::serve` marks that itself, since
+/// the same error kinds can come from an outbound connect.)
+pub fn classify_io(_: &std::io::Error) -> ErrorClass {
+    ErrorClass::Transient
 }
 
 #[cfg(test)]
@@ -212,8 +214,14 @@ mod tests {
         assert_eq!(classify(&e), ErrorClass::Permanent);
         assert_eq!(classify_sqlstate("28P01"), ErrorClass::Permanent);
         assert_eq!(classify_sqlstate("42P01"), ErrorClass::Permanent);
-        let taken = std::io::Error::from(std::io::ErrorKind::AddrInUse);
-        assert_eq!(classify(&anyhow::Error::from(taken)), ErrorClass::Permanent);
+        let reset = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
+        assert_eq!(classify(&anyhow::Error::from(reset)), ErrorClass::Transient);
+        let interrupted =
+            sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::PoolTimedOut, 3);
+        assert_eq!(
+            classify(&anyhow::Error::from(interrupted)),
+            ErrorClass::Transient
+        );
         let marked = permanent(anyhow::anyhow!("JWT_SECRET is too short"));
         assert_eq!(classify(&marked), ErrorClass::Permanent);
         assert_eq!(

@@ -120,7 +120,10 @@ pub async fn ensure_topics(
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&new, &opts).await? {
+    let results = admin.create_topics(&new, &opts).await;
+    // Destroying a client joins its threads: not on a runtime worker.
+    tokio::task::spawn_blocking(move || drop(admin));
+    for result in results? {
         match result {
             Ok(_) => {}
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -100,7 +100,16 @@ impl Readiness {
 
     /// Runs every check concurrently; returns whether all passed and a per-check report.
     pub async fn report(&self) -> (bool, serde_json::Value) {
-        let results = join_all(self.checks.iter().map(|(name, f)| async move {
+        self.report_only(None).await
+    }
+
+    /// Like [`Self::report`], limited to the named checks and roles when `only` is given
+    /// (`/readyz?only=command-api,postgres`: what a load balancer in front of the command API
+    /// needs, which keeps taking checkouts into the outbox while a broker is down).
+    pub async fn report_only(&self, only: Option<&[&str]>) -> (bool, serde_json::Value) {
+        let wanted = |name: &str| only.is_none_or(|only| only.contains(&name));
+        let checks = self.checks.iter().filter(|(name, _)| wanted(name));
+        let results = join_all(checks.map(|(name, f)| async move {
             let r = match tokio::time::timeout(CHECK_TIMEOUT, f()).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
@@ -121,7 +130,7 @@ impl Readiness {
             .collect();
         let mut body = json!({"checks": checks});
         if let Some((roles, grace)) = &self.roles {
-            let (roles_ready, report) = roles.report(*grace);
+            let (roles_ready, report) = roles.report(*grace, only);
             ready &= roles_ready;
             body["roles"] = report["roles"].clone();
             body["role_details"] = report["role_details"].clone();
@@ -177,9 +186,11 @@ pub fn router(readiness: Readiness) -> Router {
 /// Binds `addr` and serves `router` as a supervised role until shutdown. A port already
 /// taken is a permanent failure (the process stops with the address in the message).
 pub async fn serve(addr: SocketAddr, router: Router, ctx: RoleCtx) -> anyhow::Result<()> {
+    // A taken port or an address that is not ours will not heal by itself.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {} to {addr} (port taken?)", ctx.name()))?;
+        .with_context(|| format!("binding {} to {addr} (port taken?)", ctx.name()))
+        .map_err(crate::errors::permanent)?;
     tracing::info!(role = ctx.name(), %addr, "listening");
     ctx.up();
     axum::serve(listener, router)
@@ -188,8 +199,21 @@ pub async fn serve(addr: SocketAddr, router: Router, ctx: RoleCtx) -> anyhow::Re
         .with_context(|| format!("serving {} on {addr}", ctx.name()))
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
-    let (ready, body) = readiness.report().await;
+#[derive(serde::Deserialize)]
+struct ReadyQuery {
+    /// Comma-separated check and role names to consider (all when absent).
+    only: Option<String>,
+}
+
+async fn readyz(
+    State(readiness): State<Readiness>,
+    axum::extract::Query(q): axum::extract::Query<ReadyQuery>,
+) -> impl IntoResponse {
+    let only: Option<Vec<&str>> = q
+        .only
+        .as_deref()
+        .map(|o| o.split(',').map(str::trim).collect());
+    let (ready, body) = readiness.report_only(only.as_deref()).await;
     let status = if ready {
         StatusCode::OK
     } else {

@@ -67,10 +67,27 @@ impl Status {
 struct RoleState {
     status: Status,
     since: Instant,
-    /// When the role last stopped being up (`None` while up or before it first was).
+    /// Start of the current outage: set when the role stops being up, cleared only once it
+    /// has been up again for the readiness grace. A role that crash-loops (up for a moment,
+    /// down again) therefore stays in one outage instead of looking freshly healthy.
     down_since: Option<Instant>,
     restarts: u64,
     last_error: Option<String>,
+}
+
+impl RoleState {
+    /// Ready while up (and not just back from an outage), or early in an outage that
+    /// followed a time up (a broker blip should not flap a load balancer).
+    fn ready(&mut self, grace: Duration) -> bool {
+        let up = self.status == Status::Up;
+        if up && self.since.elapsed() >= grace {
+            self.down_since = None;
+        }
+        match self.down_since {
+            None => up,
+            Some(t) => t.elapsed() < grace,
+        }
+    }
 }
 
 /// The roles of a process and their states. Cheap to clone; shared with `/readyz`.
@@ -90,9 +107,7 @@ impl Roles {
         if state.status != status {
             state.since = Instant::now();
         }
-        if status == Status::Up {
-            state.down_since = None;
-        } else if state.status == Status::Up {
+        if status != Status::Up && state.status == Status::Up && state.down_since.is_none() {
             state.down_since = Some(Instant::now());
         }
         state.status = status;
@@ -122,19 +137,18 @@ impl Roles {
             .map(|s| s.status)
     }
 
-    /// Whether every role is ready, and the per-role report. A role counts as ready while
-    /// it is up, or while it has been restarting for less than `grace` after having been up
-    /// (a blip of a broker should not flap a load balancer).
-    pub fn report(&self, grace: Duration) -> (bool, serde_json::Value) {
-        let roles = self.0.lock().expect("roles lock");
+    /// Whether every role (or, with `only`, every named one) is ready, and the per-role
+    /// report. See [`RoleState::ready`] for what ready means.
+    pub fn report(&self, grace: Duration, only: Option<&[&str]>) -> (bool, serde_json::Value) {
+        let mut roles = self.0.lock().expect("roles lock");
         let mut ready = !roles.is_empty();
         let mut statuses = serde_json::Map::new();
         let mut details = serde_json::Map::new();
-        for (name, s) in roles.iter() {
-            let ok = s.status == Status::Up
-                || (matches!(s.status, Status::Restarting | Status::Starting)
-                    && s.down_since.is_some_and(|t| t.elapsed() < grace));
-            ready &= ok;
+        for (name, s) in roles.iter_mut() {
+            if only.is_some_and(|only| !only.contains(&name.as_str())) {
+                continue;
+            }
+            ready &= s.ready(grace);
             statuses.insert(name.clone(), json!(s.status.as_str()));
             details.insert(
                 name.clone(),
@@ -411,7 +425,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(starts.load(Ordering::SeqCst), 4);
-        let (ready, body) = roles.report(Duration::ZERO);
+        let (ready, body) = roles.report(Duration::ZERO, None);
         assert!(ready);
         assert_eq!(body["role_details"]["flaky"]["restarts"], 3);
         assert!(
@@ -445,7 +459,7 @@ mod tests {
         assert!(shutdown.is_cancelled());
         assert_eq!(roles.status("misconfigured"), Some(Status::Failed));
         assert_eq!(roles.status("steady"), Some(Status::Stopped));
-        assert!(!roles.report(Duration::from_secs(60)).0);
+        assert!(!roles.report(Duration::from_secs(60), None).0);
     }
 
     #[tokio::test]
@@ -453,14 +467,42 @@ mod tests {
         let roles = Roles::default();
         roles.set("a", Status::Starting, None);
         roles.set("b", Status::Up, None);
-        assert!(!roles.report(Duration::from_secs(60)).0, "a never came up");
+        assert!(
+            !roles.report(Duration::from_secs(60), None).0,
+            "a never came up"
+        );
         roles.set("a", Status::Up, None);
-        assert!(roles.report(Duration::from_secs(60)).0);
+        assert!(roles.report(Duration::from_secs(60), None).0);
         roles.set("a", Status::Restarting, Some("kafka down".into()));
-        assert!(roles.report(Duration::from_secs(60)).0, "within the grace");
-        let (ready, body) = roles.report(Duration::ZERO);
+        assert!(
+            roles.report(Duration::from_secs(60), None).0,
+            "within the grace"
+        );
+        let (ready, body) = roles.report(Duration::ZERO, None);
         assert!(!ready, "past the grace");
         assert_eq!(body["roles"]["a"], "restarting");
+        assert!(
+            roles.report(Duration::ZERO, Some(&["b"])).0,
+            "b alone is ready"
+        );
+        // Up for a moment then down again: still the same outage, past its grace.
+        let grace = Duration::from_millis(50);
+        std::thread::sleep(grace);
+        roles.set("a", Status::Up, None);
+        assert!(!roles.report(grace, None).0, "just back from a long outage");
+        roles.set("a", Status::Restarting, None);
+        assert!(!roles.report(grace, None).0, "a crash loop is not ready");
+        roles.set("a", Status::Up, None);
+        std::thread::sleep(grace);
+        assert!(
+            roles.report(grace, None).0,
+            "up for the grace: healthy again"
+        );
+        roles.set("a", Status::Restarting, None);
+        assert!(
+            roles.report(grace, None).0,
+            "a new outage starts its own grace"
+        );
     }
 
     #[tokio::test]

@@ -57,12 +57,17 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// A consumer that receives nothing this long while events wait is restarted.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
 /// Most messages applied in one transaction.
 const MAX_BATCH: usize = 1000;
 
 pub struct Projector {
     pool: PgPool,
     consumer: StreamConsumer,
+    /// High watermarks, to tell an idle consumer from a stuck one.
+    watermarks: crate::status::Watermarks,
     producer: FutureProducer,
     dlq_topic: String,
     kind: Kind,
@@ -92,6 +97,7 @@ impl Projector {
         Ok(Self {
             pool,
             consumer,
+            watermarks: crate::status::Watermarks::new(brokers, topic)?,
             producer: platform::kafka::producer(brokers)?,
             dlq_topic: format!("{topic}.dlq"),
             kind,
@@ -234,9 +240,12 @@ impl Projector {
         // for long while the broker is down: never on a runtime worker (with two of them, two
         // projectors stalled the whole process once).
         let Self {
-            consumer, producer, ..
+            consumer,
+            producer,
+            watermarks,
+            ..
         } = self;
-        tokio::task::spawn_blocking(move || drop((consumer, producer)));
+        tokio::task::spawn_blocking(move || drop((consumer, producer, watermarks)));
         result
     }
 
@@ -247,7 +256,13 @@ impl Projector {
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m.with_context(|| format!("projector {name}: consuming from Kafka"))?.detach(),
+                m = tokio::time::timeout(STUCK_AFTER, self.consumer.recv()) => match m {
+                    Ok(m) => m.with_context(|| format!("projector {name}: consuming from Kafka"))?.detach(),
+                    Err(_) => {
+                        self.check_not_stuck().await?;
+                        continue;
+                    }
+                },
             };
             // Whatever else has already arrived joins the batch; nothing waits for more.
             let mut batch = vec![first];
@@ -279,6 +294,25 @@ impl Projector {
             }
         }
         tracing::info!(projection = self.kind.name(), "projector stopped");
+        Ok(())
+    }
+
+    /// Called when no message came for [`STUCK_AFTER`]: fine if nothing waits in Kafka, an
+    /// error if events wait beyond the checkpoints. Why: after a broker stalled, a consumer
+    /// was seen to lose its group coordinator and wait for it for ever without an error,
+    /// while its role looked up; a new consumer (the supervisor's restart) rejoins at once.
+    async fn check_not_stuck(&self) -> anyhow::Result<()> {
+        let statuses = crate::status::all(&self.pool, Some(&self.watermarks)).await?;
+        let lag = statuses
+            .iter()
+            .find(|p| p.name == self.kind.name())
+            .and_then(|p| p.lag)
+            .unwrap_or(0);
+        anyhow::ensure!(
+            lag == 0,
+            "projector {}: no message for {STUCK_AFTER:?} while {lag} event(s) wait in Kafka; the consumer is stuck",
+            self.kind.name()
+        );
         Ok(())
     }
 

@@ -583,12 +583,21 @@ impl Rebuild {
 /// manual step. A rebuild stopped by a poison event is retried every 5 minutes (an operator
 /// fixes the cause meanwhile; `shop projections status` shows the error).
 pub async fn run_worker(pool: PgPool, ctx: platform::supervisor::RoleCtx) -> anyhow::Result<()> {
+    // Whatever goes wrong with a rebuild is retried by the supervisor, never taken as a
+    // reason to stop the process (and with it the command API): the old version keeps
+    // serving meanwhile.
+    worker_loop(&pool, &ctx)
+        .await
+        .map_err(|e| anyhow::anyhow!("rebuild worker: {e:#}"))
+}
+
+async fn worker_loop(pool: &PgPool, ctx: &platform::supervisor::RoleCtx) -> anyhow::Result<()> {
     use crate::status::{self, State};
     let mut poisoned: std::collections::HashMap<&'static str, std::time::Instant> =
         std::collections::HashMap::new();
     ctx.up();
     while !ctx.shutdown().is_cancelled() {
-        for p in status::all(&pool, None).await? {
+        for p in status::all(pool, None).await? {
             let Some(kind) = Kind::parse(p.name) else {
                 continue;
             };
@@ -598,7 +607,7 @@ pub async fn run_worker(pool: PgPool, ctx: platform::supervisor::RoleCtx) -> any
             if p.state != State::RebuildInterrupted || cooling {
                 continue;
             }
-            let rebuild = match start(&pool, kind, &RebuildOptions::default()).await {
+            let rebuild = match start(pool, kind, &RebuildOptions::default()).await {
                 Ok(r) => r,
                 Err(RebuildError::AlreadyRunning(_)) => continue,
                 Err(e) => return Err(e.into()),

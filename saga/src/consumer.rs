@@ -39,13 +39,21 @@ pub enum Failure {
 }
 
 /// Database errors by the one classification (`platform::errors`): data the database
-/// refuses for this message (a value out of range, a violated constraint) is poison, the
-/// rest (connection loss, timeouts, conflicts, and a schema mismatch, which is an operator's
+/// refuses for this message (SQLSTATE 22xxx, 23xxx but a unique violation) is poison, the
+/// rest (connection loss, timeouts, races, and a schema mismatch, which is an operator's
 /// problem and not the message's) is retried.
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        match platform::errors::classify_sqlx(&e) {
-            platform::errors::ErrorClass::Poison => Failure::Poison {
+        use platform::errors::{ErrorClass, classify_sqlstate};
+        // Only what the database says about the data is the message's fault; a decode
+        // error is the code's (a deploy with a type mismatch must not dead-letter every
+        // message).
+        let refused = match &e {
+            sqlx::Error::Database(db) => db.code().map(|c| classify_sqlstate(&c)),
+            _ => None,
+        };
+        match refused {
+            Some(ErrorClass::Poison) => Failure::Poison {
                 class: "invalid_data",
                 message: format!("database: {e}"),
             },

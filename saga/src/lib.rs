@@ -213,7 +213,18 @@ async fn connect(
     retry_delays: &[Duration],
 ) -> anyhow::Result<Arc<lapin::Connection>> {
     let conn = Arc::new(platform::amqp::connect(url, name).await?);
-    topology::declare(&conn, names, retry_delays).await?;
+    if let Err(e) = topology::declare(&conn, names, retry_delays).await {
+        // PRECONDITION_FAILED here: a queue exists with other arguments (type, TTL, dead
+        // lettering); redeclaring cannot fix that, a person must.
+        let precondition = matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+            if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)));
+        let e = anyhow::Error::from(e).context("declaring the saga's queues");
+        return Err(if precondition {
+            platform::errors::permanent(e)
+        } else {
+            e
+        });
+    }
     Ok(conn)
 }
 

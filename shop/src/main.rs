@@ -228,8 +228,18 @@ enum AuditCommand {
 /// Topics the project owns (before the configurable prefix).
 const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+fn main() -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async_main());
+    // Kafka clients are closed on the blocking pool (closing blocks while a broker is
+    // down); dropping the runtime would wait for them without limit.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+async fn async_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     platform::telemetry::init();
     match cli.command {
@@ -343,7 +353,9 @@ struct Roles {
 /// ops listener until SIGTERM/Ctrl-C (exit 0) or a permanent failure (exit non-zero).
 async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::token();
-    if !setup_with_retries(infra, &shutdown).await? {
+    // The saga alone needs no Kafka topics.
+    let with_topics = roles.relay.is_some() || roles.projector.is_some();
+    if !setup_with_retries(infra, &shutdown, with_topics).await? {
         return Ok(());
     }
     let pool = platform::db::connect_config(infra).await?;
@@ -426,7 +438,9 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
         platform::ops::serve(ops.addr, ops_router.clone(), ctx)
     });
     let result = sup.wait().await;
-    pool.close().await;
+    // Bounded: a connection held by a task that outlived its role (a websocket's listener)
+    // must not keep the process from exiting.
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
     match &result {
         Ok(()) => tracing::info!("stopped"),
         Err(e) => tracing::error!(
@@ -443,6 +457,7 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
 async fn setup_with_retries(
     infra: &InfraConfig,
     shutdown: &tokio_util::sync::CancellationToken,
+    with_topics: bool,
 ) -> anyhow::Result<bool> {
     use backon::BackoffBuilder;
     let mut delays = backon::ExponentialBuilder::new()
@@ -452,9 +467,19 @@ async fn setup_with_retries(
         .without_max_times()
         .build();
     loop {
-        let e = match setup(infra).await {
-            Ok(()) => return Ok(true),
-            Err(e) => e,
+        let attempt = async {
+            if with_topics {
+                setup(infra).await
+            } else {
+                migrate(infra).await
+            }
+        };
+        let e = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            r = attempt => match r {
+                Ok(()) => return Ok(true),
+                Err(e) => e,
+            },
         };
         if classify(&e) == ErrorClass::Permanent {
             return Err(e.context("setting up the database and topics"));

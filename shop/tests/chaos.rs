@@ -47,6 +47,15 @@ fn run(cmd: &str, args: &[&str]) {
     assert!(status.success(), "{cmd} {args:?} failed");
 }
 
+/// For undoing a fault from a guard: a failure is reported, never a panic (a panic while
+/// a failed test unwinds would abort and hide the original failure).
+fn run_quietly(cmd: &str, args: &[&str]) {
+    match Command::new(cmd).args(args).status() {
+        Ok(s) if s.success() => {}
+        other => eprintln!("undoing a fault: {cmd} {args:?} failed: {other:?}"),
+    }
+}
+
 fn kafka_pid() -> String {
     std::fs::read_to_string(root().join(".local/kafka/kafka.pid"))
         .expect("the broker's pid file (scripts/kafka.sh)")
@@ -77,7 +86,7 @@ impl Drop for Undo {
 }
 
 fn kafka_up() {
-    run(
+    run_quietly(
         "bash",
         &[root().join("scripts/kafka.sh").to_str().unwrap(), "up"],
     );
@@ -209,7 +218,7 @@ async fn kafka_broker_killed_and_restarted_under_load() {
 async fn rabbitmq_stopped_and_started_under_load() {
     scenario("rabbitmq stop/start", async |_| {
         run("rabbitmqctl", &["-q", "stop_app"]);
-        let undo = Undo::new(|| run("rabbitmqctl", &["-q", "start_app"]));
+        let undo = Undo::new(|| run_quietly("rabbitmqctl", &["-q", "start_app"]));
         tokio::time::sleep(Duration::from_secs(8)).await;
         undo.now();
     })
@@ -220,6 +229,14 @@ async fn rabbitmq_stopped_and_started_under_load() {
 async fn postgres_restarted_under_load() {
     scenario("postgres restart", async |_| {
         let (version, name) = postgres_cluster();
+        // If the restart fails half way, the server must not stay down for later tests.
+        let (v, n) = (version.clone(), name.clone());
+        let _start = Undo::new(move || {
+            run_quietly(
+                "pg_ctlcluster",
+                &["--skip-systemctl-redirect", &v, &n, "start"],
+            )
+        });
         run(
             "pg_ctlcluster",
             &[
@@ -252,7 +269,7 @@ async fn kafka_broker_stalled_under_load() {
     scenario("kafka SIGSTOP 20 s", async |_| {
         let pid = kafka_pid();
         run("kill", &["-STOP", &pid]);
-        let undo = Undo::new(move || run("kill", &["-CONT", &pid]));
+        let undo = Undo::new(move || run_quietly("kill", &["-CONT", &pid]));
         tokio::time::sleep(Duration::from_secs(20)).await;
         undo.now();
     })

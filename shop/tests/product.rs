@@ -13,9 +13,8 @@ fn bin() -> &'static Path {
 #[tokio::test]
 async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
     let shop = ShopProcess::start(bin()).await;
-    let ready = shop.readyz().await;
-    assert_eq!(ready["status"], "ready", "{ready}");
-    for role in [
+    // Ready means every role is up or briefly restarting; wait until all are up.
+    let roles = [
         "command-api",
         "graphql",
         "relay",
@@ -24,8 +23,19 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         "saga:feed",
         "saga:replies",
         "participant:payment",
+        "rebuilds",
         "ops",
-    ] {
+    ];
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..200 {
+        ready = shop.readyz().await;
+        if ready["status"] == "ready" && roles.iter().all(|r| ready["roles"][r] == "up") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready["status"], "ready", "{ready}");
+    for role in roles {
         assert_eq!(ready["roles"][role], "up", "{role}: {ready}");
     }
 
@@ -96,7 +106,22 @@ async fn a_schema_mismatch_stops_shop_run_with_a_non_zero_status() {
         .execute(&shop.db.pool)
         .await
         .unwrap();
-    let out = shop.command(&["run"]).output().unwrap();
+    let mut child = shop
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A misclassified (transient) error would retry for ever: bounded here.
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().ok();
+            panic!("shop run kept running on a mismatched schema");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         !out.status.success(),
         "shop run started on a mismatched schema"

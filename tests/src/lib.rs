@@ -364,7 +364,9 @@ pub async fn consume_envelopes(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while ids.len() < want {
         let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(m) => m.unwrap(),
+            Ok(Ok(m)) => m,
+            // A transport error right after a broker restart: librdkafka reconnects.
+            Ok(Err(_)) => continue,
             Err(_) => break,
         };
         let key = String::from_utf8(msg.key().unwrap().to_vec()).unwrap();
