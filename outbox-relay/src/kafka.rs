@@ -42,10 +42,12 @@ impl KafkaSink {
 
     /// Replaces the producer with a new one. Why: after a broker stalled (SIGSTOP, a frozen
     /// VM) in the middle of its start-up, an idempotent producer was seen never to deliver
-    /// again although the broker was healthy. The old producer's queued and in-flight
-    /// messages are purged and it is destroyed (on the blocking pool, it joins its threads)
-    /// before this returns, so nothing it held can reach the broker after what the new one
-    /// sends: the rows are still pending in the outbox and go out again, in order.
+    /// again although the broker was healthy. The old producer's queued messages are purged
+    /// and it is destroyed (on the blocking pool: it joins its threads) before this returns.
+    /// Requests it had already written to the socket may still be appended by the broker:
+    /// those are duplicates of rows that are still pending and go out again from the first
+    /// unpublished row of each key, so first arrivals stay in order (consumers deduplicate
+    /// by event id and stream version).
     pub async fn reset(&mut self) -> Result<(), KafkaError> {
         let fresh = Self::new(&self.brokers, &self.topic_prefix)?;
         let old = std::mem::replace(self, fresh);
