@@ -45,6 +45,9 @@ pub struct ProjectorConfig {
     /// How long one message may wait for a row lock before that attempt fails.
     #[arg(id = "projection_lock_timeout", long = "projection-lock-timeout", env = "PROJECTION_LOCK_TIMEOUT", default_value = "5s", value_parser = platform::config::parse_duration)]
     pub lock_timeout: Duration,
+    /// A consumer that receives nothing this long while events wait for it is restarted.
+    #[arg(id = "projection_stuck_after", long = "projection-stuck-after", env = "PROJECTION_STUCK_AFTER", default_value = "30s", value_parser = platform::config::parse_duration)]
+    pub stuck_after: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -53,12 +56,10 @@ impl Default for ProjectorConfig {
             max_attempts: 5,
             retry_base: Duration::from_millis(200),
             lock_timeout: Duration::from_secs(5),
+            stuck_after: Duration::from_secs(30),
         }
     }
 }
-
-/// A consumer that receives nothing this long while events wait is restarted.
-const STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// Most messages applied in one transaction.
 const MAX_BATCH: usize = 1000;
@@ -256,7 +257,7 @@ impl Projector {
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = tokio::time::timeout(STUCK_AFTER, self.consumer.recv()) => match m {
+                m = tokio::time::timeout(self.config.stuck_after, self.consumer.recv()) => match m {
                     Ok(m) => m.with_context(|| format!("projector {name}: consuming from Kafka"))?.detach(),
                     Err(_) => {
                         self.check_not_stuck().await?;
@@ -297,21 +298,47 @@ impl Projector {
         Ok(())
     }
 
-    /// Called when no message came for [`STUCK_AFTER`]: fine if nothing waits in Kafka, an
-    /// error if events wait beyond the checkpoints. Why: after a broker stalled, a consumer
+    /// Called when no message came for `stuck_after`: fine if nothing waits in Kafka for
+    /// this consumer, an error if events wait beyond the checkpoints of its partitions (of
+    /// any partition while it has none assigned). Why: after a broker stalled, a consumer
     /// was seen to lose its group coordinator and wait for it for ever without an error,
     /// while its role looked up; a new consumer (the supervisor's restart) rejoins at once.
-    async fn check_not_stuck(&self) -> anyhow::Result<()> {
-        let statuses = crate::status::all(&self.pool, Some(&self.watermarks)).await?;
-        let lag = statuses
+    pub async fn check_not_stuck(&self) -> anyhow::Result<()> {
+        let Some(marks) = self.watermarks.fetch().await else {
+            anyhow::bail!("projector {}: the brokers do not answer", self.kind.name());
+        };
+        let assigned: Vec<i32> = self
+            .consumer
+            .assignment()?
+            .elements()
             .iter()
-            .find(|p| p.name == self.kind.name())
-            .and_then(|p| p.lag)
-            .unwrap_or(0);
+            .map(|e| e.partition())
+            .collect();
+        let partitions: Vec<i32> = if assigned.is_empty() {
+            marks.keys().copied().collect()
+        } else {
+            assigned
+        };
+        let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_checkpoints WHERE projection = $1 AND topic = $2",
+        )
+        .bind(self.kind.name())
+        .bind(self.watermarks.topic())
+        .fetch_all(&self.pool)
+        .await?;
+        let lag: i64 = partitions
+            .iter()
+            .filter_map(|p| marks.get(p).map(|m| (p, m)))
+            .map(|(p, (low, high))| {
+                let at = checkpoints.iter().find(|c| c.0 == *p).map_or(*low, |c| c.1);
+                (high - at).max(0)
+            })
+            .sum();
         anyhow::ensure!(
             lag == 0,
-            "projector {}: no message for {STUCK_AFTER:?} while {lag} event(s) wait in Kafka; the consumer is stuck",
-            self.kind.name()
+            "projector {}: no message for {:?} while {lag} event(s) wait in Kafka; the consumer is stuck",
+            self.kind.name(),
+            self.config.stuck_after
         );
         Ok(())
     }

@@ -62,6 +62,11 @@ impl Watermarks {
         })
     }
 
+    /// The topic whose watermarks these are.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Per partition: (low, high) watermarks. `None` when the brokers do not answer.
     pub async fn fetch(&self) -> Option<HashMap<i32, (i64, i64)>> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());

@@ -483,6 +483,7 @@ async fn a_transient_failure_is_retried_a_bounded_number_of_times_then_dead_lett
         max_attempts: 3,
         retry_base: Duration::from_millis(50),
         lock_timeout: Duration::from_millis(100),
+        ..ProjectorConfig::default()
     })
     .await;
     let pool = stack.api.db.pool.clone();

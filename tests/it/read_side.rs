@@ -412,3 +412,41 @@ async fn a_checkpoint_below_kafkas_retention_is_reported() {
         "the deleted offsets 2..3 were never applied"
     );
 }
+
+/// A projector that receives nothing while events wait for it (after a broker stall a
+/// consumer was seen waiting for its group coordinator for ever, without an error) says it is
+/// stuck, so its role restarts it; one with nothing left to apply is merely idle.
+#[tokio::test]
+async fn a_projector_that_receives_nothing_while_events_wait_reports_itself_stuck() {
+    use rdkafka::producer::FutureRecord;
+
+    let db = shop_tests::TestDb::new().await;
+    let mut kafka = TestKafka::new().await;
+    let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
+    let producer = platform::kafka::producer(&kafka.brokers).unwrap();
+    for i in 0..3 {
+        let payload = format!("m{i}");
+        let record = FutureRecord::to(&topic)
+            .key("k")
+            .payload(&payload)
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // Never polled: it never joins its group, like a consumer that lost its coordinator.
+    let projector =
+        Projector::order_summary(db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix).unwrap();
+    let err = projector.check_not_stuck().await.unwrap_err();
+    assert!(err.to_string().contains("3 event(s) wait"), "{err}");
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
+         VALUES ('order_summary', $1, 0, 3)",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    projector.check_not_stuck().await.unwrap();
+}
