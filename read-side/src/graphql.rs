@@ -200,6 +200,10 @@ pub struct Projection {
     pub position: i64,
     /// Messages in the topic beyond `position`; `null` when the brokers are not reachable.
     pub lag: Option<i64>,
+    /// Partitions whose next offset is below the oldest one Kafka still holds: events this
+    /// projection never applied were deleted by retention. Rebuild it from the event store.
+    /// `null` when the brokers are not reachable.
+    pub partitions_behind_retention: Option<i64>,
     pub rebuild: Option<RebuildProgress>,
     pub last_rebuilt_at: Option<DateTime<Utc>>,
 }
@@ -216,6 +220,7 @@ impl From<status::ProjectionStatus> for Projection {
             },
             position: p.position,
             lag: p.lag,
+            partitions_behind_retention: p.behind_retention,
             rebuild: p.rebuild.map(|r| RebuildProgress {
                 version: r.version,
                 processed: r.processed,

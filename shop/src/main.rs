@@ -624,12 +624,19 @@ async fn projections(infra: &InfraConfig, command: ProjectionsCommand) -> anyhow
                 status::Watermarks::new(&infra.kafka_brokers, &infra.topic("orders.events"))?;
             for p in status::all(&pool, Some(&watermarks)).await? {
                 println!(
-                    "{}\tv{}\t{:?}\tposition={}\tlag={}{}",
+                    "{}\tv{}\t{:?}\tposition={}\tlag={}{}{}",
                     p.name,
                     p.version,
                     p.state,
                     p.position,
                     p.lag.map_or("?".into(), |l| l.to_string()),
+                    match p.behind_retention {
+                        Some(n) if n > 0 => format!(
+                            "\tBEHIND KAFKA RETENTION on {n} partition(s): rebuild it (shop projections rebuild {})",
+                            p.name
+                        ),
+                        _ => String::new(),
+                    },
                     p.rebuild.map_or(String::new(), |r| format!(
                         "\trebuild v{}: {}/{}{}",
                         r.version,
