@@ -21,16 +21,16 @@ for round in $(seq 1 "$rounds"); do
   log "round $round of $rounds ($orders orders per fault)"
   set +e
   CHAOS_ORDERS="$orders" cargo test -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
-    | grep -v '^{' | tee -a "$out" | grep -E "^(test |chaos:)"
+    | grep -v '^{' | tee -a "$out" | grep -E "^test |chaos:"
   ((PIPESTATUS[0] == 0)) || status=1
   set -e
 done
 echo
 printf '%-22s %7s %10s %10s %12s %s\n' fault orders confirmed cancelled violations "settled after"
-grep '^chaos:' "$out" | sed 's/^chaos: //' | while IFS='|' read -r fault n conf canc viol took; do
+grep -o 'chaos: .*' "$out" | sed 's/^chaos: //' | while IFS='|' read -r fault n conf canc viol took; do
   printf '%-22s %7s %10s %10s %12s %s\n' "$fault" "$n" "$conf" "$canc" "$viol" "$took"
 done
-passed=$(grep -c '^test .* ok$' "$out" || true)
-failed=$(grep -c '^test .* FAILED$' "$out" || true)
-echo "summary: $passed passed, $failed failed"
+# cargo's own per-round totals (test names and results interleave with --nocapture output).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$out"
 exit "$status"
