@@ -73,6 +73,29 @@ pub fn classify_cause(e: &(dyn StdError + 'static)) -> Option<ErrorClass> {
     if let Some(e) = e.downcast_ref::<KafkaError>() {
         return Some(classify_kafka(e));
     }
+    if let Some(crate::kafka::KafkaSetupError::CreateTopic { code, .. }) =
+        e.downcast_ref::<crate::kafka::KafkaSetupError>()
+    {
+        // The broker refused the topic as asked (partitions, replication, policy, rights):
+        // asking again cannot help.
+        use RDKafkaErrorCode as C;
+        let refused = matches!(
+            code,
+            C::InvalidPartitions
+                | C::InvalidReplicationFactor
+                | C::InvalidReplicaAssignment
+                | C::InvalidConfig
+                | C::PolicyViolation
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+        );
+        return Some(if refused {
+            ErrorClass::Permanent
+        } else {
+            ErrorClass::Transient
+        });
+    }
     if let Some(e) = e.downcast_ref::<lapin::Error>() {
         return Some(classify_amqp(e));
     }
@@ -228,6 +251,23 @@ mod tests {
             classify(&marked.context("starting the command api")),
             ErrorClass::Permanent
         );
+    }
+
+    #[test]
+    fn a_topic_the_broker_refuses_is_permanent() {
+        let refused = crate::kafka::KafkaSetupError::CreateTopic {
+            topic: "orders.events".into(),
+            code: RDKafkaErrorCode::InvalidReplicationFactor,
+        };
+        assert_eq!(
+            classify(&anyhow::Error::from(refused)),
+            ErrorClass::Permanent
+        );
+        let busy = crate::kafka::KafkaSetupError::CreateTopic {
+            topic: "orders.events".into(),
+            code: RDKafkaErrorCode::RequestTimedOut,
+        };
+        assert_eq!(classify(&anyhow::Error::from(busy)), ErrorClass::Transient);
     }
 
     #[test]

@@ -347,25 +347,12 @@ async fn a_checkpoint_below_kafkas_retention_is_reported() {
         Offset, TopicPartitionList,
         admin::{AdminClient, AdminOptions},
         client::DefaultClientContext,
-        producer::FutureRecord,
     };
     use read_side::status::{Watermarks, all};
 
     let db = shop_tests::TestDb::new().await;
     let mut kafka = TestKafka::new().await;
-    let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
-    let producer = platform::kafka::producer(&kafka.brokers).unwrap();
-    for i in 0..5 {
-        let payload = format!("m{i}");
-        let record = FutureRecord::to(&topic)
-            .key("k")
-            .payload(&payload)
-            .partition(0);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    let topic = one_partition_topic_with(&mut kafka, 5).await;
     // order_summary applied the first two; sales_by_product has applied nothing yet.
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
@@ -418,23 +405,9 @@ async fn a_checkpoint_below_kafkas_retention_is_reported() {
 /// stuck, so its role restarts it; one with nothing left to apply is merely idle.
 #[tokio::test]
 async fn a_projector_that_receives_nothing_while_events_wait_reports_itself_stuck() {
-    use rdkafka::producer::FutureRecord;
-
     let db = shop_tests::TestDb::new().await;
     let mut kafka = TestKafka::new().await;
-    let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
-    let producer = platform::kafka::producer(&kafka.brokers).unwrap();
-    for i in 0..3 {
-        let payload = format!("m{i}");
-        let record = FutureRecord::to(&topic)
-            .key("k")
-            .payload(&payload)
-            .partition(0);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    let topic = one_partition_topic_with(&mut kafka, 3).await;
     // Never polled: it never joins its group, like a consumer that lost its coordinator.
     let projector =
         Projector::order_summary(db.pool.clone(), &kafka.brokers, &topic, &kafka.prefix).unwrap();
@@ -449,4 +422,22 @@ async fn a_projector_that_receives_nothing_while_events_wait_reports_itself_stuc
     .await
     .unwrap();
     projector.check_not_stuck().await.unwrap();
+}
+
+/// A one-partition orders topic holding `n` messages (`m0`, `m1`, ...) at offsets 0..n.
+async fn one_partition_topic_with(kafka: &mut TestKafka, n: usize) -> String {
+    let topic = kafka.create_topics(&["orders.events"], 1).await.remove(0);
+    let producer = platform::kafka::producer(&kafka.brokers).unwrap();
+    for i in 0..n {
+        let payload = format!("m{i}");
+        let record = rdkafka::producer::FutureRecord::to(&topic)
+            .key("k")
+            .payload(&payload)
+            .partition(0);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    topic
 }
