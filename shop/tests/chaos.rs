@@ -56,11 +56,27 @@ fn run_quietly(cmd: &str, args: &[&str]) {
     }
 }
 
+/// The broker's pid: from `scripts/kafka.sh`'s pid file, or the one `kafka.Kafka` process
+/// running (a broker started by another checkout's scripts).
 fn kafka_pid() -> String {
-    std::fs::read_to_string(root().join(".local/kafka/kafka.pid"))
-        .expect("the broker's pid file (scripts/kafka.sh)")
-        .trim()
-        .to_owned()
+    if let Ok(pid) = std::fs::read_to_string(root().join(".local/kafka/kafka.pid"))
+        && Command::new("kill")
+            .args(["-0", pid.trim()])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        return pid.trim().to_owned();
+    }
+    let out = Command::new("pgrep")
+        .args(["-f", "kafka.Kafka"])
+        .output()
+        .expect("pgrep");
+    let pids = String::from_utf8_lossy(&out.stdout);
+    let mut pids = pids.split_whitespace();
+    match (pids.next(), pids.next()) {
+        (Some(pid), None) => pid.to_owned(),
+        other => panic!("cannot tell which process is the Kafka broker: {other:?}"),
+    }
 }
 
 /// Undoes a fault when dropped (a failed test must not leave a service down).
@@ -208,7 +224,15 @@ async fn kafka_broker_killed_and_restarted_under_load() {
             seen["roles"]["projector:order_summary"], "restarting",
             "{seen}"
         );
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Past the readiness grace (10 s) the process says it is degraded.
+        for _ in 0..120 {
+            seen = shop.readyz().await;
+            if seen["ready"] == false {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(seen["status"], "degraded", "{seen}");
         undo.now();
     })
     .await;
