@@ -161,7 +161,7 @@ pub struct Rebuild {
     pool: PgPool,
     kind: Kind,
     /// The session holding the rebuild lock; closed (releasing it) on drop.
-    _lock: PgConnection,
+    lock: PgConnection,
     from_version: i32,
     version: i32,
     cursor: FeedCursor,
@@ -201,7 +201,7 @@ pub async fn start(
     let mut rebuild = Rebuild {
         pool: pool.clone(),
         kind,
-        _lock: lock,
+        lock,
         from_version: active,
         version: active + 1,
         cursor: FeedCursor::default(),
@@ -439,6 +439,24 @@ impl Rebuild {
             self.switch().await
         }
         .await;
+        let result = self.finish(outcome).await;
+        // Released before returning, so whoever looks next sees the rebuild stopped (closing
+        // the session would release it too, but only once the server has noticed).
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(REBUILD_LOCK_NS)
+            .bind(name)
+            .execute(&mut self.lock)
+            .await;
+        if let Err(e) = unlocked {
+            tracing::warn!(projection = name, error = %e, "releasing the rebuild lock failed; it goes with the session");
+        }
+        let _ = sqlx::Connection::close(self.lock).await;
+        result
+    }
+
+    /// Logs the outcome and records a failure on the projection's row.
+    async fn finish(&self, outcome: Result<(), RebuildError>) -> Result<Report, RebuildError> {
+        let name = self.kind.name();
         match outcome {
             Ok(()) => {
                 tracing::info!(
