@@ -326,14 +326,9 @@ impl Projector {
         .bind(self.watermarks.topic())
         .fetch_all(&self.pool)
         .await?;
-        let lag: i64 = partitions
-            .iter()
-            .filter_map(|p| marks.get(p).map(|m| (p, m)))
-            .map(|(p, (low, high))| {
-                let at = checkpoints.iter().find(|c| c.0 == *p).map_or(*low, |c| c.1);
-                (high - at).max(0)
-            })
-            .sum();
+        let lag = crate::status::lag_over(&marks, partitions, |p| {
+            checkpoints.iter().find(|c| c.0 == p).map(|c| c.1)
+        });
         anyhow::ensure!(
             lag == 0,
             "projector {}: no message for {:?} while {lag} event(s) wait in Kafka; the consumer is stuck",

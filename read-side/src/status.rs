@@ -127,26 +127,17 @@ pub async fn all(
         .await?;
         let position = checkpoints.iter().map(|c| c.2).sum();
         let lag = marks.as_ref().map(|(topic, m)| {
-            m.iter()
-                .map(|(p, (low, high))| {
-                    let at = checkpoints
-                        .iter()
-                        .find(|c| &c.0 == topic && c.1 == *p)
-                        .map_or(*low, |c| c.2);
-                    (high - at).max(0)
-                })
-                .sum()
-        });
-        let behind_retention = marks.as_ref().map(|(topic, m)| {
-            m.iter()
-                .filter(|(p, (low, _))| {
-                    let at = checkpoints
-                        .iter()
-                        .find(|c| &c.0 == topic && c.1 == **p)
-                        .map_or(0, |c| c.2);
-                    at < *low
-                })
-                .count() as i64
+            let next = |p: i32| {
+                checkpoints
+                    .iter()
+                    .find(|c| &c.0 == topic && c.1 == p)
+                    .map(|c| c.2)
+            };
+            let behind = m
+                .iter()
+                .filter(|(p, (low, _))| next(**p).unwrap_or(0) < *low)
+                .count() as i64;
+            (lag_over(m, m.keys().copied(), next), behind)
         });
         let rebuild_version: Option<i32> = r.try_get("rebuild_version")?;
         let state = match rebuild_version {
@@ -159,8 +150,8 @@ pub async fn all(
             version: r.try_get("active_version")?,
             state,
             position,
-            lag,
-            behind_retention,
+            lag: lag.map(|l| l.0),
+            behind_retention: lag.map(|l| l.1),
             rebuild: match rebuild_version {
                 None => None,
                 Some(version) => Some(RebuildStatus {
@@ -176,6 +167,23 @@ pub async fn all(
         });
     }
     Ok(out)
+}
+
+/// Events in Kafka beyond the next offsets to apply on `partitions` (`next(partition)`; a
+/// partition without one counts from its low watermark, the oldest offset still held).
+pub(crate) fn lag_over(
+    marks: &HashMap<i32, (i64, i64)>,
+    partitions: impl IntoIterator<Item = i32>,
+    next: impl Fn(i32) -> Option<i64>,
+) -> i64 {
+    partitions
+        .into_iter()
+        .filter_map(|p| {
+            marks
+                .get(&p)
+                .map(|(low, high)| (high - next(p).unwrap_or(*low)).max(0))
+        })
+        .sum()
 }
 
 /// Exports every projection's position, lag and retention trouble to `/metrics` every 10 s

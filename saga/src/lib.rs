@@ -150,55 +150,62 @@ pub fn roles(supervisor: &mut Supervisor, pool: PgPool, amqp_url: String, config
     let o = orchestrator.clone();
     supervisor.spawn("saga:deadlines", move |ctx| o.clone().run_deadlines(ctx));
     let names = topology::Names::new(&config.queue_prefix);
-    let delays = config.retry_delays();
-    let (url, o) = (amqp_url.clone(), orchestrator);
-    let (n, d) = (names.clone(), delays.clone());
-    supervisor.spawn("saga:replies", move |ctx| {
-        let (url, o, n, d) = (url.clone(), o.clone(), n.clone(), d.clone());
-        async move {
-            let conn = connect(&url, "checkout-saga", &n, &d).await?;
-            ctx.up();
-            watched(&conn, o.run_replies(conn.clone(), ctx.shutdown().clone())).await
-        }
-    });
-    let (url, n, d) = (amqp_url.clone(), names.clone(), delays.clone());
-    supervisor.spawn("saga:dlq-depth", move |ctx| {
-        let (url, n, d) = (url.clone(), n.clone(), d.clone());
-        async move {
-            let conn = connect(&url, "checkout-saga-dlq-depth", &n, &d).await?;
-            ctx.up();
-            watched(
-                &conn,
-                report_dead_letter_depth(conn.clone(), n, ctx.shutdown().clone()),
-            )
-            .await
-        }
-    });
+    let amqp = AmqpRole {
+        url: amqp_url,
+        names: names.clone(),
+        retry_delays: config.retry_delays(),
+    };
+    let o = orchestrator;
+    amqp.spawn(
+        supervisor,
+        "saga:replies",
+        "checkout-saga",
+        move |conn, stop| o.clone().run_replies(conn, stop),
+    );
+    amqp.spawn(
+        supervisor,
+        "saga:dlq-depth",
+        "checkout-saga-dlq-depth",
+        move |conn, stop| report_dead_letter_depth(conn, names.clone(), stop),
+    );
     if !config.participants {
         return;
     }
     for p in participants::Participant::ALL {
-        let (url, n, d, pool, config) = (
-            amqp_url.clone(),
-            names.clone(),
-            delays.clone(),
-            pool.clone(),
-            config.clone(),
+        let (pool, config) = (pool.clone(), config.clone());
+        amqp.spawn(
+            supervisor,
+            &format!("participant:{}", p.name()),
+            &format!("participant-{}", p.name()),
+            move |conn, stop| participants::run(p, pool.clone(), conn, config.clone(), stop),
         );
-        supervisor.spawn(format!("participant:{}", p.name()), move |ctx| {
-            let (url, n, d, pool, config) = (
-                url.clone(),
-                n.clone(),
-                d.clone(),
-                pool.clone(),
-                config.clone(),
-            );
+    }
+}
+
+/// Where a saga role's RabbitMQ connection goes and what it declares.
+#[derive(Clone)]
+struct AmqpRole {
+    url: String,
+    names: topology::Names,
+    retry_delays: Vec<Duration>,
+}
+
+impl AmqpRole {
+    /// Adds a role that owns one connection (named `connection` in the broker's UI): each
+    /// start connects, declares the topology, is up, and runs `work` until it ends or the
+    /// connection is lost.
+    fn spawn<W, Fut>(&self, supervisor: &mut Supervisor, role: &str, connection: &str, work: W)
+    where
+        W: Fn(Arc<lapin::Connection>, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (this, connection, work) = (self.clone(), connection.to_owned(), Arc::new(work));
+        supervisor.spawn(role, move |ctx| {
+            let (this, connection, work) = (this.clone(), connection.clone(), work.clone());
             async move {
-                let conn = connect(&url, &format!("participant-{}", p.name()), &n, &d).await?;
+                let conn = connect(&this.url, &connection, &this.names, &this.retry_delays).await?;
                 ctx.up();
-                let consuming =
-                    participants::run(p, pool, conn.clone(), config, ctx.shutdown().clone());
-                watched(&conn, consuming).await
+                watched(&conn, work(conn.clone(), ctx.shutdown().clone())).await
             }
         });
     }

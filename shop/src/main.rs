@@ -253,7 +253,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             saga,
             ops,
         } => {
-            let roles = Roles {
+            let roles = RoleConfigs {
                 write_side: Some(write_side),
                 relay: Some(relay),
                 graphql_addr: Some(graphql_addr),
@@ -263,17 +263,17 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             run(&cli.infra, roles, ops).await?
         }
         Command::Saga { saga, ops } => {
-            let roles = Roles {
+            let roles = RoleConfigs {
                 saga: Some(saga),
-                ..Roles::default()
+                ..RoleConfigs::default()
             };
             run(&cli.infra, roles, ops).await?
         }
         Command::Inventory { command } => return inventory(&cli.infra, command).await,
         Command::Relay { relay, ops } => {
-            let roles = Roles {
+            let roles = RoleConfigs {
                 relay: Some(relay),
-                ..Roles::default()
+                ..RoleConfigs::default()
             };
             run(&cli.infra, roles, ops).await?
         }
@@ -341,7 +341,7 @@ async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
 
 /// Which roles a `shop run|relay|saga` process runs (the others stay `None`).
 #[derive(Default)]
-struct Roles {
+struct RoleConfigs {
     write_side: Option<write_side::WriteSideConfig>,
     relay: Option<outbox_relay::RelayConfig>,
     graphql_addr: Option<std::net::SocketAddr>,
@@ -351,7 +351,7 @@ struct Roles {
 
 /// Sets up the database and topics, then runs the chosen roles under one supervisor with the
 /// ops listener until SIGTERM/Ctrl-C (exit 0) or a permanent failure (exit non-zero).
-async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Result<()> {
+async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::token();
     // The saga alone needs no Kafka topics.
     let with_topics = roles.relay.is_some() || roles.projector.is_some();
@@ -385,6 +385,16 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
             )
         });
     }
+    // One client for high watermarks, shared by the lag metrics and GraphQL's `projections`
+    // (none for `shop relay` and `shop saga`).
+    let watermarks = if roles.projector.is_some() || roles.graphql_addr.is_some() {
+        Some(read_side::status::Watermarks::new(
+            &infra.kafka_brokers,
+            &topic,
+        )?)
+    } else {
+        None
+    };
     if let Some(projector_cfg) = roles.projector {
         for kind in read_side::projection::Kind::ALL {
             let (pool, infra, topic, cfg) = (
@@ -409,8 +419,10 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
         sup.spawn("rebuilds", move |ctx| {
             read_side::rebuild::run_worker(p.clone(), ctx)
         });
-        let watermarks = read_side::status::Watermarks::new(&infra.kafka_brokers, &topic)?;
-        let p = pool.clone();
+        let (p, watermarks) = (
+            pool.clone(),
+            watermarks.clone().expect("made for projectors"),
+        );
         sup.spawn("projection-metrics", move |ctx| {
             read_side::status::report_metrics(p.clone(), watermarks.clone(), ctx)
         });
@@ -419,10 +431,7 @@ async fn run(infra: &InfraConfig, roles: Roles, ops: OpsConfig) -> anyhow::Resul
         let graphql_api = read_side::graphql::GraphqlApi {
             pool: pool.clone(),
             auth: Authenticator::from_config(&cfg.auth),
-            watermarks: Some(read_side::status::Watermarks::new(
-                &infra.kafka_brokers,
-                &topic,
-            )?),
+            watermarks: watermarks.clone(),
         };
         let router = graphql_api.router();
         sup.spawn("graphql", move |ctx| {
