@@ -44,6 +44,18 @@ pub async fn connection_lost(conn: &Connection) -> anyhow::Error {
     }
 }
 
+/// Closes `conn`, waiting at most `timeout` for the broker's answer (a broker that is going
+/// away may never send it; the socket is dropped with the connection either way).
+pub async fn close(conn: &Connection, timeout: std::time::Duration) {
+    match tokio::time::timeout(timeout, conn.close(200, "shutdown".into())).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            ?timeout,
+            "RabbitMQ did not answer the connection close in time"
+        ),
+    }
+}
+
 /// A channel with publisher confirms enabled.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
     let ch = conn.create_channel().await?;

@@ -205,7 +205,8 @@ impl AmqpRole {
             async move {
                 let conn = connect(&this.url, &connection, &this.names, &this.retry_delays).await?;
                 ctx.up();
-                watched(&conn, work(conn.clone(), ctx.shutdown().clone())).await
+                let stop = ctx.shutdown().clone();
+                watched(&conn, work(conn.clone(), stop.clone()), &stop).await
             }
         });
     }
@@ -235,17 +236,31 @@ async fn connect(
     Ok(conn)
 }
 
-/// Runs `work` until it ends or the connection is lost (whichever first), then closes the
-/// connection. A lost connection is an error, so the supervisor reconnects.
+/// How long a stopping AMQP role may take to finish the deliveries it holds; past it they are
+/// abandoned unacknowledged and the broker redelivers them (every handler is idempotent per
+/// message), so a stuck broker call or handler cannot hold up the process's exit.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long closing a connection may wait for the broker's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `work` until it ends, the connection is lost, or it has not drained within
+/// [`DRAIN_TIMEOUT`] of `stop` (whichever first), then closes the connection. A lost
+/// connection is an error, so the supervisor reconnects.
 async fn watched(
     conn: &lapin::Connection,
     work: impl Future<Output = anyhow::Result<()>>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let result = tokio::select! {
         r = work => r,
         e = platform::amqp::connection_lost(conn) => Err(e),
+        () = async { stop.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "in-flight deliveries not settled in time; leaving them to the broker to redeliver");
+            Ok(())
+        }
     };
-    conn.close(200, "shutdown".into()).await.ok();
+    platform::amqp::close(conn, CLOSE_TIMEOUT).await;
     result
 }
 

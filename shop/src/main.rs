@@ -228,15 +228,25 @@ enum AuditCommand {
 /// Topics the project owns (before the configurable prefix).
 const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
 
-fn main() -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e.into()),
+    };
     let result = runtime.block_on(async_main());
     // Kafka clients are closed on the blocking pool (closing blocks while a broker is
     // down); dropping the runtime would wait for them without limit.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    result
+    result.unwrap_or_else(|e| fail(&e))
+}
+
+/// The error's chain on one line (a backtrace would bury it at the end of a log), exit 1.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("Error: {e:#}");
+    ExitCode::FAILURE
 }
 
 async fn async_main() -> anyhow::Result<ExitCode> {
