@@ -12,8 +12,9 @@ use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
 use crate::{
-    NewEvent, OutboxMessage, StoreError,
+    NewEvent, StoreError,
     hash::{HashInput, chain_hash},
+    outbox::OutboxMessage,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -236,26 +237,4 @@ fn map_conflict(e: sqlx::Error, stream_id: Uuid, expected: i64) -> StoreError {
 pub fn now_micros() -> DateTime<Utc> {
     let now = Utc::now();
     DateTime::from_timestamp_micros(now.timestamp_micros()).expect("current time is in range")
-}
-
-/// Puts messages in the outbox without appending events (e.g. a saga participant's reply,
-/// whose effect lives in its own tables), in the caller's transaction.
-pub async fn enqueue(conn: &mut PgConnection, outbox: &[OutboxMessage]) -> Result<(), sqlx::Error> {
-    if outbox.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[])",
-    )
-    .bind(outbox.iter().map(|m| m.message_id).collect::<Vec<_>>())
-    .bind(outbox.iter().map(|m| m.destination.as_str()).collect::<Vec<_>>())
-    .bind(outbox.iter().map(|m| m.target.as_str()).collect::<Vec<_>>())
-    .bind(outbox.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
-    .bind(outbox.iter().map(|m| m.ordering_key.as_str()).collect::<Vec<_>>())
-    .bind(outbox.iter().map(|m| Json(m.headers.clone())).collect::<Vec<Json<Value>>>())
-    .bind(outbox.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }

@@ -15,21 +15,27 @@
 //!   [`audit::verify_stream`] reports the first broken event.
 //!
 //! # Layout
-//! - [`model`]: rows in and out (`NewEvent`, `StoredEvent`, `Metadata`, `OutboxMessage`).
+//! - [`model`]: rows in and out (`NewEvent`, `StoredEvent`, `Metadata`).
+//! - [`envelope`]: the one envelope of an event on the wire, and broker message headers.
+//! - [`outbox`]: the outbox table, its one owner: messages in, the relay's reads and marks.
 //! - [`hash`]: canonical encoding and the chain hash.
-//! - [`append`](mod@append): the one-statement append, and outbox messages without events.
+//! - [`append`](mod@append): the one-statement append (events + outbox rows).
 //! - [`read`]: loading a stream (or one event, or several streams), the global feed.
 //! - [`audit`]: hash-chain verification.
 #![forbid(unsafe_code)]
 
 pub mod append;
 pub mod audit;
+pub mod envelope;
 pub mod hash;
 pub mod model;
+pub mod outbox;
 pub mod read;
 
-pub use append::{AppendOutcome, Expected, append, append_at, enqueue, now_micros};
-pub use model::{Destination, Metadata, NewEvent, OutboxMessage, StoredEvent};
+pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
+pub use envelope::{Envelope, Headers};
+pub use model::{Metadata, NewEvent, StoredEvent};
+pub use outbox::{Destination, OutboxMessage, enqueue};
 pub use read::{FeedCursor, load_event, load_stream, load_streams, read_feed};
 
 /// Errors of the store. A conflict is an expected outcome of concurrency, not a failure.

@@ -1,4 +1,4 @@
-//! Rows going into and coming out of the store.
+//! Rows going into and coming out of the store (outbox rows: [`crate::outbox`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -47,34 +47,4 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    Kafka,
-    Amqp,
-}
-
-impl Destination {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Destination::Kafka => "kafka",
-            Destination::Amqp => "amqp",
-        }
-    }
-}
-
-/// A message for the relay to publish, written atomically with the events.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxMessage {
-    pub message_id: Uuid,
-    pub destination: Destination,
-    /// Kafka topic (without the deployment prefix) or AMQP exchange.
-    pub target: String,
-    /// Kafka key or AMQP routing key.
-    pub routing_key: String,
-    /// Messages sharing this key are published in the order they were written.
-    pub ordering_key: String,
-    pub headers: Value,
-    pub payload: Vec<u8>,
 }

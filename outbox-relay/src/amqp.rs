@@ -12,7 +12,9 @@ use lapin::{
 };
 use serde_json::Value;
 
-use crate::{Delivery, store::OutboxRow};
+use event_store::outbox::OutboxRow;
+
+use crate::Delivery;
 
 /// The exchange saga commands go to; declared by the relay so publishing never races the
 /// consumers' topology set-up.

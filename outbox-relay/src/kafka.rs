@@ -16,7 +16,9 @@ use rdkafka::{
 };
 use serde_json::Value;
 
-use crate::{Delivery, store::OutboxRow};
+use event_store::outbox::OutboxRow;
+
+use crate::Delivery;
 
 pub struct KafkaSink {
     producer: FutureProducer,

@@ -15,7 +15,7 @@
 //!   until an operator retries it (`shop outbox failed|retry`).
 //!
 //! # Layout
-//! - [`store`]: SQL over the outbox table.
+//! - the outbox table itself belongs to [`event_store::outbox`] (all its SQL is there).
 //! - [`kafka`], [`amqp`]: the two sinks; each turns rows into per-row [`Delivery`] outcomes.
 //! - [`Relay::try_execute_once`]: one batch (a testable step); [`run`]: leader election,
 //!   NOTIFY/poll wake-ups, backoff, pruning, metrics, shutdown.
@@ -23,7 +23,6 @@
 
 pub mod amqp;
 pub mod kafka;
-pub mod store;
 
 use std::{
     sync::{
@@ -38,7 +37,7 @@ use rand::Rng;
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::OutboxRow;
+use event_store::outbox::{self as store, Destination, OutboxRow};
 
 /// After this long without delivery reports the relay reports itself unready.
 const STALL: Duration = Duration::from_secs(5);
@@ -140,8 +139,24 @@ impl Relay {
         }
         let fetch_took = t_fetch.elapsed();
         metrics::histogram!("outbox_batch_size").record(rows.len() as f64);
-        let (to_kafka, to_amqp): (Vec<&OutboxRow>, Vec<&OutboxRow>) =
-            rows.iter().partition(|r| r.destination == "kafka");
+        let results = self.send(&rows).await?;
+        let t_mark = Instant::now();
+        let outcome = self.settle(results).await;
+        metrics::histogram!("outbox_fetch_duration_seconds").record(fetch_took.as_secs_f64());
+        metrics::histogram!("outbox_mark_duration_seconds").record(t_mark.elapsed().as_secs_f64());
+        tracing::debug!(rows = rows.len(), fetch = ?fetch_took, total = ?t_fetch.elapsed(), mark = ?t_mark.elapsed(), "batch done");
+        outcome
+    }
+
+    /// Sends `rows` to their brokers; one delivery outcome per row. `Err` when the Kafka
+    /// producer stalled for good and was recreated (the rows stay pending).
+    async fn send<'r>(
+        &mut self,
+        rows: &'r [OutboxRow],
+    ) -> anyhow::Result<Vec<(&'r OutboxRow, Delivery)>> {
+        let (to_kafka, to_amqp): (Vec<&OutboxRow>, Vec<&OutboxRow>) = rows
+            .iter()
+            .partition(|r| r.destination == Destination::Kafka);
         let mut results: Vec<(&OutboxRow, Delivery)> = Vec::with_capacity(rows.len());
         if !to_kafka.is_empty() {
             let started = Instant::now();
@@ -178,7 +193,12 @@ impl Relay {
                 .record(started.elapsed().as_secs_f64());
             results.extend(to_amqp.into_iter().zip(d));
         }
+        Ok(results)
+    }
 
+    /// Records the outcome of each row: published, set aside (the first rejected row of a
+    /// key), or pending again; `Err` when some failed transiently (the caller backs off).
+    async fn settle(&self, mut results: Vec<(&OutboxRow, Delivery)>) -> anyhow::Result<Outcome> {
         let now = chrono::Utc::now();
         let mut published = Vec::new();
         let mut transient = Vec::new();
@@ -190,17 +210,13 @@ impl Relay {
         let mut failed_keys = std::collections::HashSet::new();
         for (row, d) in &mut results {
             if let Delivery::Rejected(_) = d
-                && !failed_keys.insert((row.destination.clone(), row.ordering_key.clone()))
+                && !failed_keys.insert((row.destination, row.ordering_key.clone()))
             {
                 *d = Delivery::Skipped;
             }
         }
         for (row, d) in &results {
-            let dest = if row.destination == "kafka" {
-                "kafka"
-            } else {
-                "amqp"
-            };
+            let dest = row.destination.as_str();
             match d {
                 Delivery::Published => {
                     published.push(row.id);
@@ -229,11 +245,7 @@ impl Relay {
             metrics::counter!("outbox_messages_total", "destination" => dest, "outcome" => outcome)
                 .increment(1);
         }
-        let t_mark = Instant::now();
         store::mark_published(&self.pool, &published).await?;
-        metrics::histogram!("outbox_fetch_duration_seconds").record(fetch_took.as_secs_f64());
-        metrics::histogram!("outbox_mark_duration_seconds").record(t_mark.elapsed().as_secs_f64());
-        tracing::debug!(rows = rows.len(), fetch = ?fetch_took, total = ?t_fetch.elapsed(), mark = ?t_mark.elapsed(), "batch done");
         if !transient.is_empty() {
             store::record_attempt(&self.pool, &transient, &transient_error).await?;
             self.ready.store(false, Ordering::Relaxed);

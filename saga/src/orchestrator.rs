@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use domain::{
-    order::{self, CancelledBy, OrderCommand, OrderEvent},
+    order::{CancelledBy, OrderCommand, OrderEvent},
     saga::{self, SagaCommand, SagaInput, SagaOrder, SagaState, Step},
     values::{OrderId, Reason},
     wire,
@@ -22,12 +22,11 @@ use event_store::{
     Destination, Expected, FeedCursor, Metadata, NewEvent, OutboxMessage, StoreError,
 };
 use platform::supervisor::RoleCtx;
-use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use write_side::order_stream;
+use orders::OrderError;
 
 use crate::{
     SagaConfig,
@@ -252,21 +251,16 @@ impl Orchestrator {
             },
             _ => return Ok(()),
         };
-        let (state, expected) = order_stream::load(conn, order_id)
-            .await
-            .map_err(|e| match e {
-                order_stream::LoadError::Database(e) => SagaError::Database(e),
-                unreadable => SagaError::Corrupt(order_id, unreadable.to_string()),
-            })?;
-        let new = match order::decide(&state, command) {
-            Ok(new) => new,
-            Err(rejected) => {
+        match orders::execute(conn, order_id, command, meta).await {
+            Ok(_) => Ok(()),
+            Err(OrderError::Rejected(rejected)) => {
                 tracing::info!(%order_id, %rejected, "the order refused a saga command; skipped");
-                return Ok(());
+                Ok(())
             }
-        };
-        order_stream::append(conn, order_id, &expected, &new, meta).await?;
-        Ok(())
+            Err(OrderError::Conflict) => Err(SagaError::Conflict),
+            Err(OrderError::Unreadable(e)) => Err(SagaError::Corrupt(order_id, e)),
+            Err(OrderError::Database(e)) => Err(SagaError::Database(e)),
+        }
     }
 
     /// Runs `input` in its own transaction, retrying version conflicts.
@@ -406,7 +400,7 @@ impl Orchestrator {
         };
         let (events, next) = event_store::read_feed(&mut tx, cursor, 200).await?;
         for e in &events {
-            if e.stream_type != write_side::records::ORDER_STREAM {
+            if e.stream_type != orders::ORDER_STREAM {
                 continue;
             }
             let order_id = OrderId(e.stream_id);
@@ -540,11 +534,9 @@ fn command_headers(causation: Uuid, c: &SagaCommand, trace: Option<&str>) -> ser
         .ok()
         .and_then(|v| v["type"].as_str().map(str::to_owned))
         .unwrap_or_default();
-    let mut h = json!({"causation_id": causation.to_string(), "message_type": message_type});
-    if let Some(t) = trace {
-        h["traceparent"] = json!(t);
-    }
-    h
+    event_store::Headers::new(Some(causation), trace)
+        .with("message_type", message_type)
+        .into_value()
 }
 
 #[cfg(test)]

@@ -188,11 +188,9 @@ async fn handle(
         } else {
             serde_json::to_vec(&Reply { order_id, input }).expect("reply serializes")
         };
-        let mut headers =
-            json!({"causation_id": m.message_id.to_string(), "participant": participant.name()});
-        if let Some(t) = &m.traceparent {
-            headers["traceparent"] = json!(t);
-        }
+        let headers = event_store::Headers::new(Some(m.message_id), m.traceparent.as_deref())
+            .with("participant", participant.name())
+            .into_value();
         let reply = OutboxMessage {
             message_id: Uuid::now_v7(),
             destination: Destination::Amqp,

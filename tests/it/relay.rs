@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use event_store::outbox as store;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use outbox_relay::{Relay, RelayConfig, store};
+use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
 use shop_tests::{
     TestDb, TestKafka, TestRabbit, append_orders, assert_in_version_order, consume_envelopes,

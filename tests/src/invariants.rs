@@ -335,7 +335,7 @@ async fn check_topic(sys: &System, orders: &[Uuid], report: &mut Report) {
     // The topic carries every order event of the database; read until all were seen.
     let all: Result<i64, _> =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_type = $1")
-            .bind(write_side::records::ORDER_STREAM)
+            .bind(orders::ORDER_STREAM)
             .fetch_one(&sys.pool)
             .await;
     let rows: Result<Vec<(Uuid, i64, Uuid)>, _> = sqlx::query_as(

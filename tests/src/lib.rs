@@ -311,13 +311,8 @@ pub async fn append_orders(pool: &PgPool, n_orders: usize, concurrency: usize) -
                         let at = event_store::now_micros();
                         let mut tx = pool.begin().await.unwrap();
                         let (_, expected) = event_store::load_stream(&mut tx, id.0).await.unwrap();
-                        let (stored, outbox) = write_side::records::order_records(
-                            id,
-                            expected.version + 1,
-                            &events,
-                            &meta,
-                            at,
-                        );
+                        let (stored, outbox) =
+                            orders::order_records(id, expected.version + 1, &events, &meta, at);
                         event_store::append_at(
                             &mut tx, id.0, "order", &expected, &stored, &outbox, at,
                         )

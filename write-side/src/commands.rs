@@ -9,16 +9,17 @@
 //! answers with the first one's stored response.
 
 use domain::{
-    order::{self, CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
+    order::{CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
     values::{OrderId, Reason},
 };
-use event_store::{Expected, Metadata, StoreError};
+use event_store::{Expected, Metadata};
+use orders::OrderError;
 use platform::auth::{Principal, Role};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::{order_stream, problem::ApiError};
+use crate::problem::ApiError;
 
 /// Who asks, with which key and request, in which trace.
 #[derive(Debug, Clone)]
@@ -139,19 +140,15 @@ fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
     }
 }
 
-fn rejected(e: OrderRejected) -> ApiError {
+fn order_error(e: OrderError) -> ApiError {
     match e {
-        OrderRejected::NotFound => ApiError::NotFound("no such order".into()),
-        other => ApiError::Rejected(other.to_string()),
-    }
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Conflict { .. } => {
+        OrderError::Rejected(OrderRejected::NotFound) => ApiError::NotFound("no such order".into()),
+        OrderError::Rejected(other) => ApiError::Rejected(other.to_string()),
+        OrderError::Conflict => {
             ApiError::VersionConflict("the order was changed concurrently; reload and retry".into())
         }
-        StoreError::Database(e) => e.into(),
+        OrderError::Unreadable(e) => ApiError::Internal(e),
+        OrderError::Database(e) => e.into(),
     }
 }
 
@@ -161,23 +158,17 @@ async fn checkout(
     cmd: PlaceOrder,
 ) -> Result<CommandResponse, ApiError> {
     let order_id = cmd.order_id;
-    let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd)).map_err(rejected)?;
-    let version =
-        append_order_events(conn, ctx, order_id, &Expected::new_stream(), &events).await?;
+    let version = orders::decide_and_append(
+        conn,
+        order_id,
+        &Order::NotPlaced,
+        &Expected::new_stream(),
+        OrderCommand::Place(cmd),
+        &metadata(ctx, order_id),
+    )
+    .await
+    .map_err(order_error)?;
     Ok(accepted(order_id, "PENDING", version))
-}
-
-/// Appends an order's new events with their outbox messages; returns the new version.
-async fn append_order_events(
-    conn: &mut PgConnection,
-    ctx: &CommandContext,
-    order_id: OrderId,
-    expected: &Expected,
-    events: &[domain::order::OrderEvent],
-) -> Result<i64, ApiError> {
-    order_stream::append(conn, order_id, expected, events, &metadata(ctx, order_id))
-        .await
-        .map_err(store_error)
 }
 
 fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {
@@ -194,12 +185,9 @@ pub async fn load_order(
     principal: &Principal,
     order_id: OrderId,
 ) -> Result<(Order, Expected), ApiError> {
-    let (state, expected) = order_stream::load(conn, order_id)
+    let (state, expected) = orders::load(conn, order_id)
         .await
-        .map_err(|e| match e {
-            order_stream::LoadError::Database(e) => e.into(),
-            unreadable => ApiError::Internal(unreadable.to_string()),
-        })?;
+        .map_err(|e| order_error(e.into()))?;
     let visible = match (principal.role, state.customer_id()) {
         (_, None) => false,
         (Role::Operator, Some(_)) => true,
@@ -231,7 +219,15 @@ async fn cancel(
         Role::Customer => CancelledBy::Customer,
         Role::Operator => CancelledBy::Operator,
     };
-    let events = order::decide(&state, OrderCommand::Cancel { reason, by }).map_err(rejected)?;
-    let version = append_order_events(conn, ctx, order_id, &expected, &events).await?;
+    let version = orders::decide_and_append(
+        conn,
+        order_id,
+        &state,
+        &expected,
+        OrderCommand::Cancel { reason, by },
+        &metadata(ctx, order_id),
+    )
+    .await
+    .map_err(order_error)?;
     Ok(accepted(order_id, "CANCELLED", version))
 }

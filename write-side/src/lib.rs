@@ -7,18 +7,15 @@
 //! # Layout
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
 //! - [`dto`]: request bodies and their conversion into domain commands.
-//! - [`records`]: domain events -> stored events + outbox messages (the wire envelope).
-//! - [`order_stream`]: loading an order into the aggregate, appending its events.
-//! - [`commands`]: the transaction: idempotency, load, decide, append.
+//! - [`commands`]: the transaction: idempotency, then the order stream's load, decide and
+//!   append ([`orders`]), then the idempotency record.
 //! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
 #![forbid(unsafe_code)]
 
 pub mod commands;
 pub mod dto;
 pub mod http;
-pub mod order_stream;
 pub mod problem;
-pub mod records;
 
 use std::net::SocketAddr;
 

@@ -1,8 +1,8 @@
-//! `shop bench ...`: throughput and latency of the write path, each beside a baseline run in
+//! `shop-bench append`: throughput and latency of the write path, each beside a baseline run in
 //! the same process against the same PostgreSQL, because this machine is noisy and only
 //! ratios compare across runs.
 //!
-//! `shop bench append` runs, in order, on a fresh scratch database:
+//! `shop-bench append` runs, in order, on a fresh scratch database:
 //! 1. baseline: plain `INSERT`s of the same event row and outbox row, one transaction each;
 //! 2. the event-store append path in-process (decide + records + one-statement append);
 //! 3. `POST /orders` over HTTP against the command API served in this process.
@@ -26,10 +26,10 @@ use domain::{
     },
 };
 use event_store::{Expected, Metadata};
+use orders::{ORDER_STREAM, order_records};
 use platform::auth::{Authenticator, Role};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
-use write_side::records::{ORDER_STREAM, order_records};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -294,7 +294,7 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     let (n, c) = (args.requests, args.concurrency);
     let (pool, name, _) = scratch_db(database_url, c as u32).await?;
     println!(
-        "shop bench append: {n} operations per phase, {c} concurrent clients, scratch database {name}\n"
+        "shop-bench append: {n} operations per phase, {c} concurrent clients, scratch database {name}\n"
     );
 
     // Warm-up: connections, caches, the API's first requests.

@@ -1,4 +1,4 @@
-//! `shop bench relay`: outbox relay throughput and end-to-end publish latency, beside a raw
+//! `shop-bench relay`: outbox relay throughput and end-to-end publish latency, beside a raw
 //! producer baseline in the same run.
 //!
 //! 1. Kafka throughput: N outbox rows (envelope-sized payloads) are published by a raw
@@ -77,8 +77,8 @@ fn rate(n: usize, d: Duration) -> f64 {
 }
 
 pub async fn relay(infra: &InfraConfig, args: &RelayBenchArgs) -> anyhow::Result<()> {
-    print!("shop bench relay: ");
-    let scratch = crate::bench::Scratch::create(infra, 16).await?;
+    print!("shop-bench relay: ");
+    let scratch = crate::append::Scratch::create(infra, 16).await?;
     let (pool, infra, prefix, topic) = (
         scratch.pool.clone(),
         scratch.infra.clone(),

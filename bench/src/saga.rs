@@ -1,4 +1,4 @@
-//! `shop bench saga`: checkout sagas completed per second and placed -> confirmed latency,
+//! `shop-bench saga`: checkout sagas completed per second and placed -> confirmed latency,
 //! beside a same-run baseline of the bare transport.
 //!
 //! On a scratch database and queues of its own, with the command API, the outbox relay, the
@@ -133,8 +133,8 @@ async fn wait_confirmed(pool: &PgPool, orders: &[Uuid]) -> anyhow::Result<()> {
 }
 
 pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<()> {
-    print!("shop bench saga: ");
-    let scratch = crate::bench::Scratch::create(infra, 32).await?;
+    print!("shop-bench saga: ");
+    let scratch = crate::append::Scratch::create(infra, 32).await?;
     let (pool, infra, prefix) = (
         scratch.pool.clone(),
         scratch.infra.clone(),

@@ -1,6 +1,5 @@
-//! An order's stream: load it into the aggregate, append new events with their outbox
-//! messages. Shared by the command API and the checkout saga, which both decide commands on
-//! the order aggregate.
+//! An order's stream in the event store: load it into the aggregate, append new events
+//! with their outbox messages.
 
 use domain::{
     order::{self, Order, OrderEvent},

@@ -1,15 +1,95 @@
-//! The relay's SQL over the `outbox` table, in one place.
+//! The transactional outbox: the one owner of the `outbox` table.
+//!
+//! Writers put messages here in the transaction that makes them true ([`crate::append`]
+//! with its events, or [`enqueue`] alone, e.g. a saga participant's reply); the relay reads
+//! pending rows in id order ([`next_batch`]) and records what happened to them. Every
+//! statement on the table is in this module, so its shape and its indexes are decided in
+//! one place.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row, postgres::PgRow, types::Json};
 use uuid::Uuid;
 
+/// Where a message goes: the order event stream or the saga's exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Kafka,
+    Amqp,
+}
+
+impl Destination {
+    pub const ALL: [Destination; 2] = [Destination::Kafka, Destination::Amqp];
+
+    /// The name stored in `outbox.destination` (and used as a metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Destination::Kafka => "kafka",
+            Destination::Amqp => "amqp",
+        }
+    }
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown outbox destination {s:?}"))
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message for the relay to publish, written atomically with the events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    pub message_id: Uuid,
+    pub destination: Destination,
+    /// Kafka topic (without the deployment prefix) or AMQP exchange.
+    pub target: String,
+    /// Kafka key or AMQP routing key.
+    pub routing_key: String,
+    /// Messages sharing this key are published in the order they were written.
+    pub ordering_key: String,
+    pub headers: Value,
+    pub payload: Vec<u8>,
+}
+
+/// Puts messages in the outbox without appending events (e.g. a saga participant's reply,
+/// whose effect lives in its own tables), in the caller's transaction.
+pub async fn enqueue(conn: &mut PgConnection, outbox: &[OutboxMessage]) -> Result<(), sqlx::Error> {
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[])",
+    )
+    .bind(outbox.iter().map(|m| m.message_id).collect::<Vec<_>>())
+    .bind(outbox.iter().map(|m| m.destination.as_str()).collect::<Vec<_>>())
+    .bind(outbox.iter().map(|m| m.target.as_str()).collect::<Vec<_>>())
+    .bind(outbox.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
+    .bind(outbox.iter().map(|m| m.ordering_key.as_str()).collect::<Vec<_>>())
+    .bind(outbox.iter().map(|m| Json(m.headers.clone())).collect::<Vec<Json<Value>>>())
+    .bind(outbox.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A pending row, as the relay reads it.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
     pub message_id: Uuid,
-    pub destination: String,
+    pub destination: Destination,
     pub target: String,
     pub routing_key: String,
     pub ordering_key: String,
@@ -24,7 +104,7 @@ pub struct OutboxRow {
 pub struct FailedRow {
     pub id: i64,
     pub message_id: Uuid,
-    pub destination: String,
+    pub destination: Destination,
     pub target: String,
     pub ordering_key: String,
     pub attempts: i32,
@@ -56,7 +136,7 @@ pub async fn next_batch(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, sql
             Ok(OutboxRow {
                 id: r.try_get("id")?,
                 message_id: r.try_get("message_id")?,
-                destination: r.try_get("destination")?,
+                destination: destination(r)?,
                 target: r.try_get("target")?,
                 routing_key: r.try_get("routing_key")?,
                 ordering_key: r.try_get("ordering_key")?,
@@ -115,7 +195,7 @@ pub async fn list_failed(pool: &PgPool) -> Result<Vec<FailedRow>, sqlx::Error> {
             Ok(FailedRow {
                 id: r.try_get("id")?,
                 message_id: r.try_get("message_id")?,
-                destination: r.try_get("destination")?,
+                destination: destination(r)?,
                 target: r.try_get("target")?,
                 ordering_key: r.try_get("ordering_key")?,
                 attempts: r.try_get("attempts")?,
@@ -155,4 +235,14 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     )
     .fetch_one(pool)
     .await
+}
+
+/// The `destination` column as the enum; an unknown name is a decode error, not a string
+/// compared somewhere else.
+fn destination(r: &PgRow) -> Result<Destination, sqlx::Error> {
+    let name: String = r.try_get("destination")?;
+    name.parse().map_err(|e: String| sqlx::Error::ColumnDecode {
+        index: "destination".into(),
+        source: e.into(),
+    })
 }

@@ -1,4 +1,4 @@
-//! `shop bench read-side`: rebuild throughput and live projection lag, each beside a baseline
+//! `shop-bench read-side`: rebuild throughput and live projection lag, each beside a baseline
 //! in the same run.
 //!
 //! 1. Rebuild: N events (default 1,000,000; a quarter of orders, each placed, reserved,
@@ -107,8 +107,8 @@ async fn read_feed_only(pool: &PgPool, batch: i64) -> anyhow::Result<usize> {
 }
 
 pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Result<()> {
-    print!("shop bench read-side: ");
-    let scratch = crate::bench::Scratch::create(infra, 16).await?;
+    print!("shop-bench read-side: ");
+    let scratch = crate::append::Scratch::create(infra, 16).await?;
     let (pool, infra, prefix, topic) = (
         scratch.pool.clone(),
         scratch.infra.clone(),

@@ -1,0 +1,209 @@
+//! Setting up and running the service roles: `shop setup` (migrations and topics), and
+//! `shop run|relay|saga`, which wire the chosen roles under one supervisor with the ops
+//! listener until SIGTERM or a permanent failure.
+
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context;
+use platform::{
+    auth::Authenticator,
+    config::InfraConfig,
+    errors::{ErrorClass, classify},
+    ops::OpsConfig,
+    supervisor::Supervisor,
+};
+
+/// Topics the project owns (before the configurable prefix).
+pub const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
+
+pub async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
+    let pool = platform::db::connect(&infra.database_url, 2)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", infra.database_url))?;
+    platform::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+pub async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
+    migrate(infra).await?;
+    let topics: Vec<String> = TOPICS.iter().map(|t| infra.topic(t)).collect();
+    platform::kafka::wait_ready(&infra.kafka_brokers, Duration::from_secs(60)).await?;
+    platform::kafka::ensure_topics(&infra.kafka_brokers, &topics, infra.kafka_partitions)
+        .await
+        .context("creating Kafka topics")?;
+    tracing::info!(
+        ?topics,
+        partitions = infra.kafka_partitions,
+        "kafka topics ready"
+    );
+    Ok(())
+}
+
+/// Which roles a `shop run|relay|saga` process runs (the others stay `None`).
+#[derive(Default)]
+pub struct RoleConfigs {
+    pub write_side: Option<write_side::WriteSideConfig>,
+    pub relay: Option<outbox_relay::RelayConfig>,
+    pub graphql_addr: Option<std::net::SocketAddr>,
+    pub projector: Option<read_side::consumer::ProjectorConfig>,
+    pub saga: Option<saga::SagaConfig>,
+}
+
+/// Sets up the database and topics, then runs the chosen roles under one supervisor with the
+/// ops listener until SIGTERM/Ctrl-C (exit 0) or a permanent failure (exit non-zero).
+pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> anyhow::Result<()> {
+    let shutdown = platform::shutdown::token();
+    // The saga alone needs no Kafka topics.
+    let with_topics = roles.relay.is_some() || roles.projector.is_some();
+    if !setup_with_retries(infra, &shutdown, with_topics).await? {
+        return Ok(());
+    }
+    let pool = platform::db::connect_config(infra).await?;
+    let mut sup = Supervisor::new(shutdown);
+    let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
+    let topic = infra.topic("orders.events");
+    if let Some(cfg) = roles.write_side.as_ref() {
+        let state =
+            write_side::http::AppState::new(pool.clone(), Authenticator::from_config(&cfg.auth));
+        let router = write_side::http::router(state, cfg.max_body_bytes);
+        let addr = cfg.http_addr;
+        sup.spawn("command-api", move |ctx| {
+            platform::ops::serve(addr, router.clone(), ctx)
+        });
+    }
+    if let Some(relay_cfg) = roles.relay {
+        let ready = Arc::new(AtomicBool::new(true));
+        readiness = readiness.flag("relay.brokers", ready.clone());
+        let (pool, infra) = (pool.clone(), infra.clone());
+        sup.spawn("relay", move |ctx| {
+            outbox_relay::run_role(
+                pool.clone(),
+                infra.clone(),
+                relay_cfg.clone(),
+                ready.clone(),
+                ctx,
+            )
+        });
+    }
+    // One client for high watermarks, shared by the lag metrics and GraphQL's `projections`
+    // (none for `shop relay` and `shop saga`).
+    let watermarks = if roles.projector.is_some() || roles.graphql_addr.is_some() {
+        Some(read_side::status::Watermarks::new(
+            &infra.kafka_brokers,
+            &topic,
+        )?)
+    } else {
+        None
+    };
+    if let Some(projector_cfg) = roles.projector {
+        for kind in read_side::projection::Kind::ALL {
+            let (pool, infra, topic, cfg) = (
+                pool.clone(),
+                infra.clone(),
+                topic.clone(),
+                projector_cfg.clone(),
+            );
+            sup.spawn(format!("projector:{}", kind.name()), move |ctx| {
+                read_side::consumer::Projector::run_role(
+                    kind,
+                    pool.clone(),
+                    infra.kafka_brokers.clone(),
+                    topic.clone(),
+                    infra.kafka_topic_prefix.clone(),
+                    cfg.clone(),
+                    ctx,
+                )
+            });
+        }
+        let p = pool.clone();
+        sup.spawn("rebuilds", move |ctx| {
+            read_side::rebuild::run_worker(p.clone(), ctx)
+        });
+        let (p, watermarks) = (
+            pool.clone(),
+            watermarks.clone().expect("made for projectors"),
+        );
+        sup.spawn("projection-metrics", move |ctx| {
+            read_side::status::report_metrics(p.clone(), watermarks.clone(), ctx)
+        });
+    }
+    if let (Some(addr), Some(cfg)) = (roles.graphql_addr, roles.write_side.as_ref()) {
+        let graphql_api = read_side::graphql::GraphqlApi {
+            pool: pool.clone(),
+            auth: Authenticator::from_config(&cfg.auth),
+            watermarks: watermarks.clone(),
+        };
+        let router = graphql_api.router();
+        sup.spawn("graphql", move |ctx| {
+            platform::ops::serve(addr, router.clone(), ctx)
+        });
+    }
+    if let Some(saga_cfg) = roles.saga {
+        saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);
+    }
+    let readiness = readiness.roles(sup.roles(), ops.ready_grace);
+    let ops_router = platform::ops::router(readiness);
+    sup.spawn("ops", move |ctx| {
+        platform::ops::serve(ops.addr, ops_router.clone(), ctx)
+    });
+    let result = sup.wait().await;
+    // Bounded: a connection held by a task that outlived its role (a websocket's listener)
+    // must not keep the process from exiting.
+    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+    match &result {
+        Ok(()) => tracing::info!("stopped"),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "stopped after a permanent failure"
+        ),
+    }
+    result
+}
+
+/// Runs `shop setup`, retrying transient failures (PostgreSQL or Kafka still starting) with
+/// backoff until shutdown; a permanent one (a migration whose checksum changed, wrong
+/// credentials) is returned. `false` when shutdown came first.
+pub async fn setup_with_retries(
+    infra: &InfraConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+    with_topics: bool,
+) -> anyhow::Result<bool> {
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let attempt = async {
+            if with_topics {
+                setup(infra).await
+            } else {
+                migrate(infra).await
+            }
+        };
+        let e = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            r = attempt => match r {
+                Ok(()) => return Ok(true),
+                Err(e) => e,
+            },
+        };
+        if classify(&e) == ErrorClass::Permanent {
+            return Err(e.context("setting up the database and topics"));
+        }
+        let wait = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "setup failed; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
