@@ -36,8 +36,35 @@ use crate::{
 
 /// Stream type of sagas in the event store.
 pub const SAGA_STREAM: &str = "checkout_saga";
-/// Event type of a recorded saga input.
+/// Event type of a recorded saga input: what sagas recorded before they recorded their
+/// decisions (`domain::saga::SagaEvent`). Still read, never written.
 pub const INPUT_RECORDED: &str = "SagaInputRecorded";
+
+/// Step latency when a step ends, sagas started and finished.
+fn record_metrics(
+    before: &SagaState,
+    after: &SagaState,
+    step_started: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    if let (saga::Phase::Awaiting(step), Some(started)) = (before.phase, step_started)
+        && after.phase != before.phase
+    {
+        let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
+        metrics::histogram!("saga_step_duration_seconds", "step" => step_name(step))
+            .record(took.as_secs_f64());
+    }
+    if before.phase == saga::Phase::NotStarted {
+        metrics::counter!("sagas_started_total").increment(1);
+    }
+    if after.is_terminal() && !before.is_terminal() {
+        let outcome = if after.phase == saga::Phase::Confirmed {
+            "confirmed"
+        } else {
+            "cancelled"
+        };
+        metrics::counter!("sagas_finished_total", "outcome" => outcome).increment(1);
+    }
+}
 
 /// The saga's stream id: the order id with its UUID version nibble flipped (7 -> 8), so it
 /// can never equal an order id (v7) yet maps back one to one.
@@ -89,12 +116,29 @@ async fn load_with_time(
 ) -> Result<(SagaState, Expected, Option<chrono::DateTime<chrono::Utc>>), SagaError> {
     let (stored, expected) = event_store::load_stream(conn, saga_stream_id(order_id)).await?;
     let last = stored.last().map(|e| e.recorded_at);
-    let inputs = stored
-        .into_iter()
-        .map(|e| serde_json::from_value::<SagaInput>(e.payload))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
-    Ok((saga::replay(max_attempts, &inputs), expected, last))
+    let state = fold_stream(
+        max_attempts,
+        stored.into_iter().map(|e| (e.event_type, e.payload)),
+    )
+    .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
+    Ok((state, expected, last))
+}
+
+/// A saga's state from its stored events `(event_type, payload)` in version order: recorded
+/// decisions are folded with `evolve`; the inputs older streams recorded are replayed.
+pub fn fold_stream(
+    max_attempts: u32,
+    events: impl IntoIterator<Item = (String, serde_json::Value)>,
+) -> Result<SagaState, serde_json::Error> {
+    let mut state = SagaState::new(max_attempts);
+    for (event_type, payload) in events {
+        state = if event_type == INPUT_RECORDED {
+            saga::transition(state, serde_json::from_value(payload)?).0
+        } else {
+            saga::evolve(state, &serde_json::from_value(payload)?)
+        };
+    }
+    Ok(state)
 }
 
 impl Orchestrator {
@@ -120,20 +164,12 @@ impl Orchestrator {
     ) -> Result<(), SagaError> {
         let (state, expected, step_started) =
             load_with_time(conn, order_id, self.config.step_attempts).await?;
-        let (next, commands) = saga::transition(state.clone(), input.clone());
-        if next == state && commands.is_empty() {
+        let (decisions, commands) = saga::decide(&state, input);
+        if decisions.is_empty() {
             return Ok(()); // a duplicate, a stale deadline, a reply for another step
         }
-        if let (saga::Phase::Awaiting(step), Some(started)) = (state.phase, step_started)
-            && next.phase != state.phase
-        {
-            let took = (chrono::Utc::now() - started).to_std().unwrap_or_default();
-            metrics::histogram!("saga_step_duration_seconds", "step" => step_name(step))
-                .record(took.as_secs_f64());
-        }
-        if state.phase == saga::Phase::NotStarted {
-            metrics::counter!("sagas_started_total").increment(1);
-        }
+        let next = decisions.iter().fold(state.clone(), saga::evolve);
+        record_metrics(&state, &next, step_started);
         let meta = Metadata {
             correlation_id: order_id.0,
             causation_id: causation,
@@ -141,13 +177,54 @@ impl Orchestrator {
             traceparent: trace.clone(),
             command_id: None,
         };
-        let recorded = NewEvent {
-            event_id: Uuid::now_v7(),
-            event_type: INPUT_RECORDED.into(),
-            schema_version: 1,
-            payload: serde_json::to_value(&input).expect("saga input serializes"),
-            metadata: meta.clone(),
-        };
+        let recorded: Vec<NewEvent> = decisions
+            .iter()
+            .map(|d| NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: d.event_type().into(),
+                schema_version: 1,
+                payload: serde_json::to_value(d).expect("saga decision serializes"),
+                metadata: meta.clone(),
+            })
+            .collect();
+        // Commands are caused by the last decision of this input (the step requested, or the
+        // compensation started).
+        let decided_by = recorded.last().expect("at least one decision").event_id;
+        let (outbox, for_order) = self
+            .route(conn, order_id, commands, decided_by, trace.as_deref())
+            .await?;
+        if next.is_terminal() {
+            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
+                .bind(order_id.0)
+                .execute(&mut *conn)
+                .await?;
+        }
+        event_store::append(
+            conn,
+            saga_stream_id(order_id),
+            SAGA_STREAM,
+            &expected,
+            &recorded,
+            &outbox,
+        )
+        .await?;
+        for c in for_order {
+            self.apply_to_order(conn, order_id, c, &meta).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends each command where it goes: participants' commands become outbox rows (caused
+    /// by `decided_by`), deadlines are armed, and the order's commands are returned to be
+    /// applied to the order aggregate.
+    async fn route(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        commands: Vec<SagaCommand>,
+        decided_by: Uuid,
+        trace: Option<&str>,
+    ) -> Result<(Vec<OutboxMessage>, Vec<SagaCommand>), SagaError> {
         let mut outbox = Vec::new();
         let mut for_order = Vec::new();
         for c in commands {
@@ -175,35 +252,11 @@ impl Orchestrator {
                 target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
                 routing_key: self.names.routing_key(destination),
                 ordering_key: order_id.to_string(),
-                headers: command_headers(recorded.event_id, &c, trace.as_deref()),
+                headers: command_headers(decided_by, &c, trace),
                 payload: serde_json::to_vec(&c).expect("saga command serializes"),
             });
         }
-        if next.is_terminal() {
-            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
-                .bind(order_id.0)
-                .execute(&mut *conn)
-                .await?;
-            let outcome = if next.phase == saga::Phase::Confirmed {
-                "confirmed"
-            } else {
-                "cancelled"
-            };
-            metrics::counter!("sagas_finished_total", "outcome" => outcome).increment(1);
-        }
-        event_store::append(
-            conn,
-            saga_stream_id(order_id),
-            SAGA_STREAM,
-            &expected,
-            &[recorded],
-            &outbox,
-        )
-        .await?;
-        for c in for_order {
-            self.apply_to_order(conn, order_id, c, &meta).await?;
-        }
-        Ok(())
+        Ok((outbox, for_order))
     }
 
     async fn arm_deadline(

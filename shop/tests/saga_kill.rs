@@ -128,13 +128,14 @@ async fn an_orchestrator_killed_mid_run_and_restarted_finishes_every_saga_exactl
     assert_eq!(count("OrderConfirmed"), n, "{per_order:?}");
     assert_eq!(count("OrderCancelled"), 0, "{per_order:?}");
     let repeated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT stream_id, payload->>'type' FROM events WHERE stream_type = 'checkout_saga' AND payload->>'type' <> 'deadline_expired'
-                               GROUP BY 1, 2 HAVING count(*) > 1) x",
+        "SELECT count(*) FROM (SELECT stream_id, payload->>'type', payload->>'step', payload->>'attempt'
+                               FROM events WHERE stream_type = 'checkout_saga' AND payload->>'type' <> 'late_reply_compensated'
+                               GROUP BY 1, 2, 3, 4 HAVING count(*) > 1) x",
     )
     .fetch_one(&api.db.pool)
     .await
     .unwrap();
-    assert_eq!(repeated, 0, "a saga recorded the same input twice");
+    assert_eq!(repeated, 0, "a saga recorded the same decision twice");
     let reserved: Vec<i64> =
         sqlx::query_scalar("SELECT reserved FROM inventory_stock ORDER BY sku")
             .fetch_all(&api.db.pool)

@@ -191,10 +191,13 @@ impl SagaStack {
         }
     }
 
-    async fn saga_inputs(&self, order: Uuid) -> Vec<String> {
+    /// The decisions the order's saga recorded, as `event_type` or `event_type:kind` for
+    /// a failed step.
+    async fn saga_decisions(&self, order: Uuid) -> Vec<String> {
         let saga = saga::orchestrator::saga_stream_id(domain::values::OrderId(order));
         sqlx::query_scalar(
-            "SELECT payload->>'type' FROM events WHERE stream_id = $1 ORDER BY stream_version",
+            "SELECT event_type || COALESCE(':' || (payload->>'step'), '') || COALESCE(':' || (payload->>'kind'), '')
+             FROM events WHERE stream_id = $1 ORDER BY stream_version",
         )
         .bind(saga)
         .fetch_all(self.pool())
@@ -255,12 +258,16 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     );
     assert_eq!(stack.payment(ok).await.as_deref(), Some("authorized"));
     assert_eq!(
-        stack.saga_inputs(ok).await,
+        stack.saga_decisions(ok).await,
         [
-            "order_placed",
-            "inventory_reserved",
-            "payment_authorized",
-            "shipment_created"
+            "SagaStarted",
+            "SagaStepRequested:inventory",
+            "SagaStepSucceeded:inventory",
+            "SagaStepRequested:payment",
+            "SagaStepSucceeded:payment",
+            "SagaStepRequested:shipment",
+            "SagaStepSucceeded:shipment",
+            "SagaCompleted",
         ]
     );
     // Visible as confirmed in GraphQL, with every step in its progress.
@@ -337,7 +344,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     .fetch_all(stack.pool())
     .await
     .unwrap();
-    assert_eq!(traces.len(), 8, "4 order events and 4 saga inputs");
+    assert_eq!(traces.len(), 12, "4 order events and 8 saga decisions");
     assert!(
         traces.iter().all(|t| t.as_deref() == Some(trace)),
         "{traces:?}"
@@ -385,6 +392,37 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
             (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (4, 2)
         })
         .await;
+    // The saga's stream says why it compensated, and what it undid.
+    assert_eq!(
+        stack.saga_decisions(declined).await,
+        [
+            "SagaStarted",
+            "SagaStepRequested:inventory",
+            "SagaStepSucceeded:inventory",
+            "SagaStepRequested:payment",
+            "SagaStepFailed:payment:refused",
+            "SagaCompensationStarted",
+        ]
+    );
+    let compensation: Value = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE stream_id = $1 AND event_type = 'SagaCompensationStarted'",
+    )
+    .bind(saga::orchestrator::saga_stream_id(domain::values::OrderId(declined)))
+    .fetch_one(stack.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            &compensation["reason"],
+            &compensation["release_inventory"],
+            &compensation["void_payment"]
+        ),
+        (
+            &json!("payment declined: card declined"),
+            &json!(true),
+            &json!(false)
+        )
+    );
 
     // Transient failures: retried with backoff, then confirmed.
     let flaky = stack.checkout(body("tok_flaky_2", 1)).await;
@@ -404,7 +442,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     .fetch_one(stack.pool())
     .await
     .unwrap();
-    let before = stack.saga_inputs(ok).await;
+    let before = stack.saga_decisions(ok).await;
     let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
         .await
         .unwrap();
@@ -428,7 +466,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
             n == 1
         })
         .await;
-    assert_eq!(stack.saga_inputs(ok).await, before);
+    assert_eq!(stack.saga_decisions(ok).await, before);
     stack.stop().await;
 }
 
@@ -459,11 +497,25 @@ async fn a_step_past_its_deadline_is_resent_then_compensated() {
             (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (0, 0)
         })
         .await;
-    let inputs = stack.saga_inputs(slow).await;
+    let decisions = stack.saga_decisions(slow).await;
     assert_eq!(
-        inputs.iter().filter(|i| *i == "deadline_expired").count(),
+        decisions
+            .iter()
+            .filter(|i| *i == "SagaStepFailed:payment:timed_out")
+            .count(),
         2,
-        "{inputs:?}"
+        "{decisions:?}"
+    );
+    // After the second timeout it gives up; the authorization that arrives late is voided.
+    let gave_up = decisions
+        .iter()
+        .position(|d| d == "SagaCompensationStarted")
+        .expect("compensated");
+    assert!(
+        decisions[gave_up + 1..]
+            .iter()
+            .all(|d| d == "SagaLateReplyCompensated:payment"),
+        "{decisions:?}"
     );
     stack.stop().await;
 }
@@ -510,8 +562,15 @@ async fn a_malformed_reply_goes_to_the_dead_letter_queue_with_its_envelope() {
     assert!(!header("first_failure").is_empty() && !header("last_failure").is_empty());
     // The saga waits at the shipment step (its deadline would re-send it).
     assert_eq!(
-        stack.saga_inputs(order).await,
-        ["order_placed", "inventory_reserved", "payment_authorized"]
+        stack.saga_decisions(order).await,
+        [
+            "SagaStarted",
+            "SagaStepRequested:inventory",
+            "SagaStepSucceeded:inventory",
+            "SagaStepRequested:payment",
+            "SagaStepSucceeded:payment",
+            "SagaStepRequested:shipment",
+        ]
     );
     stack.stop().await;
 }
@@ -675,4 +734,97 @@ async fn a_step_failing_transiently_past_its_retries_is_dead_lettered_and_compen
         .await;
     assert_eq!(stack.payment(order).await, None);
     stack.stop().await;
+}
+
+/// Sagas recorded before decisions were (streams of `SagaInputRecorded`) still load, and
+/// carry on by recording decisions after their inputs.
+#[tokio::test]
+async fn a_saga_recorded_as_inputs_loads_and_carries_on_with_decisions() {
+    use domain::{
+        saga::{Phase, SagaInput, SagaOrder, Step},
+        values::{Currency, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress},
+    };
+    let db = shop_tests::TestDb::new().await;
+    let order_id = OrderId(Uuid::now_v7());
+    let order = SagaOrder {
+        order_id,
+        lines: vec![(Sku::parse("SKU-1").unwrap(), Quantity::parse(1).unwrap())],
+        amount_minor: MinorUnits::parse(500).unwrap(),
+        currency: Currency::parse("EUR").unwrap(),
+        payment_token: PaymentToken::parse("tok_visa").unwrap(),
+        shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+    };
+    let meta = event_store::Metadata {
+        correlation_id: order_id.0,
+        causation_id: Uuid::now_v7(),
+        actor: "system:saga".into(),
+        traceparent: None,
+        command_id: None,
+    };
+    let old: Vec<event_store::NewEvent> = [
+        SagaInput::OrderPlaced { order },
+        SagaInput::InventoryReserved {
+            reservation_id: "r-1".into(),
+        },
+    ]
+    .iter()
+    .map(|i| event_store::NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: saga::orchestrator::INPUT_RECORDED.into(),
+        schema_version: 1,
+        payload: serde_json::to_value(i).unwrap(),
+        metadata: meta.clone(),
+    })
+    .collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    event_store::append(
+        &mut conn,
+        saga::orchestrator::saga_stream_id(order_id),
+        saga::orchestrator::SAGA_STREAM,
+        &event_store::Expected::new_stream(),
+        &old,
+        &[],
+    )
+    .await
+    .unwrap();
+    let (state, _) = saga::orchestrator::load(&mut conn, order_id, 3)
+        .await
+        .unwrap();
+    assert_eq!(state.phase, Phase::Awaiting(Step::Payment));
+
+    let orchestrator =
+        saga::orchestrator::Orchestrator::new(db.pool.clone(), SagaConfig::default());
+    orchestrator
+        .handle(
+            &mut conn,
+            order_id,
+            SagaInput::PaymentAuthorized {
+                authorization_id: "a-1".into(),
+            },
+            Uuid::now_v7(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (state, expected) = saga::orchestrator::load(&mut conn, order_id, 3)
+        .await
+        .unwrap();
+    assert_eq!(state.phase, Phase::Awaiting(Step::Shipment));
+    assert_eq!(expected.version, 4);
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE stream_id = $1 ORDER BY stream_version",
+    )
+    .bind(saga::orchestrator::saga_stream_id(order_id))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        types,
+        [
+            "SagaInputRecorded",
+            "SagaInputRecorded",
+            "SagaStepSucceeded",
+            "SagaStepRequested"
+        ]
+    );
 }

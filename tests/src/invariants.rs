@@ -31,11 +31,7 @@ use std::{
     time::Duration,
 };
 
-use domain::{
-    order::OrderStatus,
-    saga::{Phase, SagaInput},
-    values::OrderId,
-};
+use domain::{order::OrderStatus, saga::Phase, values::OrderId};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -700,8 +696,8 @@ async fn check_sagas(
     }
 }
 
-/// Each order's saga phase: the replay of its recorded inputs, as the orchestrator loads it
-/// (one query for all sagas). Orders without a saga stream are absent.
+/// Each order's saga phase, folded from its stream as the orchestrator loads it (one query
+/// for all sagas). Orders without a saga stream are absent.
 async fn saga_phases(
     pool: &PgPool,
     orders: &[Uuid],
@@ -712,28 +708,26 @@ async fn saga_phases(
         .map(|o| (saga::orchestrator::saga_stream_id(OrderId(*o)), *o))
         .collect();
     let streams: Vec<Uuid> = by_stream.keys().copied().collect();
-    let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
-        "SELECT stream_id, payload FROM events
+    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT stream_id, event_type, payload FROM events
          WHERE stream_id = ANY($1) ORDER BY stream_id, stream_version",
     )
     .bind(&streams)
     .fetch_all(pool)
     .await?;
-    let mut inputs: HashMap<Uuid, Result<Vec<SagaInput>, String>> = HashMap::new();
-    for (stream, payload) in rows {
-        let order = by_stream[&stream];
-        let entry = inputs.entry(order).or_insert_with(|| Ok(Vec::new()));
-        if let Ok(list) = entry {
-            match serde_json::from_value::<SagaInput>(payload) {
-                Ok(input) => list.push(input),
-                Err(e) => *entry = Err(e.to_string()),
-            }
-        }
+    let mut events: HashMap<Uuid, Vec<(String, serde_json::Value)>> = HashMap::new();
+    for (stream, event_type, payload) in rows {
+        events
+            .entry(by_stream[&stream])
+            .or_default()
+            .push((event_type, payload));
     }
-    Ok(inputs
+    Ok(events
         .into_iter()
-        .map(|(order, inputs)| {
-            let phase = inputs.map(|i| domain::saga::replay(step_attempts, &i).phase);
+        .map(|(order, events)| {
+            let phase = saga::orchestrator::fold_stream(step_attempts, events)
+                .map(|s| s.phase)
+                .map_err(|e| e.to_string());
             (order, phase)
         })
         .collect())
