@@ -100,6 +100,23 @@ pub enum SagaInput {
     OrderCancelled,
 }
 
+impl SagaInput {
+    /// The input's kind, for logs and spans.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SagaInput::OrderPlaced { .. } => "order_placed",
+            SagaInput::InventoryReserved { .. } => "inventory_reserved",
+            SagaInput::InventoryUnavailable { .. } => "inventory_unavailable",
+            SagaInput::PaymentAuthorized { .. } => "payment_authorized",
+            SagaInput::PaymentDeclined { .. } => "payment_declined",
+            SagaInput::ShipmentCreated { .. } => "shipment_created",
+            SagaInput::ShipmentFailed { .. } => "shipment_failed",
+            SagaInput::DeadlineExpired { .. } => "deadline_expired",
+            SagaInput::OrderCancelled => "order_cancelled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SagaCommand {

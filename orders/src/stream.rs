@@ -38,6 +38,7 @@ pub async fn load(
 
 /// Appends `events` (with their Kafka outbox messages) if the stream is at `expected`;
 /// returns the new version.
+#[tracing::instrument(name = "append", skip_all, fields(order_id = %order_id, expected = expected.version, events = events.len()))]
 pub async fn append(
     conn: &mut PgConnection,
     order_id: OrderId,

@@ -13,6 +13,7 @@ use lapin::{
 use serde_json::Value;
 
 use event_store::outbox::OutboxRow;
+use tracing::Instrument;
 
 use crate::Delivery;
 
@@ -77,6 +78,7 @@ impl AmqpSink {
                     &row.payload,
                     props,
                 )
+                .instrument(crate::publish_span(row))
                 .await;
             pending.push(r.map_err(|e| Delivery::Transient(e.to_string())));
         }

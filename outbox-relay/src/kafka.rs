@@ -17,6 +17,7 @@ use rdkafka::{
 use serde_json::Value;
 
 use event_store::outbox::OutboxRow;
+use tracing::Instrument;
 
 use crate::Delivery;
 
@@ -77,7 +78,7 @@ impl KafkaSink {
                 pending.push(Err(Delivery::Skipped));
                 continue;
             }
-            let result = self.send(row).await;
+            let result = self.send(row).instrument(crate::publish_span(row)).await;
             if let Err(Delivery::Rejected(_) | Delivery::Transient(_)) = &result {
                 blocked_keys.insert(row.ordering_key.clone());
             }

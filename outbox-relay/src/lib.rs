@@ -39,6 +39,21 @@ use tokio_util::sync::CancellationToken;
 
 use event_store::outbox::{self as store, Destination, OutboxRow};
 
+/// The span of one row's publish: it continues the trace of whatever wrote the row (the
+/// `traceparent` header the row carries).
+pub(crate) fn publish_span(row: &OutboxRow) -> tracing::Span {
+    let span = tracing::info_span!(
+        "relay.publish",
+        message_id = %row.message_id,
+        destination = %row.destination,
+        target = %row.target,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    platform::trace::follow(&span, row.headers["traceparent"].as_str());
+    span
+}
+
 /// After this long without delivery reports the relay reports itself unready.
 const STALL: Duration = Duration::from_secs(5);
 

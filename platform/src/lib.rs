@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`config`]: typed settings from the environment, defaults matching `scripts/`.
 //! - [`telemetry`]: `tracing` set-up (JSON when stdout is not a terminal, `RUST_LOG`).
+//! - [`trace`]: spans that follow a message's W3C `traceparent` across processes.
 //! - [`shutdown`]: the one cancellation token, cancelled by SIGTERM or Ctrl-C.
 //! - [`auth`]: bearer JWTs (HS256) with a role, shared by the command API and GraphQL.
 //! - [`errors`]: the one classification of failures (transient, permanent, poison).
@@ -26,3 +27,4 @@ pub mod ops;
 pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;
+pub mod trace;

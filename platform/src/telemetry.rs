@@ -3,7 +3,8 @@
 //! Human-readable output on a terminal, one JSON object per line otherwise (CI, services under
 //! a supervisor) so logs can be shipped as they are. `RUST_LOG` picks levels; the default keeps
 //! our crates at `info` and the noisy client libraries at `warn`. `LOG_FORMAT=json|pretty`
-//! overrides the terminal detection.
+//! overrides the terminal detection. Spans get OpenTelemetry trace contexts
+//! ([`crate::trace`]), so a log line inside a followed span carries `trace_id` and `span_id`.
 
 use std::io::IsTerminal;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -20,7 +21,10 @@ pub fn init() {
         Ok("pretty") => false,
         _ => !std::io::stdout().is_terminal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider = crate::trace::provider();
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(crate::trace::layer(&provider));
     let result = if json {
         registry
             .with(fmt::layer().json().flatten_event(true))

@@ -154,6 +154,7 @@ impl Orchestrator {
     /// Applies one input in the caller's transaction. `causation` is the message or event
     /// that carried it, `trace` its W3C trace context (passed on to every message and event
     /// this input causes).
+    #[tracing::instrument(name = "saga.step", skip_all, fields(%order_id, input = input.name(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
     pub async fn handle(
         &self,
         conn: &mut PgConnection,
@@ -162,6 +163,7 @@ impl Orchestrator {
         causation: Uuid,
         trace: Option<String>,
     ) -> Result<(), SagaError> {
+        platform::trace::follow(&tracing::Span::current(), trace.as_deref());
         let (state, expected, step_started) =
             load_with_time(conn, order_id, self.config.step_attempts).await?;
         let (decisions, commands) = saga::decide(&state, input);

@@ -83,6 +83,7 @@ pub async fn run(
     .await
 }
 
+#[tracing::instrument(name = "participant.step", skip_all, fields(participant = participant.name(), message_id = %m.message_id, trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
 async fn handle(
     participant: Participant,
     pool: &PgPool,
@@ -91,6 +92,7 @@ async fn handle(
     poison_replies: bool,
     m: Inbound,
 ) -> Result<(), Failure> {
+    platform::trace::follow(&tracing::Span::current(), m.traceparent.as_deref());
     let command: SagaCommand = serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
         class: "malformed_command",
         message: e.to_string(),

@@ -57,11 +57,14 @@ impl Command {
     }
 }
 
+/// Runs the command in its transaction, inside a span that continues the request's trace.
+#[tracing::instrument(name = "command", skip_all, fields(command = command.name(), actor = %ctx.principal.actor(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
 pub async fn execute(
     pool: &PgPool,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
+    platform::trace::follow(&tracing::Span::current(), Some(&ctx.traceparent));
     // Two rounds at most: the second only runs after losing an idempotency-key race, and then
     // finds the winner's response.
     for _ in 0..2 {

@@ -1,0 +1,61 @@
+//! Spans that follow a message across processes: the W3C `traceparent` a checkout's HTTP
+//! request carries (or the command API makes up) is stored with its events and copied into
+//! every outbox row, Kafka and RabbitMQ message it causes. Each hop opens a span (HTTP
+//! command, append, relay publish, projector apply, saga step, participant step) and makes
+//! that traceparent its parent with [`follow`], so one checkout is one trace from the HTTP
+//! request to the last saga step, and every log line inside carries its `trace_id` and
+//! `span_id` (the JSON logs print the current span's fields).
+//!
+//! Spans that want this declare the two fields empty; [`follow`] fills them in:
+//! `#[instrument(skip_all, fields(trace_id = Empty, span_id = Empty))]`.
+
+use std::collections::HashMap;
+
+use opentelemetry::{
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Makes the span described by `traceparent` the parent of `span` (nothing if there is
+/// none or it is malformed: the span starts a trace of its own), and records the span's
+/// `trace_id` and `span_id` fields.
+pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        if parent.span().span_context().is_valid() {
+            // Fails only without the OpenTelemetry layer (a test with its own subscriber).
+            let _ = span.set_parent(parent);
+        }
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", sc.trace_id().to_string());
+        span.record("span_id", sc.span_id().to_string());
+    }
+}
+
+/// The trace id of `span` (32 hex digits), if it is in a trace.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The tracer provider of this process: spans get W3C ids and are sampled when their parent
+/// was; nothing is exported (the ids travel in logs and messages). A deployment that wants
+/// a collector adds an exporter here.
+pub fn provider() -> SdkTracerProvider {
+    SdkTracerProvider::builder().build()
+}
+
+/// The `tracing` layer that gives spans OpenTelemetry contexts from `provider`.
+pub fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer().with_tracer(provider.tracer("shop"))
+}
