@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     dead_letters::{self, DeadLetter, Incoming, Processed},
     projection::{self, Kind},
+    registry,
 };
 
 /// How hard a projector tries before it dead-letters a transiently failing message.
@@ -410,8 +411,7 @@ impl Projector {
         if blocked {
             return Ok(false);
         }
-        match self
-            .kind
+        match registry::get(self.kind)
             .apply(&mut tx, projection::Target::Live, &decoded)
             .await
         {

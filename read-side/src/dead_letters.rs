@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::{
     envelope::{Envelope, EnvelopeError},
     projection::{self, Applied, ApplyError, Decoded, Kind, Target},
+    registry,
 };
 
 /// One consumed message.
@@ -134,7 +135,10 @@ async fn apply_envelope(
     };
     let decoded = [Decoded { env, event }];
     let env = &decoded[0].env;
-    match kind.apply(conn, Target::Live, &decoded).await.map(|o| o[0]) {
+    let applied = registry::get(kind)
+        .apply(conn, Target::Live, &decoded)
+        .await;
+    match applied.map(|o| o[0]) {
         Ok(Applied::Applied) => Ok(Processed::Applied),
         Ok(Applied::Duplicate) => Ok(Processed::Duplicate),
         Err(ApplyError::Database(e)) => Err(e),

@@ -11,14 +11,23 @@
 //! - [`envelope`]: the Kafka message value, parsed and decoded into a domain event.
 //! - [`consumer`]: the projector loop (batches, checkpoints, offsets, retries, shutdown).
 //! - [`dead_letters`]: poison events: dead letters, parking, replay, discard.
-//! - [`projection`]: the projections and how events reach their (versioned) tables.
-//! - [`order_summary`], [`sales`]: the projections' pure folds and batched writes.
+//! - [`projection`]: what every projection shares: its [`projection::Kind`], the
+//!   [`projection::Projection`] trait, batches and the idempotency rule.
+//! - [`order_summary`], [`sales`]: the projections, each a pure fold and a `repo` module with
+//!   all of its SQL (batched writes, and the reads GraphQL serves).
+//! - [`registry`]: which implementation serves each `Kind` (the one place naming every model).
 //! - [`rebuild`]: rebuild by replay and the atomic switch.
 //! - [`status`]: versions, positions, lag and rebuild progress.
 //! - [`notify`]: committed status changes fanned out to subscriptions.
-//! - [`graphql`]: the schema and the axum service (`/graphql`, `/graphql/ws`, GraphiQL).
+//! - [`audit`]: an order's events and the check of their hash chain, from the event store.
+//! - [`graphql`]: the schema, one module per model, and the axum service (`/graphql`,
+//!   `/graphql/ws`, GraphiQL).
+//!
+//! Dependencies run one way: `projection` names no model, the models depend on it, and
+//! `registry` depends on both; `graphql` sits on top and holds no SQL.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod consumer;
 pub mod dead_letters;
 pub mod envelope;
@@ -27,5 +36,6 @@ pub mod notify;
 pub mod order_summary;
 pub mod projection;
 pub mod rebuild;
+pub mod registry;
 pub mod sales;
 pub mod status;

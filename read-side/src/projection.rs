@@ -1,17 +1,24 @@
-//! The projections this read side maintains, and how events reach their tables.
+//! What every projection of the order stream shares: its identifier ([`Kind`]), the contract
+//! it implements ([`Projection`]), the batch types, the per-version idempotency rule and the
+//! lock that keeps writes off a projection while it is switched.
 //!
 //! Every projection folds order events in stream-version order and is idempotent per version.
 //! It is applied in batches (one event from the live projector, thousands from a rebuild)
 //! through one code path, so a rebuilt read model is exactly the live one. A projection's
 //! tables are versioned (`<base>_v<N>`, see migration 0005): the live projector writes through
 //! the views that point at the active version, a rebuild writes the next version directly.
+//!
+//! This module names no model: the models depend on it, and [`crate::registry`] (above both)
+//! lists them, so the dependency runs one way.
 
 use domain::order::OrderEvent;
+use futures::future::BoxFuture;
 use sqlx::PgConnection;
 
-use crate::{envelope::Envelope, order_summary, sales};
+use crate::envelope::Envelope;
 
-/// A projection of the order stream.
+/// A projection of the order stream, by the name it is stored under (checkpoints, consumer
+/// groups, the `projections` table). Its implementation is found in [`crate::registry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     OrderSummary,
@@ -21,40 +28,44 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 2] = [Kind::OrderSummary, Kind::SalesByProduct];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
-            Kind::OrderSummary => order_summary::NAME,
-            Kind::SalesByProduct => sales::NAME,
+            Kind::OrderSummary => "order_summary",
+            Kind::SalesByProduct => "sales_by_product",
         }
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
         Self::ALL.into_iter().find(|k| k.name() == name)
     }
+}
+
+/// What every read model implements, so the projector, dead-letter handling and rebuilds
+/// drive any of them through [`crate::registry`] without naming them.
+pub trait Projection: Send + Sync {
+    fn kind(&self) -> Kind;
+
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
 
     /// Base names of the projection's tables. The first holds one row per order with the
     /// last applied `version`; a rebuild's final catch-up compares it between versions.
-    pub fn tables(self) -> &'static [&'static str] {
-        match self {
-            Kind::OrderSummary => &["order_summary"],
-            Kind::SalesByProduct => &["sales_orders", "sales_by_product_hour"],
-        }
-    }
+    fn tables(&self) -> &'static [&'static str];
 
     /// Applies `events` (in feed order) inside the caller's transaction. All or nothing: a
     /// gap in any stream fails the whole batch.
-    pub async fn apply(
-        self,
-        conn: &mut PgConnection,
+    fn apply<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
         target: Target,
-        events: &[Decoded],
-    ) -> Result<Vec<Applied>, ApplyError> {
-        match self {
-            Kind::OrderSummary => order_summary::apply_batch(conn, target, events).await,
-            Kind::SalesByProduct => sales::apply_batch(conn, target, events).await,
-        }
-    }
+        events: &'a [Decoded],
+    ) -> BoxFuture<'a, Result<Vec<Applied>, ApplyError>>;
 }
+
+/// Advisory-lock namespace of the rebuild lock (one per projection): taken by
+/// [`crate::rebuild`], looked up (not taken) by [`crate::status`].
+pub(crate) const REBUILD_LOCK_NS: i32 = 0x5245_4255; // "REBU"
 
 /// Advisory-lock namespace of the projections' switch lock.
 const SWITCH_LOCK_NS: i32 = 0x5052_4f4a; // "PROJ"

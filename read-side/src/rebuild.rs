@@ -21,11 +21,9 @@ use uuid::Uuid;
 
 use crate::{
     envelope::Envelope,
-    projection::{self, ApplyError, Decoded, Kind, Target, versioned},
+    projection::{self, ApplyError, Decoded, Kind, REBUILD_LOCK_NS, Target, versioned},
+    registry,
 };
-
-/// Advisory-lock namespace of the rebuild lock (one per projection).
-pub(crate) const REBUILD_LOCK_NS: i32 = 0x5245_4255; // "REBU"
 
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
@@ -224,7 +222,7 @@ pub async fn start(
             rebuild.total = row.try_get::<Option<i64>, _>("rebuild_total")?.unwrap_or(0);
             rebuild.resumed = true;
             // Unlogged tables come back empty after a PostgreSQL crash: then start over.
-            let first = versioned(kind.tables()[0], v);
+            let first = versioned(registry::get(kind).tables()[0], v);
             let (unlogged, empty): (bool, bool) = sqlx::query_as(&format!(
                 "SELECT (SELECT relpersistence = 'u' FROM pg_class WHERE oid = '{first}'::regclass),
                         NOT EXISTS (SELECT 1 FROM {first})"
@@ -252,7 +250,7 @@ pub async fn start(
             .await?;
         }
         _ => {
-            for base in kind.tables() {
+            for base in registry::get(kind).tables() {
                 if let Some(stale) = interrupted {
                     drop_table(&mut tx, &versioned(base, stale)).await?;
                 }
@@ -427,7 +425,7 @@ impl Rebuild {
             reader.await.map_err(|e| RebuildError::Database(sqlx::Error::Io(std::io::Error::other(e))))?;
             // Indexes and durability before the switch, outside its lock.
             let mut tx = self.pool.begin().await?;
-            for base in self.kind.tables() {
+            for base in registry::get(self.kind).tables() {
                 finish_bulk_table(
                     &mut tx,
                     &versioned(base, self.from_version),
@@ -510,8 +508,7 @@ impl Rebuild {
         if decoded.is_empty() {
             return Ok(());
         }
-        match self
-            .kind
+        match registry::get(self.kind)
             .apply(conn, Target::Version(self.version), decoded)
             .await
         {
@@ -534,7 +531,7 @@ impl Rebuild {
         projection::lock_for_switch(&mut tx, self.kind).await?;
         while self.replay_page(&mut tx).await? > 0 {}
         self.copy_ahead(&mut tx).await?;
-        for base in self.kind.tables() {
+        for base in registry::get(self.kind).tables() {
             sqlx::query(&format!(
                 "CREATE OR REPLACE VIEW {base} AS SELECT * FROM {}",
                 versioned(base, self.version)
@@ -554,7 +551,7 @@ impl Rebuild {
         .await?;
         tx.commit().await?;
         let mut tx = self.pool.begin().await?;
-        for base in self.kind.tables() {
+        for base in registry::get(self.kind).tables() {
             drop_table(&mut tx, &versioned(base, self.from_version)).await?;
         }
         tx.commit().await?;
@@ -564,7 +561,7 @@ impl Rebuild {
     /// Orders the live version has applied further than the new one: their transactions
     /// committed after the feed horizon. Their events are copied in from the event store.
     async fn copy_ahead(&mut self, conn: &mut PgConnection) -> Result<(), RebuildError> {
-        let base = self.kind.tables()[0];
+        let base = registry::get(self.kind).tables()[0];
         let ahead: Vec<(Uuid, i64)> = sqlx::query_as(&format!(
             "SELECT o.order_id, COALESCE(n.version, 0) FROM {} o LEFT JOIN {} n USING (order_id)
              WHERE o.version > COALESCE(n.version, 0)",

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::{PgPool, Row};
 
-use crate::projection::Kind;
+use crate::projection::{Kind, REBUILD_LOCK_NS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -109,7 +109,7 @@ pub async fn all(
          ) AS free
          FROM projections p ORDER BY p.name",
     )
-    .bind(crate::rebuild::REBUILD_LOCK_NS)
+    .bind(REBUILD_LOCK_NS)
     .fetch_all(pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());

@@ -1,24 +1,20 @@
-//! Sales per product per hour: units, revenue (minor units) and orders per SKU and currency,
-//! bucketed by the hour the order was placed, net of cancellations.
+//! Sales' fold: what one event changes in an order's contribution and in the hourly buckets,
+//! in memory.
 //!
-//! `sales_orders` remembers what each order contributed, so a cancellation takes exactly that
-//! back out, and carries the stream version for idempotency. Bucket changes are summed in
-//! memory per batch and written in key order (concurrent writers never deadlock).
+//! Kept apart from the SQL ([`super::repo`]) so it is pure and tested without a database,
+//! and so the live projector and a rebuild share it (see [`super::apply_batch`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use domain::order::OrderEvent;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::{
     envelope::Envelope,
-    projection::{Applied, ApplyError, Decoded, Target, next_version, touched_orders},
+    projection::{ApplyError, next_version},
 };
-
-pub const NAME: &str = "sales_by_product";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
@@ -118,98 +114,15 @@ pub fn fold(
     Ok(Some(next))
 }
 
-/// Applies `events` in order to the sales tables of `target`.
-pub async fn apply_batch(
-    conn: &mut PgConnection,
-    target: Target,
-    events: &[Decoded],
-) -> Result<Vec<Applied>, ApplyError> {
-    let (orders_table, buckets_table) = (
-        target.table("sales_orders"),
-        target.table("sales_by_product_hour"),
-    );
-    let ids = touched_orders(events);
-    let loaded = sqlx::query(&format!(
-        "SELECT order_id, version, placed_hour, currency, lines, cancelled FROM {orders_table}
-         WHERE order_id = ANY($1) {}",
-        target.row_lock()
-    ))
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut rows: HashMap<Uuid, OrderSales> = HashMap::with_capacity(ids.len());
-    for r in &loaded {
-        let lines: serde_json::Value = r.try_get("lines")?;
-        let o = OrderSales {
-            order_id: r.try_get("order_id")?,
-            version: r.try_get("version")?,
-            placed_hour: r.try_get("placed_hour")?,
-            currency: r.try_get("currency")?,
-            lines: serde_json::from_value(lines).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            cancelled: r.try_get("cancelled")?,
-        };
-        rows.insert(o.order_id, o);
-    }
-    let mut deltas = BTreeMap::new();
-    let mut changed = Vec::new();
-    let mut outcomes = Vec::with_capacity(events.len());
-    for d in events {
-        match fold(rows.get(&d.env.stream_id), &d.env, &d.event, &mut deltas)? {
-            Some(o) => {
-                changed.push(o.order_id);
-                rows.insert(o.order_id, o);
-                outcomes.push(Applied::Applied);
-            }
-            None => outcomes.push(Applied::Duplicate),
-        }
-    }
-    changed.sort_unstable();
-    changed.dedup();
-    if !changed.is_empty() {
-        let rs: Vec<&OrderSales> = changed.iter().map(|id| &rows[id]).collect();
-        sqlx::query(&format!(
-            "INSERT INTO {orders_table} (order_id, version, placed_hour, currency, lines, cancelled)
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::text[], $5::jsonb[], $6::bool[])
-             ON CONFLICT (order_id) DO UPDATE SET version = EXCLUDED.version, cancelled = EXCLUDED.cancelled"
-        ))
-        .bind(rs.iter().map(|o| o.order_id).collect::<Vec<_>>())
-        .bind(rs.iter().map(|o| o.version).collect::<Vec<_>>())
-        .bind(rs.iter().map(|o| o.placed_hour).collect::<Vec<_>>())
-        .bind(rs.iter().map(|o| o.currency.clone()).collect::<Vec<_>>())
-        .bind(rs.iter().map(|o| serde_json::json!(o.lines)).collect::<Vec<_>>())
-        .bind(rs.iter().map(|o| o.cancelled).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-    }
-    let deltas: Vec<_> = deltas
-        .into_iter()
-        .filter(|(_, d)| *d != Delta::default())
-        .collect();
-    if !deltas.is_empty() {
-        sqlx::query(&format!(
-            "INSERT INTO {buckets_table} AS b (hour, sku, currency, units, revenue_minor, orders)
-             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
-             ON CONFLICT (hour, sku, currency) DO UPDATE SET
-                 units = b.units + EXCLUDED.units,
-                 revenue_minor = b.revenue_minor + EXCLUDED.revenue_minor,
-                 orders = b.orders + EXCLUDED.orders"
-        ))
-        .bind(deltas.iter().map(|((h, _, _), _)| *h).collect::<Vec<_>>())
-        .bind(deltas.iter().map(|((_, s, _), _)| s.clone()).collect::<Vec<_>>())
-        .bind(deltas.iter().map(|((_, _, c), _)| c.clone()).collect::<Vec<_>>())
-        .bind(deltas.iter().map(|(_, d)| d.units).collect::<Vec<_>>())
-        .bind(deltas.iter().map(|(_, d)| d.revenue_minor).collect::<Vec<_>>())
-        .bind(deltas.iter().map(|(_, d)| d.orders).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(outcomes)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
-    use crate::projection::fixtures::{cancelled, placed, reserved};
+    use crate::projection::{
+        Decoded,
+        fixtures::{cancelled, placed, reserved},
+    };
 
     fn run(events: &[Decoded]) -> BTreeMap<BucketKey, Delta> {
         let mut rows: HashMap<Uuid, OrderSales> = HashMap::new();

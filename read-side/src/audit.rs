@@ -1,0 +1,25 @@
+//! An order's audit trail: its stored events and whether their hash chain verifies.
+//!
+//! The trail is read from the event store (the source of truth), not from a projection; this
+//! module is the read side's one way in, so the GraphQL API neither opens connections nor
+//! knows which store calls make a trail.
+
+use event_store::{StoredEvent, audit::StreamReport};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Debug)]
+pub struct Trail {
+    /// Every event of the order's stream, in version order.
+    pub events: Vec<StoredEvent>,
+    /// The hash chain recomputed against the stream head.
+    pub report: StreamReport,
+}
+
+/// The order's events and the verification of their chain, on one connection.
+pub async fn trail(pool: &PgPool, order_id: Uuid) -> Result<Trail, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let (events, _) = event_store::load_stream(&mut conn, order_id).await?;
+    let report = event_store::audit::verify_stream(&mut conn, order_id).await?;
+    Ok(Trail { events, report })
+}
