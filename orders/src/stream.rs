@@ -38,7 +38,7 @@ pub async fn load(
 
 /// Appends `events` (with their Kafka outbox messages) if the stream is at `expected`;
 /// returns the new version.
-#[tracing::instrument(name = "append", skip_all, fields(order_id = %order_id, expected = expected.version, events = events.len()))]
+#[tracing::instrument(name = "append", skip_all, fields(order_id = %order_id, expected = expected.version, events = events.len(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
 pub async fn append(
     conn: &mut PgConnection,
     order_id: OrderId,
@@ -46,6 +46,7 @@ pub async fn append(
     events: &[OrderEvent],
     metadata: &Metadata,
 ) -> Result<i64, StoreError> {
+    platform::trace::record_ids(&tracing::Span::current());
     let recorded_at = event_store::now_micros();
     let (stored, outbox) = order_records(
         order_id,

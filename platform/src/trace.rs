@@ -6,8 +6,11 @@
 //! request to the last saga step, and every log line inside carries its `trace_id` and
 //! `span_id` (the JSON logs print the current span's fields).
 //!
-//! Spans that want this declare the two fields empty; [`follow`] fills them in:
-//! `#[instrument(skip_all, fields(trace_id = Empty, span_id = Empty))]`.
+//! The span that receives a remote parent must not have been entered yet (OpenTelemetry
+//! fixes a span's trace when it starts), so each hop creates its span, calls [`follow`],
+//! then runs its work inside (`.instrument(span)`); spans below it are ordinary
+//! `#[instrument]` spans in the same trace. Spans that want the ids in their log lines
+//! declare `trace_id` and `span_id` empty; [`follow`] / [`record_ids`] fill them in.
 
 use std::collections::HashMap;
 
@@ -25,11 +28,19 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
     if let Some(tp) = traceparent {
         let carrier = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
         let parent = TraceContextPropagator::new().extract(&carrier);
-        if parent.span().span_context().is_valid() {
-            // Fails only without the OpenTelemetry layer (a test with its own subscriber).
-            let _ = span.set_parent(parent);
+        if parent.span().span_context().is_valid()
+            && let Err(e) = span.set_parent(parent)
+        {
+            // A span already entered, or a subscriber without the OpenTelemetry layer.
+            tracing::debug!(error = %e, "the span cannot join the message's trace");
         }
     }
+    record_ids(span);
+}
+
+/// Records `span`'s `trace_id` and `span_id` fields (a span inside a followed one is in its
+/// trace already; this puts the ids in its log lines).
+pub fn record_ids(span: &tracing::Span) {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     if sc.is_valid() {

@@ -17,11 +17,12 @@ use std::time::Duration;
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
-    message::{Header, OwnedHeaders, OwnedMessage},
+    message::{Header, Headers, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     dead_letters::{self, DeadLetter, Incoming, Processed},
@@ -126,7 +127,31 @@ impl Projector {
 
     /// Applies one message with its checkpoint in one transaction.
     pub async fn handle(&self, msg: &impl Message) -> anyhow::Result<Handled> {
-        self.in_checkpointed_tx(msg, None).await
+        self.in_checkpointed_tx(msg, None)
+            .instrument(self.message_span(msg))
+            .await
+    }
+
+    /// The span of one message's projection: it continues the trace of the request that
+    /// caused the event (the message's `traceparent` header). In a batch it covers the
+    /// message's decoding; the batch is applied in one transaction after.
+    fn message_span(&self, msg: &impl Message) -> tracing::Span {
+        let span = tracing::info_span!(
+            "projector.apply",
+            projection = self.kind.name(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        let traceparent = msg.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        });
+        platform::trace::follow(&span, traceparent);
+        span
     }
 
     /// Dead-letters a message that kept failing transiently, moving the checkpoint past it.
@@ -392,6 +417,7 @@ impl Projector {
         let next = |p: i32| stored.iter().find(|s| s.0 == p).map_or(0, |s| s.1);
         let mut decoded = Vec::with_capacity(batch.len());
         for m in batch.iter().filter(|m| m.offset() >= next(m.partition())) {
+            let _span = self.message_span(m).entered();
             let Ok(env) = crate::envelope::Envelope::parse(m.payload().unwrap_or_default()) else {
                 return Ok(false);
             };

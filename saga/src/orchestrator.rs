@@ -24,6 +24,7 @@ use event_store::{
 use platform::supervisor::RoleCtx;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use orders::OrderError;
@@ -154,7 +155,6 @@ impl Orchestrator {
     /// Applies one input in the caller's transaction. `causation` is the message or event
     /// that carried it, `trace` its W3C trace context (passed on to every message and event
     /// this input causes).
-    #[tracing::instrument(name = "saga.step", skip_all, fields(%order_id, input = input.name(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
     pub async fn handle(
         &self,
         conn: &mut PgConnection,
@@ -163,7 +163,27 @@ impl Orchestrator {
         causation: Uuid,
         trace: Option<String>,
     ) -> Result<(), SagaError> {
-        platform::trace::follow(&tracing::Span::current(), trace.as_deref());
+        let span = tracing::info_span!(
+            "saga.step",
+            %order_id,
+            input = input.name(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        platform::trace::follow(&span, trace.as_deref());
+        self.decide_and_record(conn, order_id, input, causation, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn decide_and_record(
+        &self,
+        conn: &mut PgConnection,
+        order_id: OrderId,
+        input: SagaInput,
+        causation: Uuid,
+        trace: Option<String>,
+    ) -> Result<(), SagaError> {
         let (state, expected, step_started) =
             load_with_time(conn, order_id, self.config.step_attempts).await?;
         let (decisions, commands) = saga::decide(&state, input);

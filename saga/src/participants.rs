@@ -20,6 +20,7 @@ use event_store::{Destination, OutboxMessage};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -77,13 +78,22 @@ pub async fn run(
                     ),
                 });
             }
-            handle(participant, &pool, &names, &config, poison, m).await
+            let span = tracing::info_span!(
+                "participant.step",
+                participant = participant.name(),
+                message_id = %m.message_id,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            platform::trace::follow(&span, m.traceparent.as_deref());
+            handle(participant, &pool, &names, &config, poison, m)
+                .instrument(span)
+                .await
         }
     })
     .await
 }
 
-#[tracing::instrument(name = "participant.step", skip_all, fields(participant = participant.name(), message_id = %m.message_id, trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
 async fn handle(
     participant: Participant,
     pool: &PgPool,
@@ -92,7 +102,6 @@ async fn handle(
     poison_replies: bool,
     m: Inbound,
 ) -> Result<(), Failure> {
-    platform::trace::follow(&tracing::Span::current(), m.traceparent.as_deref());
     let command: SagaCommand = serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
         class: "malformed_command",
         message: e.to_string(),

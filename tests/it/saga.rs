@@ -828,3 +828,55 @@ async fn a_saga_recorded_as_inputs_loads_and_carries_on_with_decisions() {
         ]
     );
 }
+
+/// One checkout is one trace: the command, the append, the relay's publishes, the
+/// projector's apply and every saga and participant step continue the traceparent of the
+/// HTTP request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkouts_spans_share_the_trace_id_of_its_request() {
+    shop_tests::spans::capture();
+    let stack = SagaStack::start(SagaConfig {
+        retry_base: Duration::from_millis(50),
+        ..SagaConfig::default()
+    })
+    .await;
+    let trace_id = Uuid::new_v4().simple().to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{}/orders", stack.api.base))
+        .bearer_auth(stack.api.customer("alice"))
+        .header("Idempotency-Key", Uuid::new_v4().to_string())
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&body("tok_visa", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let order: Uuid = r.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(stack.outcome(order).await.0, "OrderConfirmed");
+    let expected = [
+        "append",
+        "command",
+        "participant.step",
+        "projector.apply",
+        "relay.publish",
+        "saga.step",
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while shop_tests::spans::in_trace(&trace_id) != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spans in the request's trace: {:?}",
+            shop_tests::spans::in_trace(&trace_id)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A checkout without a traceparent gets a trace of its own, not this one.
+    let other = stack.checkout(body("tok_visa", 1)).await;
+    assert_eq!(stack.outcome(other).await.0, "OrderConfirmed");
+    assert_eq!(shop_tests::spans::in_trace(&trace_id), expected);
+    stack.stop().await;
+}

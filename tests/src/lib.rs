@@ -16,6 +16,7 @@
 
 pub mod invariants;
 pub mod process;
+pub mod spans;
 
 use std::time::Duration;
 

@@ -17,6 +17,7 @@ use orders::OrderError;
 use platform::auth::{Principal, Role};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::problem::ApiError;
@@ -58,13 +59,29 @@ impl Command {
 }
 
 /// Runs the command in its transaction, inside a span that continues the request's trace.
-#[tracing::instrument(name = "command", skip_all, fields(command = command.name(), actor = %ctx.principal.actor(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty))]
 pub async fn execute(
     pool: &PgPool,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
-    platform::trace::follow(&tracing::Span::current(), Some(&ctx.traceparent));
+    let span = tracing::info_span!(
+        "command",
+        command = command.name(),
+        actor = %ctx.principal.actor(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    platform::trace::follow(&span, Some(&ctx.traceparent));
+    execute_once_or_twice(pool, ctx, command)
+        .instrument(span)
+        .await
+}
+
+async fn execute_once_or_twice(
+    pool: &PgPool,
+    ctx: &CommandContext,
+    command: &Command,
+) -> Result<CommandResponse, ApiError> {
     // Two rounds at most: the second only runs after losing an idempotency-key race, and then
     // finds the winner's response.
     for _ in 0..2 {
