@@ -36,7 +36,9 @@ pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
 pub use envelope::{Envelope, Headers};
 pub use model::{Metadata, NewEvent, StoredEvent};
 pub use outbox::{Destination, OutboxMessage, enqueue};
-pub use read::{FeedCursor, load_event, load_stream, load_streams, read_feed};
+pub use read::{
+    FeedCursor, feed_mark, feed_reached, load_event, load_stream, load_streams, read_feed,
+};
 
 /// Errors of the store. A conflict is an expected outcome of concurrency, not a failure.
 #[derive(Debug, thiserror::Error)]

@@ -84,6 +84,25 @@ pub struct FeedCursor {
     pub position: i64,
 }
 
+/// A point in the feed's time: every transaction that had started by now is below it.
+/// [`feed_reached`] tells when the feed horizon has passed it, i.e. every event committed
+/// before the mark was taken is readable by [`read_feed`].
+pub async fn feed_mark(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let xmax: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(&mut *conn)
+        .await?;
+    xmax.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// Whether every transaction that had started when `mark` was taken has ended (the feed's
+/// horizon is past it). A long transaction anywhere in the cluster holds this back.
+pub async fn feed_reached(conn: &mut PgConnection, mark: u64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8")
+        .bind(mark.to_string())
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// The next `limit` events of the global feed after `after`.
 ///
 /// Only transactions that finished before every still-running one are read

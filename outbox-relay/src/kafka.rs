@@ -17,6 +17,7 @@ use rdkafka::{
 use serde_json::Value;
 
 use event_store::outbox::OutboxRow;
+use platform::errors::ErrorClass;
 use tracing::Instrument;
 
 use crate::Delivery;
@@ -130,24 +131,11 @@ impl KafkaSink {
     }
 }
 
+/// A send's outcome by the one classification (`platform::errors`): what the broker will
+/// never take (poison, or a permanent refusal such as missing rights) sets the row aside.
 fn classify(e: &KafkaError) -> Delivery {
-    use RDKafkaErrorCode::*;
-    let permanent = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | InvalidMessage
-                | UnknownTopic
-                | UnknownTopicOrPartition
-                | TopicAuthorizationFailed
-                | InvalidRecord
-                | InvalidTopic
-        )
-    );
-    if permanent {
-        Delivery::Rejected(e.to_string())
-    } else {
-        Delivery::Transient(e.to_string())
+    match platform::errors::classify_kafka(e) {
+        ErrorClass::Transient => Delivery::Transient(e.to_string()),
+        ErrorClass::Poison | ErrorClass::Permanent => Delivery::Rejected(e.to_string()),
     }
 }

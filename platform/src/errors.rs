@@ -171,10 +171,25 @@ pub fn classify_kafka(e: &KafkaError) -> ErrorClass {
                 | C::ClusterAuthorizationFailed
         )
     };
+    // The broker refuses this message (too large, malformed, for a topic that does not
+    // exist): sending it again cannot help, other messages can go on.
+    let poison_code = |c: &C| {
+        matches!(
+            c,
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::InvalidRecord
+                | C::InvalidTopic
+        )
+    };
     match e {
         KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => ErrorClass::Permanent,
         _ => match e.rdkafka_error_code() {
             Some(c) if permanent_code(&c) => ErrorClass::Permanent,
+            Some(c) if poison_code(&c) => ErrorClass::Poison,
             _ => ErrorClass::Transient,
         },
     }

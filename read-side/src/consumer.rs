@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use platform::errors::{ErrorClass, classify};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -29,6 +30,14 @@ use crate::{
     projection::{self, Kind},
     registry,
 };
+
+/// Why a message is dead-lettered after failing: its class, the error, how often since when.
+struct Failed<'a> {
+    class: ErrorClass,
+    error: &'a str,
+    attempts: u32,
+    first: chrono::DateTime<chrono::Utc>,
+}
 
 /// How hard a projector tries before it dead-letters a transiently failing message.
 #[derive(Debug, Clone, clap::Args)]
@@ -154,17 +163,10 @@ impl Projector {
         span
     }
 
-    /// Dead-letters a message that kept failing transiently, moving the checkpoint past it.
-    async fn give_up(
-        &self,
-        msg: &impl Message,
-        error: &str,
-        attempts: u32,
-        first_failed_at: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<Handled> {
-        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        self.in_checkpointed_tx(msg, Some((error, attempts, first_failed_at)))
-            .await
+    /// Dead-letters a message that kept failing transiently (or failed with poison), moving
+    /// the checkpoint past it.
+    async fn give_up(&self, msg: &impl Message, failure: Failed<'_>) -> anyhow::Result<Handled> {
+        self.in_checkpointed_tx(msg, Some(failure)).await
     }
 
     /// Processes a message (or, with `give_up`, dead-letters it as transient) in a transaction
@@ -173,7 +175,7 @@ impl Projector {
     async fn in_checkpointed_tx(
         &self,
         msg: &impl Message,
-        give_up: Option<(&str, i32, chrono::DateTime<chrono::Utc>)>,
+        give_up: Option<Failed<'_>>,
     ) -> anyhow::Result<Handled> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
         let mut tx = self.begin().await?;
@@ -189,9 +191,10 @@ impl Projector {
         };
         let processed = match give_up {
             None => dead_letters::process(&mut tx, self.kind, &incoming).await?,
-            Some((error, attempts, first)) => {
-                dead_letters::dead_letter_transient(
-                    &mut tx, self.kind, &incoming, error, attempts, first,
+            Some(f) => {
+                let attempts = i32::try_from(f.attempts).unwrap_or(i32::MAX);
+                dead_letters::dead_letter_failed(
+                    &mut tx, self.kind, &incoming, f.class, f.error, attempts, f.first,
                 )
                 .await?
             }
@@ -538,11 +541,20 @@ impl Projector {
             let first = *first_failed_at.get_or_insert_with(chrono::Utc::now);
             metrics::counter!("projection_retries_total", "projection" => self.kind.name())
                 .increment(1);
-            if failures >= self.config.max_attempts {
-                match self
-                    .give_up(msg, &format!("{error:#}"), failures, first)
-                    .await
-                {
+            // Data the database refuses for this event (the one classification says poison)
+            // will be refused again: dead-letter it at once.
+            let class = match classify(&error) {
+                ErrorClass::Poison => ErrorClass::Poison,
+                _ => ErrorClass::Transient,
+            };
+            if class == ErrorClass::Poison || failures >= self.config.max_attempts {
+                let failure = Failed {
+                    class,
+                    error: &format!("{error:#}"),
+                    attempts: failures,
+                    first,
+                };
+                match self.give_up(msg, failure).await {
                     Ok(_) => return true,
                     Err(e) => tracing::warn!(projection = self.kind.name(), error = %e,
                         "cannot dead-letter either; retrying until the database answers"),

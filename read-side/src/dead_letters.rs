@@ -190,12 +190,14 @@ fn from_row(r: &sqlx::postgres::PgRow) -> Result<DeadLetter, sqlx::Error> {
     })
 }
 
-/// Dead-letters a message that kept failing with a transient error (`attempts` times since
-/// `first_failed_at`), so its partition can move on. Parks like any other dead letter.
-pub async fn dead_letter_transient(
+/// Dead-letters a message whose projection failed with `error` of `class` (a transient one
+/// `attempts` times since `first_failed_at`, or a poison one at once: data the database
+/// refuses), so its partition can move on. Parks like any other dead letter.
+pub async fn dead_letter_failed(
     conn: &mut PgConnection,
     kind: Kind,
     msg: &Incoming<'_>,
+    class: platform::errors::ErrorClass,
     error: &str,
     attempts: i32,
     first_failed_at: DateTime<Utc>,
@@ -204,7 +206,7 @@ pub async fn dead_letter_transient(
     let poison = Poison {
         attempts,
         first_failed_at: Some(first_failed_at),
-        ..Poison::new("transient", error.to_owned())
+        ..Poison::new(class.as_str(), error.to_owned())
     };
     dead_letter(conn, kind.name(), msg, env.as_ref(), poison).await
 }

@@ -89,8 +89,14 @@ struct Window {
     cursor: FeedCursor,
 }
 
+/// How long a rebuild waits at the feed horizon for transactions that began before it.
+const HORIZON_WAIT: std::time::Duration = std::time::Duration::from_secs(0);
+
 /// Reads the feed from `cursor` in pages, sending windows of about `window` events, until a
-/// page comes back short (the feed horizon). Stops early when the receiver is gone.
+/// page comes back short (the feed horizon) once every transaction that began before the read
+/// has ended (waiting at most [`HORIZON_WAIT`]: a short transaction elsewhere in the cluster
+/// must not leave committed events to chance; a long one is left to the switch's catch-up).
+/// Stops early when the receiver is gone.
 async fn read_windows(
     pool: PgPool,
     kind: Kind,
@@ -101,6 +107,8 @@ async fn read_windows(
     let result: Result<(), RebuildError> = async {
         let mut conn = pool.acquire().await?;
         let page = PAGE.min(window);
+        let mark = event_store::feed_mark(&mut conn).await?;
+        let mut waiting_since: Option<std::time::Instant> = None;
         loop {
             let mut w = Window {
                 decoded: Vec::new(),
@@ -116,6 +124,13 @@ async fn read_windows(
                 cursor = next;
                 w.cursor = next;
                 if at_horizon {
+                    let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < HORIZON_WAIT
+                        && !event_store::feed_reached(&mut conn, mark).await?
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
                     break;
                 }
             }

@@ -24,18 +24,38 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions},
     types::{AMQPValue, FieldTable},
 };
+use platform::errors::ErrorClass;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Why a handler did not take a message, in the one classification of `platform::errors`:
+/// a transient failure is retried (until `max_deliveries`), a poison or permanent one is
+/// dead-lettered at once. `reason` names it in the dead letter's `error_class` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub struct Failure {
+    pub class: ErrorClass,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Failure {
     /// Worth retrying.
-    Transient(String),
-    /// Retrying cannot help.
-    Poison {
-        class: &'static str,
-        message: String,
-    },
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            reason: "transient",
+            message: message.into(),
+        }
+    }
+
+    /// This message can never be handled; `reason` says why.
+    pub fn poison(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Poison,
+            reason,
+            message: message.into(),
+        }
+    }
 }
 
 /// Database errors by the one classification (`platform::errors`): data the database
@@ -44,7 +64,7 @@ pub enum Failure {
 /// problem and not the message's) is retried.
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        use platform::errors::{ErrorClass, classify_sqlstate};
+        use platform::errors::classify_sqlstate;
         // Only what the database says about the data is the message's fault; a decode
         // error is the code's (a deploy with a type mismatch must not dead-letter every
         // message).
@@ -53,11 +73,8 @@ impl From<sqlx::Error> for Failure {
             _ => None,
         };
         match refused {
-            Some(ErrorClass::Poison) => Failure::Poison {
-                class: "invalid_data",
-                message: format!("database: {e}"),
-            },
-            _ => Failure::Transient(format!("database: {e}")),
+            Some(ErrorClass::Poison) => Failure::poison("invalid_data", format!("database: {e}")),
+            _ => Failure::transient(format!("database: {e}")),
         }
     }
 }
@@ -144,10 +161,10 @@ where
     // Attempts so far: our retry count, or the broker's redelivery count after a crash.
     let attempts = retry_count(&d).max(delivery_count(&d)) + 1;
     let outcome = match message_id {
-        None => Err(Failure::Poison {
-            class: "missing_message_id",
-            message: "the message has no UUID message_id".into(),
-        }),
+        None => Err(Failure::poison(
+            "missing_message_id",
+            "the message has no UUID message_id",
+        )),
         Some(message_id) => {
             handle(Inbound {
                 message_id,
@@ -164,7 +181,11 @@ where
         Ok(()) => {
             d.ack(BasicAckOptions::default()).await?;
         }
-        Err(Failure::Transient(e)) if attempts < options.max_deliveries => {
+        Err(Failure {
+            class: ErrorClass::Transient,
+            message: e,
+            ..
+        }) if attempts < options.max_deliveries => {
             let first = first_failure(&d).unwrap_or_else(Utc::now);
             let delay =
                 options.retry_delays[(attempts as usize - 1).min(options.retry_delays.len() - 1)];
@@ -186,10 +207,11 @@ where
             d.ack(BasicAckOptions::default()).await?;
         }
         Err(failure) => {
-            let (class, message) = match failure {
-                Failure::Transient(m) => ("transient", m),
-                Failure::Poison { class, message } => (class, message),
-            };
+            let Failure {
+                reason: class,
+                message,
+                ..
+            } = failure;
             let first = first_failure(&d).unwrap_or_else(Utc::now);
             tracing::error!(queue = %options.queue, %key, class, error = %message, "dead-lettering a message");
             republish(

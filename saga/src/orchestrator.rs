@@ -374,15 +374,12 @@ impl Orchestrator {
                 Err(SagaError::Conflict) => continue,
                 Err(SagaError::Database(e)) => return Err(e.into()),
                 Err(e @ SagaError::Corrupt(..)) => {
-                    return Err(Failure::Poison {
-                        class: "corrupt_saga",
-                        message: e.to_string(),
-                    });
+                    return Err(Failure::poison("corrupt_saga", e.to_string()));
                 }
             }
         }
-        Err(Failure::Transient(
-            "the saga kept changing under this input".into(),
+        Err(Failure::transient(
+            "the saga kept changing under this input",
         ))
     }
 
@@ -402,11 +399,8 @@ impl Orchestrator {
         consumer::consume(conn, options, shutdown, |m| {
             let this = self.clone();
             async move {
-                let reply: Reply =
-                    serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
-                        class: "malformed_reply",
-                        message: e.to_string(),
-                    })?;
+                let reply: Reply = serde_json::from_slice(&m.body)
+                    .map_err(|e| Failure::poison("malformed_reply", e.to_string()))?;
                 this.handle_in_tx(
                     reply.order_id,
                     reply.input,

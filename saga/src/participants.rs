@@ -70,13 +70,13 @@ pub async fn run(
         let (pool, names, config) = (pool.clone(), names.clone(), config.clone());
         async move {
             if refuse {
-                return Err(Failure::Poison {
-                    class: "refused",
-                    message: format!(
+                return Err(Failure::poison(
+                    "refused",
+                    format!(
                         "{} refuses commands (SAGA_REFUSE_COMMANDS_AT)",
                         participant.name()
                     ),
-                });
+                ));
             }
             let span = tracing::info_span!(
                 "participant.step",
@@ -102,10 +102,8 @@ async fn handle(
     poison_replies: bool,
     m: Inbound,
 ) -> Result<(), Failure> {
-    let command: SagaCommand = serde_json::from_slice(&m.body).map_err(|e| Failure::Poison {
-        class: "malformed_command",
-        message: e.to_string(),
-    })?;
+    let command: SagaCommand = serde_json::from_slice(&m.body)
+        .map_err(|e| Failure::poison("malformed_command", e.to_string()))?;
     if let SagaCommand::AuthorizePayment { payment_token, .. } = &command {
         match payment_token.as_str() {
             // Past every attempt's deadline, so the saga gives up before the answer.
@@ -119,7 +117,7 @@ async fn handle(
                     .and_then(|n| n.parse::<u32>().ok())
                     && m.delivery <= n
                 {
-                    return Err(Failure::Transient(format!(
+                    return Err(Failure::transient(format!(
                         "payment provider unavailable (injected, delivery {} of {n})",
                         m.delivery
                     )));
@@ -187,10 +185,10 @@ async fn handle(
             Some((order_id, SagaInput::ShipmentCreated { shipment_id }))
         }
         (p, other) => {
-            return Err(Failure::Poison {
-                class: "wrong_participant",
-                message: format!("{} cannot handle {other:?}", p.name()),
-            });
+            return Err(Failure::poison(
+                "wrong_participant",
+                format!("{} cannot handle {other:?}", p.name()),
+            ));
         }
     };
     if let Some((order_id, input)) = reply {

@@ -646,3 +646,35 @@ async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
     shutdown.cancel();
     supervising.await.unwrap().unwrap();
 }
+
+/// A rebuild includes every event committed before it started, even while a transaction
+/// that began earlier (here: in another database of the cluster, as another service's would)
+/// holds the feed's horizon back: it waits for that transaction instead of switching to a
+/// version without those events.
+#[tokio::test]
+async fn a_rebuild_waits_for_transactions_older_than_itself() {
+    let db = shop_tests::TestDb::new().await;
+    let other = shop_tests::TestDb::new().await;
+    let mut open = other.pool.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT txid_current()")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    shop_tests::append_orders(&db.pool, 20, 2).await;
+    let pool = db.pool.clone();
+    let rebuilding = tokio::spawn(async move {
+        rebuild::start(&pool, Kind::OrderSummary, &RebuildOptions::default())
+            .await
+            .unwrap()
+            .run(|_| {})
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    open.commit().await.unwrap();
+    let report = rebuilding.await.unwrap();
+    assert_eq!(report.events, 60, "20 orders of 3 events each");
+    let (want, _) = expected_from_event_store(&db.pool).await;
+    let (got, _) = actual(&db.pool).await;
+    assert_eq!(got, want);
+}
