@@ -132,6 +132,8 @@ async fn wait_confirmed(pool: &PgPool, orders: &[Uuid]) -> anyhow::Result<()> {
     }
 }
 
+// Long on purpose: a benchmark reads top to bottom as its phases (set-up, baseline, measured
+// run, report) and splitting it would hide the order that makes the ratio fair.
 pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<()> {
     print!("shop-bench saga: ");
     let scratch = crate::append::Scratch::create(infra, 32).await?;

@@ -350,6 +350,8 @@ impl Decision {
         self.events.push(e);
     }
 
+    // Long on purpose: the saga's transition table, one arm per (phase, input); a table split
+    // over functions is harder to check for a missing case.
     fn take(&mut self, input: SagaInput) {
         use SagaInput as I;
         let attempt = self.state.attempt;

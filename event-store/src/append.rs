@@ -85,6 +85,8 @@ pub async fn append(
     .await
 }
 
+// Long on purpose: one SQL statement and the column arrays it binds; the statement and its
+// binds must be read together to check that every column gets the right array.
 /// [`append`] with the recorded time chosen by the caller (from [`now_micros`]), for callers
 /// that put the time into the outbox messages too. It is part of the hash, so it must have
 /// microsecond precision, like `timestamptz`.

@@ -90,12 +90,7 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        Self {
-            batch_size: 1000,
-            poll_interval: Duration::from_secs(1),
-            retention: Duration::from_secs(24 * 3600),
-            max_backoff: Duration::from_secs(30),
-        }
+        platform::config::defaults()
     }
 }
 
@@ -348,6 +343,8 @@ pub async fn run(
     result
 }
 
+// Long on purpose: the relay's one loop (wake-ups, leadership, backoff, pruning, metrics);
+// each branch is short and they share the loop's state.
 async fn run_loop(
     relay: &mut Relay,
     database_url: String,

@@ -49,14 +49,7 @@ pub struct InfraConfig {
 
 impl Default for InfraConfig {
     fn default() -> Self {
-        Self {
-            database_url: "postgres://shop:shop@127.0.0.1:5432/shop".into(),
-            database_max_connections: 16,
-            kafka_brokers: "127.0.0.1:9092".into(),
-            kafka_topic_prefix: String::new(),
-            kafka_partitions: 6,
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-        }
+        crate::config::defaults()
     }
 }
 
@@ -169,5 +162,31 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+}
+
+/// A configuration's defaults as its clap attributes declare them (the environment
+/// ignored), so each default is written once: in the `#[arg(default_value...)]` that the
+/// command line shows. `Default` impls of configurations call this.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
+        .mut_args(|a| a.env(None));
+    let matches = cmd
+        .try_get_matches_from(std::iter::empty::<String>())
+        .expect("every setting has a default");
+    T::from_arg_matches(&matches).expect("the defaults parse")
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_clap_attributes_and_ignore_the_environment() {
+        let d: InfraConfig = defaults();
+        assert_eq!(d.database_max_connections, 16);
+        assert_eq!(d.kafka_partitions, 6);
+        assert_eq!(d.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(d.kafka_topic_prefix, "");
     }
 }

@@ -63,12 +63,7 @@ pub struct ProjectorConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            retry_base: Duration::from_millis(200),
-            lock_timeout: Duration::from_secs(5),
-            stuck_after: Duration::from_secs(30),
-        }
+        platform::config::defaults()
     }
 }
 

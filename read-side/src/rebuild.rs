@@ -90,7 +90,7 @@ struct Window {
 }
 
 /// How long a rebuild waits at the feed horizon for transactions that began before it.
-const HORIZON_WAIT: std::time::Duration = std::time::Duration::from_secs(0);
+const HORIZON_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads the feed from `cursor` in pages, sending windows of about `window` events, until a
 /// page comes back short (the feed horizon) once every transaction that began before the read
@@ -184,6 +184,8 @@ pub struct Rebuild {
     resumed: bool,
 }
 
+// Long on purpose: claiming a rebuild is one transaction (lock, find or create the version,
+// create its tables); its steps share the transaction and the decisions between them.
 /// Claims the rebuild of `kind`: refuses if one is running, resumes an interrupted one unless
 /// `restart`, otherwise creates the next version's empty tables.
 pub async fn start(

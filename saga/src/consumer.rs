@@ -142,6 +142,8 @@ where
     result
 }
 
+// Long on purpose: the whole fate of one delivery (ack, retry queue, dead-letter queue) in
+// one place, so the at-least-once ordering of publish-then-ack is visible in one read.
 /// Handles one delivery and acks it, sends it to a retry queue, or dead-letters it.
 async fn settle<H, Fut>(
     options: &ConsumeOptions,

@@ -108,17 +108,7 @@ impl SagaConfig {
 
 impl Default for SagaConfig {
     fn default() -> Self {
-        Self {
-            queue_prefix: String::new(),
-            step_timeout: Duration::from_secs(10),
-            step_attempts: 3,
-            max_deliveries: 5,
-            retry_base: Duration::from_millis(200),
-            concurrency: 8,
-            participants: true,
-            poison_replies_from: None,
-            refuse_commands_at: None,
-        }
+        platform::config::defaults()
     }
 }
 

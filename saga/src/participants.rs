@@ -94,6 +94,8 @@ pub async fn run(
     .await
 }
 
+/// Handles one command: the injected faults of the development payment provider, then the
+/// effect and its reply (through the outbox) in one transaction, once per message.
 async fn handle(
     participant: Participant,
     pool: &PgPool,
@@ -104,27 +106,7 @@ async fn handle(
 ) -> Result<(), Failure> {
     let command: SagaCommand = serde_json::from_slice(&m.body)
         .map_err(|e| Failure::poison("malformed_command", e.to_string()))?;
-    if let SagaCommand::AuthorizePayment { payment_token, .. } = &command {
-        match payment_token.as_str() {
-            // Past every attempt's deadline, so the saga gives up before the answer.
-            "tok_slow" => {
-                let attempts = f64::from(config.step_attempts) + 0.5;
-                tokio::time::sleep(config.step_timeout.mul_f64(attempts)).await
-            }
-            t => {
-                if let Some(n) = t
-                    .strip_prefix("tok_flaky_")
-                    .and_then(|n| n.parse::<u32>().ok())
-                    && m.delivery <= n
-                {
-                    return Err(Failure::transient(format!(
-                        "payment provider unavailable (injected, delivery {} of {n})",
-                        m.delivery
-                    )));
-                }
-            }
-        }
-    }
+    injected_faults(&command, config, m.delivery).await?;
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO participant_inbox (participant, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -138,12 +120,73 @@ async fn handle(
     if !fresh {
         return Ok(());
     }
-    let reply = match (participant, command) {
+    if let Some((order_id, input)) = effect(&mut tx, participant, command).await? {
+        let payload = if poison_replies {
+            b"{\"not\": \"a reply\"}".to_vec()
+        } else {
+            serde_json::to_vec(&Reply { order_id, input }).expect("reply serializes")
+        };
+        let headers = event_store::Headers::new(Some(m.message_id), m.traceparent.as_deref())
+            .with("participant", participant.name())
+            .into_value();
+        let reply = OutboxMessage {
+            message_id: Uuid::now_v7(),
+            destination: Destination::Amqp,
+            target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
+            routing_key: names.routing_key("replies"),
+            ordering_key: order_id.to_string(),
+            headers,
+            payload,
+        };
+        event_store::enqueue(&mut tx, &[reply]).await?;
+    }
+    tx.commit().await?;
+    metrics::counter!("saga_participant_commands_total", "participant" => participant.name())
+        .increment(1);
+    Ok(())
+}
+
+/// The development payment provider's switches: `tok_slow` answers after every attempt's
+/// deadline (so the saga gives up first), `tok_flaky_N` fails transiently N deliveries.
+async fn injected_faults(
+    command: &SagaCommand,
+    config: &SagaConfig,
+    delivery: u32,
+) -> Result<(), Failure> {
+    let SagaCommand::AuthorizePayment { payment_token, .. } = command else {
+        return Ok(());
+    };
+    match payment_token.as_str() {
+        "tok_slow" => {
+            let attempts = f64::from(config.step_attempts) + 0.5;
+            tokio::time::sleep(config.step_timeout.mul_f64(attempts)).await;
+            Ok(())
+        }
+        t => match t
+            .strip_prefix("tok_flaky_")
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            Some(n) if delivery <= n => Err(Failure::transient(format!(
+                "payment provider unavailable (injected, delivery {delivery} of {n})"
+            ))),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// The participant's effect of `command`, and the reply it owes the saga (none for the
+/// compensations).
+async fn effect(
+    tx: &mut PgConnection,
+    participant: Participant,
+    command: SagaCommand,
+) -> Result<Option<(OrderId, SagaInput)>, Failure> {
+    Ok(match (participant, command) {
         (Participant::Inventory, SagaCommand::ReserveInventory { order_id, lines }) => {
-            Some((order_id, reserve(&mut tx, order_id, &lines).await?))
+            Some((order_id, reserve(tx, order_id, &lines).await?))
         }
         (Participant::Inventory, SagaCommand::ReleaseInventory { order_id }) => {
-            release(&mut tx, order_id).await?;
+            release(tx, order_id).await?;
             None
         }
         (
@@ -160,7 +203,7 @@ async fn handle(
                     reason: "card declined".into(),
                 }
             } else {
-                authorize(&mut tx, order_id, amount_minor.get(), currency.as_str()).await?
+                authorize(tx, order_id, amount_minor.get(), currency.as_str()).await?
             };
             Some((order_id, input))
         }
@@ -190,31 +233,7 @@ async fn handle(
                 format!("{} cannot handle {other:?}", p.name()),
             ));
         }
-    };
-    if let Some((order_id, input)) = reply {
-        let payload = if poison_replies {
-            b"{\"not\": \"a reply\"}".to_vec()
-        } else {
-            serde_json::to_vec(&Reply { order_id, input }).expect("reply serializes")
-        };
-        let headers = event_store::Headers::new(Some(m.message_id), m.traceparent.as_deref())
-            .with("participant", participant.name())
-            .into_value();
-        let reply = OutboxMessage {
-            message_id: Uuid::now_v7(),
-            destination: Destination::Amqp,
-            target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
-            routing_key: names.routing_key("replies"),
-            ordering_key: order_id.to_string(),
-            headers,
-            payload,
-        };
-        event_store::enqueue(&mut tx, &[reply]).await?;
-    }
-    tx.commit().await?;
-    metrics::counter!("saga_participant_commands_total", "participant" => participant.name())
-        .increment(1);
-    Ok(())
+    })
 }
 
 /// Reserves every line or nothing; the same order asking again gets the same answer.

@@ -102,36 +102,8 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         None
     };
     if let Some(projector_cfg) = roles.projector {
-        for kind in read_side::projection::Kind::ALL {
-            let (pool, infra, topic, cfg) = (
-                pool.clone(),
-                infra.clone(),
-                topic.clone(),
-                projector_cfg.clone(),
-            );
-            sup.spawn(format!("projector:{}", kind.name()), move |ctx| {
-                read_side::consumer::Projector::run_role(
-                    kind,
-                    pool.clone(),
-                    infra.kafka_brokers.clone(),
-                    topic.clone(),
-                    infra.kafka_topic_prefix.clone(),
-                    cfg.clone(),
-                    ctx,
-                )
-            });
-        }
-        let p = pool.clone();
-        sup.spawn("rebuilds", move |ctx| {
-            read_side::rebuild::run_worker(p.clone(), ctx)
-        });
-        let (p, watermarks) = (
-            pool.clone(),
-            watermarks.clone().expect("made for projectors"),
-        );
-        sup.spawn("projection-metrics", move |ctx| {
-            read_side::status::report_metrics(p.clone(), watermarks.clone(), ctx)
-        });
+        let watermarks = watermarks.clone().expect("made for projectors");
+        spawn_read_side(&mut sup, &pool, infra, &topic, projector_cfg, watermarks);
     }
     if let (Some(addr), Some(cfg)) = (roles.graphql_addr, roles.write_side.as_ref()) {
         let graphql_api = read_side::graphql::GraphqlApi {
@@ -164,6 +136,45 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         ),
     }
     result
+}
+
+/// The read side's roles: a projector per projection, the rebuild worker and the projection
+/// metrics.
+fn spawn_read_side(
+    sup: &mut Supervisor,
+    pool: &sqlx::PgPool,
+    infra: &InfraConfig,
+    topic: &str,
+    projector_cfg: read_side::consumer::ProjectorConfig,
+    watermarks: read_side::status::Watermarks,
+) {
+    for kind in read_side::projection::Kind::ALL {
+        let (pool, infra, topic, cfg) = (
+            pool.clone(),
+            infra.clone(),
+            topic.to_owned(),
+            projector_cfg.clone(),
+        );
+        sup.spawn(format!("projector:{}", kind.name()), move |ctx| {
+            read_side::consumer::Projector::run_role(
+                kind,
+                pool.clone(),
+                infra.kafka_brokers.clone(),
+                topic.clone(),
+                infra.kafka_topic_prefix.clone(),
+                cfg.clone(),
+                ctx,
+            )
+        });
+    }
+    let p = pool.clone();
+    sup.spawn("rebuilds", move |ctx| {
+        read_side::rebuild::run_worker(p.clone(), ctx)
+    });
+    let p = pool.clone();
+    sup.spawn("projection-metrics", move |ctx| {
+        read_side::status::report_metrics(p.clone(), watermarks.clone(), ctx)
+    });
 }
 
 /// Runs `shop setup`, retrying transient failures (PostgreSQL or Kafka still starting) with

@@ -84,3 +84,59 @@ impl CheckoutRequest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(items: serde_json::Value) -> CheckoutRequest {
+        serde_json::from_value(serde_json::json!({
+            "currency": "EUR",
+            "items": items,
+            "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
+            "payment_token": "tok_visa",
+        }))
+        .unwrap()
+    }
+
+    fn place(items: serde_json::Value) -> Result<PlaceOrder, ValueError> {
+        request(items).into_command(
+            OrderId(uuid::Uuid::now_v7()),
+            CustomerId::parse("c-1").unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_valid_request_becomes_the_command() {
+        let cmd = place(serde_json::json!([
+            {"sku": "SKU-1", "quantity": 2, "unit_price_minor": 500}
+        ]))
+        .unwrap();
+        assert_eq!(cmd.lines.len(), 1);
+        assert_eq!(cmd.currency.as_str(), "EUR");
+    }
+
+    #[test]
+    fn an_error_names_the_json_path_of_the_field() {
+        let e = place(serde_json::json!([
+            {"sku": "SKU-1", "quantity": 1, "unit_price_minor": 500},
+            {"sku": "SKU-2", "quantity": 0, "unit_price_minor": 500}
+        ]))
+        .unwrap_err();
+        assert_eq!(e.field, "items[1].quantity");
+        let e = place(serde_json::json!([
+            {"sku": "", "quantity": 1, "unit_price_minor": 500}
+        ]))
+        .unwrap_err();
+        assert_eq!(e.field, "items[0].sku");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<CheckoutRequest, _> = serde_json::from_value(serde_json::json!({
+            "currency": "EUR", "items": [], "payment_token": "t", "quantiy": 1,
+            "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
+        }));
+        assert!(r.unwrap_err().to_string().contains("quantiy"));
+    }
+}

@@ -121,13 +121,14 @@ impl From<domain::values::ValueError> for ApiError {
     }
 }
 
+/// By the one classification (`platform::errors`): what may heal by itself (the database
+/// restarting, a pool timeout, a serialization failure) is a 503 the client may retry with
+/// the same idempotency key; the rest is a 500.
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ApiError::Unavailable(e)
-            }
-            other => ApiError::Internal(other.to_string()),
+        match platform::errors::classify_sqlx(&e) {
+            platform::errors::ErrorClass::Transient => ApiError::Unavailable(e),
+            _ => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -168,5 +169,122 @@ impl IntoResponse for ApiError {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn problem(e: ApiError) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let resp = e.into_response();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, headers, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_error_is_problem_json_with_a_stable_type_and_its_status() {
+        let cases = [
+            (
+                ApiError::MissingIdempotencyKey,
+                400,
+                "/problems/missing-idempotency-key",
+            ),
+            (
+                ApiError::Unauthorized("no token".into()),
+                401,
+                "/problems/unauthorized",
+            ),
+            (
+                ApiError::Forbidden("customers only".into()),
+                403,
+                "/problems/forbidden",
+            ),
+            (
+                ApiError::NotFound("no such order".into()),
+                404,
+                "/problems/not-found",
+            ),
+            (
+                ApiError::VersionConflict("v2".into()),
+                409,
+                "/problems/version-conflict",
+            ),
+            (
+                ApiError::UnsupportedMediaType,
+                415,
+                "/problems/unsupported-media-type",
+            ),
+            (
+                ApiError::validation("items[0].sku", "empty"),
+                422,
+                "/problems/validation-error",
+            ),
+            (
+                ApiError::IdempotencyKeyReused,
+                422,
+                "/problems/idempotency-key-reused",
+            ),
+            (
+                ApiError::Internal("boom".into()),
+                500,
+                "/problems/internal-error",
+            ),
+            (
+                ApiError::Rejected("cancelled".into()),
+                422,
+                "/problems/command-rejected",
+            ),
+        ];
+        for (e, status, kind) in cases {
+            let name = format!("{e:?}");
+            let (s, h, body) = problem(e).await;
+            assert_eq!(s.as_u16(), status, "{name}");
+            assert_eq!(body["type"], kind, "{name}");
+            assert_eq!(body["status"], status, "{name}");
+            assert_eq!(
+                h[header::CONTENT_TYPE],
+                "application/problem+json",
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn headers_and_details_tell_the_client_what_to_do_and_nothing_more() {
+        let (_, h, _) = problem(ApiError::Unauthorized("expired".into())).await;
+        assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
+        let (s, h, _) = problem(ApiError::from(sqlx::Error::PoolTimedOut)).await;
+        assert_eq!(
+            (s.as_u16(), &h[header::RETRY_AFTER]),
+            (503, &HeaderValue::from_static("1"))
+        );
+        let (_, _, body) = problem(ApiError::Internal("password=hunter2".into())).await;
+        assert!(
+            !body["detail"].as_str().unwrap().contains("hunter2"),
+            "{body}"
+        );
+        let (_, _, body) = problem(ApiError::validation("items[1].quantity", "too many")).await;
+        assert_eq!(body["field"], "items[1].quantity");
+    }
+
+    #[test]
+    fn database_errors_follow_the_one_classification() {
+        assert!(matches!(
+            ApiError::from(sqlx::Error::PoolTimedOut),
+            ApiError::Unavailable(_)
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            ApiError::from(sqlx::Error::Io(reset)),
+            ApiError::Unavailable(_)
+        ));
+        assert!(matches!(
+            ApiError::from(sqlx::Error::ColumnNotFound("version".into())),
+            ApiError::Internal(_)
+        ));
     }
 }
