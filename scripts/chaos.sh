@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long fault-injection run: the chaos tests (shop/tests/chaos.rs) with more orders and
+# The long fault-injection run: the chaos tests (tests/faults/chaos.rs) with more orders and
 # repeated rounds, against the real services, then a table of faults, orders, invariant
 # results and how long each run took to settle. CI runs the short version (240 orders, one
 # round) as part of scripts/test.sh.
@@ -20,7 +20,7 @@ status=0
 for round in $(seq 1 "$rounds"); do
   log "round $round of $rounds ($orders orders per fault)"
   set +e
-  CHAOS_ORDERS="$orders" cargo test -p shop --test chaos -- --nocapture --test-threads=1 2>&1 \
+  CHAOS_ORDERS="$orders" cargo test -p shop --test faults chaos -- --nocapture --test-threads=1 2>&1 \
     | grep -v '^{' | tee -a "$out" | grep -E "^test |chaos:"
   ((PIPESTATUS[0] == 0)) || status=1
   set -e

@@ -17,7 +17,8 @@ cd "$ROOT"
 cargo run --quiet -p shop -- setup
 log="$LOCAL/logs/test.log"
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary).

@@ -25,7 +25,7 @@ use platform::{
     config::InfraConfig,
 };
 use read_side::{
-    envelope::Envelope,
+    envelope::{Envelope, OrderEnvelope},
     projection::Kind,
     rebuild::{self, RebuildOptions},
 };

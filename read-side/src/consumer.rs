@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::{
     dead_letters::{self, DeadLetter, Incoming, Processed},
+    envelope::OrderEnvelope,
     projection::{self, Kind},
     registry,
 };
@@ -416,7 +417,7 @@ impl Projector {
         let mut decoded = Vec::with_capacity(batch.len());
         for m in batch.iter().filter(|m| m.offset() >= next(m.partition())) {
             let _span = self.message_span(m).entered();
-            let Ok(env) = crate::envelope::Envelope::parse(m.payload().unwrap_or_default()) else {
+            let Ok(env) = crate::envelope::parse(m.payload().unwrap_or_default()) else {
                 return Ok(false);
             };
             let Ok(event) = env.event() else {

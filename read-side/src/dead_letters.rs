@@ -16,7 +16,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
-    envelope::{Envelope, EnvelopeError},
+    envelope::{Envelope, EnvelopeError, OrderEnvelope},
     projection::{self, Applied, ApplyError, Decoded, Kind, Target},
     registry,
 };
@@ -95,7 +95,7 @@ pub async fn process(
     msg: &Incoming<'_>,
 ) -> Result<Processed, sqlx::Error> {
     let projection = kind.name();
-    let env = match Envelope::parse(msg.payload) {
+    let env = match crate::envelope::parse(msg.payload) {
         Ok(env) => env,
         Err(e) => return dead_letter(conn, projection, msg, None, envelope_poison(&e)).await,
     };
@@ -202,7 +202,7 @@ pub async fn dead_letter_failed(
     attempts: i32,
     first_failed_at: DateTime<Utc>,
 ) -> Result<Processed, sqlx::Error> {
-    let env = Envelope::parse(msg.payload).ok();
+    let env = crate::envelope::parse(msg.payload).ok();
     let poison = Poison {
         attempts,
         first_failed_at: Some(first_failed_at),

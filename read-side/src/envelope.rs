@@ -1,20 +1,11 @@
-//! The envelope every order event travels in (`schemas/envelope.v1.json`).
+//! The envelope every order event travels in is the event store's one
+//! [`Envelope`](event_store::Envelope) (`schemas/envelope.v1.json`); the read side adds
+//! what it needs of it: parsing a Kafka message into one, and decoding its payload into the
+//! order event, each failure typed (a poison message's class in the dead letters).
 
-use chrono::{DateTime, Utc};
 use domain::{order::OrderEvent, wire};
-use serde::Deserialize;
-use uuid::Uuid;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Envelope {
-    pub event_id: Uuid,
-    pub event_type: String,
-    pub schema_version: i32,
-    pub stream_id: Uuid,
-    pub stream_version: i64,
-    pub recorded_at: DateTime<Utc>,
-    pub payload: serde_json::Value,
-}
+pub use event_store::Envelope;
 
 /// Why a message could not be turned into a domain event (a poison message).
 #[derive(Debug, thiserror::Error)]
@@ -25,26 +16,19 @@ pub enum EnvelopeError {
     Event(#[from] wire::DecodeError),
 }
 
-impl Envelope {
-    pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        Ok(serde_json::from_slice(bytes)?)
-    }
+/// The envelope in a message's value.
+pub fn parse(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+    Ok(Envelope::parse(bytes)?)
+}
 
-    /// The envelope of an event as stored (the source of truth, for replays and rebuilds).
-    pub fn from_stored(e: event_store::StoredEvent) -> Self {
-        Self {
-            event_id: e.event_id,
-            event_type: e.event_type,
-            schema_version: e.schema_version,
-            stream_id: e.stream_id,
-            stream_version: e.stream_version,
-            recorded_at: e.recorded_at,
-            payload: e.payload,
-        }
-    }
-
+/// An envelope's payload as the order event it carries.
+pub trait OrderEnvelope {
     /// The domain event, upcast to the newest version of its type.
-    pub fn event(&self) -> Result<OrderEvent, EnvelopeError> {
+    fn event(&self) -> Result<OrderEvent, EnvelopeError>;
+}
+
+impl OrderEnvelope for Envelope {
+    fn event(&self) -> Result<OrderEvent, EnvelopeError> {
         Ok(wire::decode(
             &self.event_type,
             self.schema_version,

@@ -203,7 +203,7 @@ pub(crate) mod fixtures {
     use uuid::Uuid;
 
     use super::Decoded;
-    use crate::envelope::Envelope;
+    use crate::envelope::{Envelope, OrderEnvelope};
 
     pub fn event(
         id: Uuid,
@@ -217,8 +217,10 @@ pub(crate) mod fixtures {
             event_type: event_type.into(),
             schema_version: if event_type == "OrderPlaced" { 2 } else { 1 },
             stream_id: id,
+            stream_type: "order".into(),
             stream_version: version,
             recorded_at: at.parse::<DateTime<Utc>>().unwrap(),
+            metadata: serde_json::Value::Null,
             payload,
         };
         let event = env.event().expect("fixture decodes");

@@ -20,7 +20,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
-    envelope::Envelope,
+    envelope::{Envelope, OrderEnvelope},
     projection::{self, ApplyError, Decoded, Kind, REBUILD_LOCK_NS, Target, versioned},
     registry,
 };

@@ -13,7 +13,7 @@ use std::{
 
 use read_side::{
     consumer::ProjectorConfig,
-    envelope::Envelope,
+    envelope::{Envelope, OrderEnvelope},
     order_summary, projection,
     projection::Kind,
     rebuild::{self, RebuildError, RebuildOptions},
@@ -49,8 +49,10 @@ async fn expected_from_event_store(
             event_type: r.get("event_type"),
             schema_version: r.get("schema_version"),
             stream_id: r.get("stream_id"),
+            stream_type: "order".into(),
             stream_version: r.get("stream_version"),
             recorded_at: r.get("recorded_at"),
+            metadata: serde_json::Value::Null,
             payload: r.get("payload"),
         };
         let event = env.event().unwrap();

@@ -51,6 +51,7 @@ async fn pending(db: &TestDb) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_stopped_and_started_during_the_run_loses_nothing_and_keeps_order() {
+    let _one = crate::ONE_AT_A_TIME.lock().await;
     let db = TestDb::new().await;
     let rabbit = TestRabbit::new().await;
     let (queue, route) = (rabbit.name("outage"), rabbit.name("outage-route"));

@@ -15,7 +15,6 @@ use std::{
 };
 
 use shop_tests::{invariants, process::ShopProcess};
-use tokio::sync::Mutex;
 use uuid::Uuid;
 
 /// Orders per test (CHAOS_ORDERS, default 240): enough that faults land while many are in
@@ -28,8 +27,6 @@ fn orders() -> usize {
 }
 /// Concurrent clients.
 const CLIENTS: usize = 12;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shop"))
@@ -198,7 +195,7 @@ async fn settles(shop: ShopProcess, orders: &[Uuid], fault: &str, started: Insta
 /// One fault scenario: a fresh `shop run`, the load, `fault` once a third is placed, then
 /// every invariant.
 async fn scenario(name: &str, fault: impl AsyncFnOnce(Arc<ShopProcess>)) {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::ONE_AT_A_TIME.lock().await;
     let shop = Arc::new(ShopProcess::start(bin()).await);
     let started = Instant::now();
     let orders = under_load(shop.clone(), fault).await;
