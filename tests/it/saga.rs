@@ -137,6 +137,25 @@ impl SagaStack {
         v["order_id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// A checkout sent with a W3C `traceparent` header; returns the order id.
+    async fn checkout_traced(&self, traceparent: &str, body: Value) -> Uuid {
+        let r = reqwest::Client::new()
+            .post(format!("{}/orders", self.api.base))
+            .bearer_auth(self.api.customer("alice"))
+            .header("Idempotency-Key", Uuid::new_v4().to_string())
+            .header("traceparent", traceparent)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        r.json::<Value>().await.unwrap()["order_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     /// Waits (at most 60 s) until the order's last event is terminal; returns its type and
     /// the cancellation reason.
     async fn outcome(&self, order: Uuid) -> (String, Option<String>) {
@@ -318,21 +337,7 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
 
     // The trace context of the checkout request follows the saga's messages and events.
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let r = reqwest::Client::new()
-        .post(format!("{}/orders", stack.api.base))
-        .bearer_auth(stack.api.customer("alice"))
-        .header("Idempotency-Key", "traced")
-        .header("traceparent", trace)
-        .json(&body("tok_visa", 1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let traced: Uuid = r.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let traced = stack.checkout_traced(trace, body("tok_visa", 1)).await;
     assert_eq!(stack.outcome(traced).await.0, "OrderConfirmed");
     let traces: Vec<Option<String>> = sqlx::query_scalar(
         "SELECT metadata->>'traceparent' FROM events WHERE stream_id = $1 OR stream_id = $2",
@@ -841,21 +846,10 @@ async fn a_checkouts_spans_share_the_trace_id_of_its_request() {
     })
     .await;
     let trace_id = Uuid::new_v4().simple().to_string();
-    let r = reqwest::Client::new()
-        .post(format!("{}/orders", stack.api.base))
-        .bearer_auth(stack.api.customer("alice"))
-        .header("Idempotency-Key", Uuid::new_v4().to_string())
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&body("tok_visa", 1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let order: Uuid = r.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let order = stack
+        .checkout_traced(&traceparent, body("tok_visa", 1))
+        .await;
     assert_eq!(stack.outcome(order).await.0, "OrderConfirmed");
     let expected = [
         "append",
