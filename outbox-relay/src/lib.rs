@@ -51,6 +51,7 @@ pub(crate) fn publish_span(row: &OutboxRow) -> tracing::Span {
         span_id = tracing::field::Empty,
     );
     platform::trace::follow(&span, row.headers["traceparent"].as_str());
+    span.in_scope(|| tracing::debug!("publishing"));
     span
 }
 

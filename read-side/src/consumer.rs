@@ -156,6 +156,7 @@ impl Projector {
                 .and_then(|v| std::str::from_utf8(v).ok())
         });
         platform::trace::follow(&span, traceparent);
+        span.in_scope(|| tracing::debug!("projecting"));
         span
     }
 

@@ -117,12 +117,11 @@ where
     let prefetch = u16::try_from(concurrency * 2).unwrap_or(u16::MAX);
     let ch = platform::amqp::consumer_channel(&conn, prefetch).await?;
     let dlq = platform::amqp::confirm_channel(&conn).await?;
+    let tag = format!("{}-{}", options.queue, Uuid::new_v4().simple());
     let deliveries = ch
         .basic_consume(
             options.queue.as_str().into(),
-            format!("{}-{}", options.queue, Uuid::new_v4().simple())
-                .as_str()
-                .into(),
+            tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -135,7 +134,13 @@ where
             settle(options, handle, publisher, d).await
         })
         .await;
+    // Cancel the consumer, then close both channels, each answered by the broker, so the
+    // connection closes with nothing in flight.
+    ch.basic_cancel(tag.as_str().into(), Default::default())
+        .await
+        .ok();
     ch.close(200, "shutdown".into()).await.ok();
+    dlq.close(200, "shutdown".into()).await.ok();
     if result.is_ok() && !shutdown.is_cancelled() {
         anyhow::bail!("the broker closed the consumer of {}", options.queue);
     }

@@ -233,6 +233,15 @@ impl Orchestrator {
         for c in for_order {
             self.apply_to_order(conn, order_id, c, &meta).await?;
         }
+        for d in &decisions {
+            match d {
+                saga::SagaEvent::Completed => tracing::info!("saga completed"),
+                saga::SagaEvent::CompensationStarted { reason, .. } => {
+                    tracing::info!(%reason, "saga compensating")
+                }
+                other => tracing::debug!(decision = other.event_type(), "saga decided"),
+            }
+        }
         Ok(())
     }
 

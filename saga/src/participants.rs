@@ -141,6 +141,7 @@ async fn handle(
         event_store::enqueue(&mut tx, &[reply]).await?;
     }
     tx.commit().await?;
+    tracing::debug!("participant step done");
     metrics::counter!("saga_participant_commands_total", "participant" => participant.name())
         .increment(1);
     Ok(())

@@ -72,9 +72,17 @@ pub async fn execute(
         span_id = tracing::field::Empty,
     );
     platform::trace::follow(&span, Some(&ctx.traceparent));
-    execute_once_or_twice(pool, ctx, command)
-        .instrument(span)
-        .await
+    async {
+        let result = execute_once_or_twice(pool, ctx, command).await;
+        // One line per command, inside its span: it carries the trace id to follow.
+        match &result {
+            Ok(r) => tracing::info!(status = r.status, order_id = %r.body["order_id"], "command answered"),
+            Err(e) => tracing::info!(problem = e.outcome(), "command refused"),
+        }
+        result
+    }
+    .instrument(span)
+    .await
 }
 
 async fn execute_once_or_twice(
