@@ -84,6 +84,13 @@ pub struct FeedCursor {
     pub position: i64,
 }
 
+/// How many events the store holds (a rebuild's progress total).
+pub async fn count_events(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut *conn)
+        .await
+}
+
 /// A point in the feed's time: every transaction that had started by now is below it.
 /// [`feed_reached`] tells when the feed horizon has passed it, i.e. every event committed
 /// before the mark was taken is readable by [`read_feed`].

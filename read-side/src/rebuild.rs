@@ -278,9 +278,7 @@ pub async fn start(
                 )
                 .await?;
             }
-            rebuild.total = sqlx::query_scalar("SELECT count(*) FROM events")
-                .fetch_one(&mut *tx)
-                .await?;
+            rebuild.total = event_store::count_events(&mut tx).await?;
             sqlx::query(
                 "UPDATE projections SET rebuild_version = $2, rebuild_state = 'running', rebuild_cursor_tx = '0'::xid8,
                         rebuild_cursor_pos = 0, rebuild_processed = 0, rebuild_total = $3,
