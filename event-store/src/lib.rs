@@ -37,7 +37,8 @@ pub use envelope::{Envelope, Headers};
 pub use model::{Metadata, NewEvent, StoredEvent};
 pub use outbox::{Destination, OutboxMessage, enqueue};
 pub use read::{
-    FeedCursor, count_events, feed_mark, feed_reached, load_event, load_stream, load_streams, read_feed,
+    FeedCursor, count_events, feed_mark, feed_reached, load_event, load_stream, load_streams,
+    read_feed,
 };
 
 /// Errors of the store. A conflict is an expected outcome of concurrency, not a failure.

@@ -76,7 +76,11 @@ pub async fn execute(
         let result = execute_once_or_twice(pool, ctx, command).await;
         // One line per command, inside its span: it carries the trace id to follow.
         match &result {
-            Ok(r) => tracing::info!(status = r.status, order_id = r.body["order_id"].as_str(), "command answered"),
+            Ok(r) => tracing::info!(
+                status = r.status,
+                order_id = r.body["order_id"].as_str(),
+                "command answered"
+            ),
             Err(e) => tracing::info!(problem = e.outcome(), "command refused"),
         }
         result
