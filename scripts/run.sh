@@ -15,7 +15,9 @@ bash "$here/deps.sh"
 bash "$here/services.sh" up
 cd "$here/.."
 cargo run --release -q -p shop -- setup
-# Development seed: a small stocked catalog for the stand-in inventory (existing stock is kept).
+# Development seed: the catalog's products and prices (checkouts carry no prices) and their
+# stock in the stand-in inventory; existing products and stock are kept.
+cargo run --release -q -p shop -- catalog seed
 cargo run --release -q -p shop -- inventory seed
 if [[ -z "$check" ]]; then
   exec cargo run --release -p shop -- run "$@"

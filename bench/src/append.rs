@@ -287,6 +287,7 @@ pub(crate) async fn scratch_db(
     let url = format!("{base}/{name}");
     let pool = platform::db::connect(&url, max).await?;
     platform::db::migrate(&pool).await?;
+    write_side::catalog::seed(&pool).await?;
     Ok((pool, name, url))
 }
 
@@ -339,7 +340,7 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     );
     let body = serde_json::json!({
         "currency": "EUR",
-        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250}, {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 499}],
+        "items": [{"sku": "SKU-1", "quantity": 2}, {"sku": "SKU-2", "quantity": 1}],
         "shipping_address": {"name": "Ada Lovelace", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
         "payment_token": "tok_visa"
     })

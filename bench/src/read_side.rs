@@ -233,7 +233,7 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
     let http = reqwest::Client::new();
     let body = serde_json::json!({
         "currency": "EUR",
-        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250}],
+        "items": [{"sku": "SKU-1", "quantity": 2}],
         "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
         "payment_token": "tok_visa"
     })

@@ -195,7 +195,7 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
     let http = reqwest::Client::new();
     let body = serde_json::json!({
         "currency": "EUR",
-        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 1250}, {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 499}],
+        "items": [{"sku": "SKU-1", "quantity": 2}, {"sku": "SKU-2", "quantity": 1}],
         "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
         "payment_token": "tok_visa"
     })

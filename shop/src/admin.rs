@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use platform::config::InfraConfig;
 use uuid::Uuid;
 
-use crate::cli::{DeadLetterId, DlqCommand, InventoryCommand, OutboxCommand, ProjectionsCommand};
+use crate::cli::{
+    CatalogCommand, DeadLetterId, DlqCommand, InventoryCommand, OutboxCommand, ProjectionsCommand,
+};
 
 // Long on purpose: one arm per `shop dlq` subcommand, each a few lines of printing over a
 // library call; splitting would scatter the command's output format.
@@ -222,6 +224,53 @@ pub async fn projections(
                     return Ok(ExitCode::FAILURE);
                 }
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn catalog(infra: &InfraConfig, command: CatalogCommand) -> anyhow::Result<ExitCode> {
+    use write_side::catalog::{self, Product};
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    match command {
+        CatalogCommand::List => {
+            for p in catalog::list(&pool).await? {
+                println!(
+                    "{}\t{} {}\t{}\t{}",
+                    p.sku.as_str(),
+                    p.price_minor.get(),
+                    p.currency.as_str(),
+                    if p.active { "for sale" } else { "inactive" },
+                    p.name
+                );
+            }
+        }
+        CatalogCommand::Set {
+            sku,
+            price_minor,
+            currency,
+            name,
+            inactive,
+        } => {
+            let product = match Product::parse(&sku, &name, price_minor, &currency, !inactive) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            catalog::set(&pool, &product).await?;
+            println!(
+                "{}: {} {}{}",
+                product.sku.as_str(),
+                product.price_minor.get(),
+                product.currency.as_str(),
+                if product.active { "" } else { " (inactive)" }
+            );
+        }
+        CatalogCommand::Seed => {
+            let added = catalog::seed(&pool).await?;
+            println!("development catalog written where unset ({added} added, SKU-1 .. SKU-5)");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -58,6 +58,11 @@ pub enum Command {
         #[command(flatten)]
         ops: OpsConfig,
     },
+    /// The shop's catalog: products and their prices (checkouts never carry prices).
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
     /// Stand-in inventory: stock per SKU.
     Inventory {
         #[command(subcommand)]
@@ -149,6 +154,29 @@ impl std::str::FromStr for DeadLetterId {
             .map(Self::Saga)
             .map_err(|_| format!("`{s}` is neither a dead-letter number nor a message id"))
     }
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Lists every product with its price and whether it is for sale.
+    List,
+    /// Creates or replaces a product.
+    Set {
+        sku: String,
+        /// Price in minor units (cents), 0 to 100,000,000,000.
+        #[arg(long)]
+        price_minor: i64,
+        /// ISO 4217 currency.
+        #[arg(long, default_value = "EUR")]
+        currency: String,
+        #[arg(long)]
+        name: String,
+        /// Not for sale (kept for the record).
+        #[arg(long)]
+        inactive: bool,
+    },
+    /// Writes the development catalog (SKU-1 .. SKU-5 in EUR) where a product is not set.
+    Seed,
 }
 
 #[derive(Subcommand)]

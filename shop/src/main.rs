@@ -62,6 +62,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             };
             run(&cli.infra, roles, ops).await?
         }
+        Command::Catalog { command } => return catalog(&cli.infra, command).await,
         Command::Inventory { command } => return inventory(&cli.infra, command).await,
         Command::Relay { relay, ops } => {
             let roles = RoleConfigs {

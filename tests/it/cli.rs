@@ -179,3 +179,80 @@ async fn projections_rebuild_switches_to_a_new_version_and_status_shows_it() {
     assert!(out.contains("order_summary\tv2\tLive"), "{out}");
     assert!(out.contains("sales_by_product\tv1\tLive"), "{out}");
 }
+
+#[tokio::test]
+async fn catalog_set_list_and_seed_manage_the_shops_prices() {
+    let db = shop_tests::TestDb::new().await;
+    let (ok, out) = shop(&db.url, &["catalog", "seed"]);
+    assert!(ok && out.contains("5 added"), "{out}");
+    let (ok, out) = shop(&db.url, &["catalog", "seed"]);
+    assert!(ok && out.contains("0 added"), "{out}");
+    let (ok, out) = shop(
+        &db.url,
+        &[
+            "catalog",
+            "set",
+            "SKU-6",
+            "--name",
+            "Tamper",
+            "--price-minor",
+            "2900",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = shop(
+        &db.url,
+        &[
+            "catalog",
+            "set",
+            "SKU-2",
+            "--name",
+            "Saucer",
+            "--price-minor",
+            "499",
+            "--inactive",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = shop(&db.url, &["catalog", "list"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("SKU-6\t2900 EUR\tfor sale\tTamper"), "{out}");
+    assert!(out.contains("SKU-2\t499 EUR\tinactive\tSaucer"), "{out}");
+    for bad in [
+        &[
+            "catalog",
+            "set",
+            "SKU-7",
+            "--name",
+            "X",
+            "--price-minor",
+            "-1",
+        ][..],
+        &[
+            "catalog",
+            "set",
+            "SKU-7",
+            "--name",
+            "X",
+            "--price-minor",
+            "100000000001",
+        ],
+        &[
+            "catalog",
+            "set",
+            "SKU-7",
+            "--name",
+            "X",
+            "--price-minor",
+            "1",
+            "--currency",
+            "EURO",
+        ],
+        &["catalog", "set", "a b", "--name", "X", "--price-minor", "1"],
+    ] {
+        let (ok, out) = shop(&db.url, bad);
+        assert!(!ok, "{bad:?} was accepted: {out}");
+    }
+    let (_, out) = shop(&db.url, &["catalog", "list"]);
+    assert!(!out.contains("SKU-7"), "{out}");
+}

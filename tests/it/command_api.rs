@@ -140,11 +140,25 @@ async fn bad_input_gets_a_precise_problem_and_writes_nothing() {
             Some("items[0].quantity"),
         ),
         (
-            "negative price",
-            with(&|b| b["items"][0]["unit_price_minor"] = json!(-1)),
+            "a price from the client",
+            with(&|b| b["items"][0]["unit_price_minor"] = json!(0)),
             422,
             "validation-error",
-            Some("items[0].unit_price_minor"),
+            None,
+        ),
+        (
+            "a product not for sale",
+            with(&|b| b["items"][0]["sku"] = json!("SKU-404")),
+            422,
+            "validation-error",
+            Some("items[0].sku"),
+        ),
+        (
+            "a currency the catalog does not price in",
+            with(&|b| b["currency"] = json!("USD")),
+            422,
+            "validation-error",
+            Some("currency"),
         ),
         (
             "bad sku",
@@ -184,7 +198,11 @@ async fn bad_input_gets_a_precise_problem_and_writes_nothing() {
         (
             "101 lines",
             with(&|b| {
-                b["items"] = json!((0..101).map(|i| json!({"sku": format!("S{i}"), "quantity": 1, "unit_price_minor": 1})).collect::<Vec<_>>())
+                b["items"] = json!(
+                    (0..101)
+                        .map(|i| json!({"sku": format!("S{i}"), "quantity": 1}))
+                        .collect::<Vec<_>>()
+                )
             }),
             422,
             "command-rejected",
@@ -198,10 +216,10 @@ async fn bad_input_gets_a_precise_problem_and_writes_nothing() {
             None,
         ),
         (
-            "total overflow",
-            with(&|b| b["items"][0]["unit_price_minor"] = json!(i64::MAX / 2)),
+            "a price of i64::MAX from the client",
+            with(&|b| b["items"][0]["unit_price_minor"] = json!(i64::MAX)),
             422,
-            "command-rejected",
+            "validation-error",
             None,
         ),
         (
@@ -636,4 +654,64 @@ async fn ops_endpoints_and_openapi() {
     let (ready, body) = readiness.report().await;
     assert!(!ready);
     assert_eq!(body["checks"]["postgres"]["status"], "down");
+}
+
+/// Prices belong to the shop: the order is placed at the catalog's prices, recorded in the
+/// event, and a later price change (or a product taken off sale) changes no placed order.
+#[tokio::test]
+async fn checkouts_are_priced_from_the_catalog_and_keep_their_prices() {
+    let api = TestApi::new().await;
+    let token = api.customer("cust-1");
+    let r = api
+        .post("/orders", &token, "priced", &checkout_body())
+        .await;
+    let (status, body, _) = json_of(r).await;
+    assert_eq!(status, 202, "{body}");
+    let order = body["order_id"].as_str().unwrap().to_owned();
+    let placed: Value = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE stream_id = $1::uuid AND event_type = 'OrderPlaced'",
+    )
+    .bind(&order)
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    // checkout_body: SKU-1 x2 and SKU-2 x1; the development catalog: 1250 and 499 EUR.
+    let prices: Vec<i64> = placed["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["unit_price_minor"].as_i64().unwrap())
+        .collect();
+    assert_eq!(prices, [1250, 499]);
+    assert_eq!(placed["total_minor"], 2999);
+
+    // A new price applies to new orders only; a product off sale cannot be bought.
+    let dearer =
+        write_side::catalog::Product::parse("SKU-1", "Espresso cup", 1500, "EUR", true).unwrap();
+    write_side::catalog::set(&api.db.pool, &dearer)
+        .await
+        .unwrap();
+    let r = api
+        .post("/orders", &token, "dearer", &checkout_body())
+        .await;
+    let (status, body, _) = json_of(r).await;
+    assert_eq!(status, 202, "{body}");
+    let totals: Vec<i64> = sqlx::query_scalar(
+        "SELECT (payload->>'total_minor')::bigint FROM events WHERE event_type = 'OrderPlaced' ORDER BY position",
+    )
+    .fetch_all(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(totals, [2999, 3499]);
+    let off = write_side::catalog::Product::parse("SKU-2", "Saucer", 499, "EUR", false).unwrap();
+    write_side::catalog::set(&api.db.pool, &off).await.unwrap();
+    let r = api
+        .post("/orders", &token, "off-sale", &checkout_body())
+        .await;
+    let (status, problem, _) = json_of(r).await;
+    assert_eq!(
+        (status, &problem["field"]),
+        (422, &json!("items[1].sku")),
+        "{problem}"
+    );
 }

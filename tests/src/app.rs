@@ -27,6 +27,11 @@ impl TestApi {
 
     /// Starts an API instance over an existing database (e.g. to show state survives a restart).
     pub async fn with_db(db: TestDb) -> Self {
+        // The development catalog (SKU-1 at 1250, SKU-2 at 499, ... EUR), as scripts/run.sh
+        // seeds it: checkouts are priced from it.
+        write_side::catalog::seed(&db.pool)
+            .await
+            .expect("seed the catalog");
         let cfg = write_side::WriteSideConfig {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             max_body_bytes: 64 * 1024,

@@ -40,8 +40,8 @@ fn free_port() -> u16 {
 }
 
 impl ShopProcess {
-    /// Sets up a fresh database and per-test names, runs `shop setup` and `shop inventory
-    /// seed` (as `scripts/run.sh` does), starts `shop run` and waits for `/readyz`.
+    /// Sets up a fresh database and per-test names, runs `shop setup`, `shop catalog seed`
+    /// and `shop inventory seed` (as `scripts/run.sh` does), starts `shop run` and waits for `/readyz`.
     pub async fn start(bin: &Path) -> Self {
         let db = TestDb::new().await;
         let prefix = format!("{}.", unique_prefix());
@@ -75,7 +75,7 @@ impl ShopProcess {
                 .build()
                 .expect("http client"),
         };
-        for args in [&["setup"][..], &["inventory", "seed"]] {
+        for args in [&["setup"][..], &["catalog", "seed"], &["inventory", "seed"]] {
             let out = this.command(args).output().expect("run shop");
             assert!(
                 out.status.success(),
@@ -224,7 +224,7 @@ impl ShopProcess {
         let key = Uuid::new_v4().to_string();
         let body = json!({
             "currency": "EUR",
-            "items": [{"sku": sku, "quantity": 1, "unit_price_minor": 1250}],
+            "items": [{"sku": sku, "quantity": 1}],
             "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin",
                                  "postal_code": "10115", "country": "DE"},
             "payment_token": payment_token,

@@ -1,21 +1,27 @@
 //! Request bodies as they arrive, and their conversion into domain commands.
 //!
-//! Unknown fields are refused (a typo like `quantiy` must not be silently ignored). Every
+//! Unknown fields are refused (a typo like `quantiy` must not be silently ignored, and a
+//! `unit_price_minor` is not the client's to send: prices come from the catalog). Every
 //! conversion error names the JSON path of the offending field, e.g. `items[2].quantity`.
+
+use std::collections::HashMap;
 
 use domain::{
     order::{NewLine, PlaceOrder},
     values::{
-        Currency, CustomerId, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress, Sku,
-        ValueError,
+        Currency, CustomerId, OrderId, PaymentToken, Quantity, ShippingAddress, Sku, ValueError,
     },
 };
 use serde::Deserialize;
 
+use crate::catalog::Product;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
-    pub currency: String,
+    /// The currency the client expects to pay in; refused if the catalog prices differ.
+    #[serde(default)]
+    pub currency: Option<String>,
     pub items: Vec<ItemDto>,
     pub shipping_address: AddressDto,
     pub payment_token: String,
@@ -29,7 +35,6 @@ pub struct CheckoutRequest {
 pub struct ItemDto {
     pub sku: String,
     pub quantity: i64,
-    pub unit_price_minor: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,27 +54,67 @@ pub struct CancelRequest {
 }
 
 impl CheckoutRequest {
-    /// The domain command for this request, for `customer` and the new order id.
+    /// The products the request names, validated, in line order.
+    pub fn skus(&self) -> Result<Vec<Sku>, ValueError> {
+        self.items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| Sku::parse(&it.sku).map_err(|e| e.within(&format!("items[{i}]."))))
+            .collect()
+    }
+
+    /// The domain command for this request, for `customer` and the new order id, priced
+    /// from `catalog` (the active products among the request's; see [`crate::catalog`]).
     pub fn into_command(
         self,
         order_id: OrderId,
         customer: CustomerId,
+        catalog: &HashMap<Sku, Product>,
     ) -> Result<PlaceOrder, ValueError> {
-        let currency = Currency::parse(&self.currency)?;
+        let mut currency: Option<Currency> = None;
         let lines = self
             .items
             .iter()
             .enumerate()
             .map(|(i, it)| {
                 let at = format!("items[{i}].");
+                let sku = Sku::parse(&it.sku).map_err(|e| e.within(&at))?;
+                let product = catalog.get(&sku).ok_or_else(|| {
+                    ValueError::new("sku", format!("{} is not for sale", sku.as_str())).within(&at)
+                })?;
+                match currency {
+                    None => currency = Some(product.currency),
+                    Some(c) if c != product.currency => {
+                        return Err(ValueError::new(
+                            "sku",
+                            format!(
+                                "{} is priced in {}, the order's other lines in {}",
+                                sku.as_str(),
+                                product.currency.as_str(),
+                                c.as_str()
+                            ),
+                        )
+                        .within(&at));
+                    }
+                    Some(_) => {}
+                }
                 Ok(NewLine {
-                    sku: Sku::parse(&it.sku).map_err(|e| e.within(&at))?,
+                    sku,
                     quantity: Quantity::parse(it.quantity).map_err(|e| e.within(&at))?,
-                    unit_price_minor: MinorUnits::parse(it.unit_price_minor)
-                        .map_err(|e| e.within(&at))?,
+                    unit_price_minor: product.price_minor,
                 })
             })
             .collect::<Result<Vec<_>, ValueError>>()?;
+        let currency = match (currency, self.currency.as_deref()) {
+            (None, _) => return Err(ValueError::new("items", "an order needs at least one line")),
+            (Some(c), Some(expected)) if c.as_str() != expected => {
+                return Err(ValueError::new(
+                    "currency",
+                    format!("the catalog prices these items in {}", c.as_str()),
+                ));
+            }
+            (Some(c), _) => c,
+        };
         let a = &self.shipping_address;
         let shipping_address =
             ShippingAddress::parse(&a.name, &a.line1, &a.city, &a.postal_code, &a.country)?;
@@ -89,9 +134,9 @@ impl CheckoutRequest {
 mod tests {
     use super::*;
 
-    fn request(items: serde_json::Value) -> CheckoutRequest {
+    fn request(currency: &str, items: serde_json::Value) -> CheckoutRequest {
         serde_json::from_value(serde_json::json!({
-            "currency": "EUR",
+            "currency": currency,
             "items": items,
             "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
             "payment_token": "tok_visa",
@@ -99,44 +144,81 @@ mod tests {
         .unwrap()
     }
 
-    fn place(items: serde_json::Value) -> Result<PlaceOrder, ValueError> {
-        request(items).into_command(
+    fn catalog() -> HashMap<Sku, Product> {
+        [
+            ("SKU-1", 1250, "EUR"),
+            ("SKU-2", 499, "EUR"),
+            ("SKU-9", 700, "USD"),
+        ]
+        .into_iter()
+        .map(|(sku, price, cur)| {
+            let p = Product::parse(sku, "a product", price, cur, true).unwrap();
+            (p.sku.clone(), p)
+        })
+        .collect()
+    }
+
+    fn place(currency: &str, items: serde_json::Value) -> Result<PlaceOrder, ValueError> {
+        request(currency, items).into_command(
             OrderId(uuid::Uuid::now_v7()),
             CustomerId::parse("c-1").unwrap(),
+            &catalog(),
         )
     }
 
     #[test]
-    fn a_valid_request_becomes_the_command() {
-        let cmd = place(serde_json::json!([
-            {"sku": "SKU-1", "quantity": 2, "unit_price_minor": 500}
-        ]))
+    fn a_request_is_priced_from_the_catalog() {
+        let cmd = place(
+            "EUR",
+            serde_json::json!([{"sku": "SKU-1", "quantity": 2}, {"sku": "SKU-2", "quantity": 1}]),
+        )
         .unwrap();
-        assert_eq!(cmd.lines.len(), 1);
+        let prices: Vec<i64> = cmd.lines.iter().map(|l| l.unit_price_minor.get()).collect();
+        assert_eq!(prices, [1250, 499]);
         assert_eq!(cmd.currency.as_str(), "EUR");
     }
 
     #[test]
     fn an_error_names_the_json_path_of_the_field() {
-        let e = place(serde_json::json!([
-            {"sku": "SKU-1", "quantity": 1, "unit_price_minor": 500},
-            {"sku": "SKU-2", "quantity": 0, "unit_price_minor": 500}
-        ]))
+        let e = place(
+            "EUR",
+            serde_json::json!([{"sku": "SKU-1", "quantity": 1}, {"sku": "SKU-2", "quantity": 0}]),
+        )
         .unwrap_err();
         assert_eq!(e.field, "items[1].quantity");
-        let e = place(serde_json::json!([
-            {"sku": "", "quantity": 1, "unit_price_minor": 500}
-        ]))
-        .unwrap_err();
+        let e = place("EUR", serde_json::json!([{"sku": "", "quantity": 1}])).unwrap_err();
+        assert_eq!(e.field, "items[0].sku");
+        let e = place("EUR", serde_json::json!([{"sku": "NOPE", "quantity": 1}])).unwrap_err();
         assert_eq!(e.field, "items[0].sku");
     }
 
     #[test]
-    fn unknown_fields_are_refused() {
-        let r: Result<CheckoutRequest, _> = serde_json::from_value(serde_json::json!({
-            "currency": "EUR", "items": [], "payment_token": "t", "quantiy": 1,
-            "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
-        }));
-        assert!(r.unwrap_err().to_string().contains("quantiy"));
+    fn currencies_must_agree_with_the_catalog() {
+        let e = place(
+            "EUR",
+            serde_json::json!([{"sku": "SKU-1", "quantity": 1}, {"sku": "SKU-9", "quantity": 1}]),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "items[1].sku");
+        let e = place("USD", serde_json::json!([{"sku": "SKU-1", "quantity": 1}])).unwrap_err();
+        assert_eq!(e.field, "currency");
+    }
+
+    #[test]
+    fn unknown_fields_and_client_prices_are_refused() {
+        for body in [
+            serde_json::json!({
+                "currency": "EUR", "items": [], "payment_token": "t", "quantiy": 1,
+                "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
+            }),
+            serde_json::json!({
+                "currency": "EUR", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price_minor": 0}],
+                "payment_token": "t",
+                "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
+            }),
+        ] {
+            let r: Result<CheckoutRequest, _> = serde_json::from_value(body);
+            assert!(r.unwrap_err().to_string().contains("unknown field"));
+        }
     }
 }

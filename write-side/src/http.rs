@@ -15,7 +15,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use domain::values::{CustomerId, OrderId, Reason};
+use domain::{
+    order::{MAX_LINES, OrderRejected},
+    values::{CustomerId, OrderId, Reason},
+};
 use platform::auth::{Authenticator, Principal, Role};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -24,6 +27,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
+    catalog,
     commands::{self, Command, CommandContext, CommandResponse},
     dto::{CancelRequest, CheckoutRequest},
     problem::ApiError,
@@ -223,7 +227,18 @@ async fn checkout(
         };
         let ctx = context(&headers, principal, request_hash("POST /orders", &value))?;
         let order_id = OrderId(Uuid::now_v7());
-        let cmd = req.into_command(order_id, customer)?;
+        // Bounded before anything is looked up: the catalog query takes at most MAX_LINES.
+        match req.items.len() {
+            0 => return Err(ApiError::Rejected(OrderRejected::NoLines.to_string())),
+            n if n > MAX_LINES => {
+                return Err(ApiError::Rejected(
+                    OrderRejected::TooManyLines(n).to_string(),
+                ));
+            }
+            _ => {}
+        }
+        let prices = catalog::prices(&state.pool, &req.skus()?).await?;
+        let cmd = req.into_command(order_id, customer, &prices)?;
         let r = commands::execute(&state.pool, &ctx, &Command::Checkout(cmd)).await?;
         let location = r.body["order_id"]
             .as_str()

@@ -7,11 +7,13 @@
 //! # Layout
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
 //! - [`dto`]: request bodies and their conversion into domain commands.
+//! - [`catalog`]: the shop's products and prices (a checkout names products, never prices).
 //! - [`commands`]: the transaction: idempotency, then the order stream's load, decide and
 //!   append ([`orders`]), then the idempotency record.
 //! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod commands;
 pub mod dto;
 pub mod http;
