@@ -316,8 +316,11 @@ pub struct Reason(String);
 impl Reason {
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         let t = s.trim();
-        if t.is_empty() || t.chars().count() > 500 {
-            Err(ValueError::new("reason", "must be 1 to 500 characters"))
+        if t.is_empty() || t.chars().count() > 500 || t.chars().any(char::is_control) {
+            Err(ValueError::new(
+                "reason",
+                "must be 1 to 500 characters, no control characters",
+            ))
         } else {
             Ok(Self(t.to_owned()))
         }
@@ -331,6 +334,14 @@ impl Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_text_refuses_control_characters() {
+        assert!(Reason::parse("changed my mind").is_ok());
+        for bad in ["a\0b", "line\nbreak", "\u{1b}[31mred"] {
+            assert!(Reason::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn quantity_bounds() {

@@ -553,6 +553,14 @@ async fn cancel_rules_and_optimistic_concurrency() {
     )
     .await;
     assert_eq!((s, p["field"].as_str()), (422, Some("reason")));
+    // A NUL byte (which PostgreSQL cannot store in text) or another control character is
+    // refused up front as a bad field, not a 500.
+    let (s, p, _) = json_of(
+        api.post(&path, &token, &key(), &json!({"reason": "a\u{0}b"}))
+            .await,
+    )
+    .await;
+    assert_eq!((s, p["field"].as_str()), (422, Some("reason")), "{p}");
     let (s, _, _) = json_of(
         api.post(
             &format!("/orders/{}/cancel", Uuid::now_v7()),
