@@ -2,8 +2,8 @@
 //! place broker message headers are built.
 //!
 //! The same shape goes to Kafka (the message value), is rebuilt from the store for replays
-//! and rebuilds, is kept with dead letters and is what the audit trail shows, so producers
-//! and consumers cannot drift apart. Headers repeat what consumers route and deduplicate on
+//! and rebuilds, and is what dead letters keep, so producers and consumers cannot drift
+//! apart. Headers repeat what consumers route and deduplicate on
 //! (ids, type, correlation, causation, trace context), so they need not parse the body.
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::{Metadata, NewEvent, StoredEvent};
+use crate::{NewEvent, StoredEvent};
 
 /// A stored event with its place in its stream and its metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,18 +80,18 @@ impl Envelope {
     }
 
     /// The Kafka headers of this event.
+    /// Read straight from the metadata the envelope holds (no second decode of it: this
+    /// runs for every appended event).
     pub fn headers(&self) -> Value {
-        let meta: Option<Metadata> = serde_json::from_value(self.metadata.clone()).ok();
-        let mut h = Headers::new(
-            meta.as_ref().map(|m| m.causation_id),
-            meta.as_ref().and_then(|m| m.traceparent.as_deref()),
-        )
-        .with("event_id", self.event_id.to_string())
-        .with("event_type", &self.event_type)
-        .with("schema_version", self.schema_version.to_string())
-        .with("content-type", "application/json");
-        if let Some(m) = meta {
-            h = h.with("correlation_id", m.correlation_id.to_string());
+        let mut h = Headers::default()
+            .with("event_id", self.event_id.to_string())
+            .with("event_type", &self.event_type)
+            .with("schema_version", self.schema_version.to_string())
+            .with("content-type", "application/json");
+        for name in ["causation_id", "correlation_id", "traceparent"] {
+            if let Some(v) = self.metadata[name].as_str() {
+                h = h.with(name, v);
+            }
         }
         h.into_value()
     }
@@ -127,6 +127,7 @@ impl Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Metadata;
 
     fn event() -> NewEvent {
         NewEvent {

@@ -12,10 +12,8 @@
 //! `#[instrument]` spans in the same trace. Spans that want the ids in their log lines
 //! declare `trace_id` and `span_id` empty; [`follow`] / [`record_ids`] fill them in.
 
-use std::collections::HashMap;
-
 use opentelemetry::{
-    propagation::TextMapPropagator,
+    propagation::{Extractor, TextMapPropagator},
     trace::{TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
@@ -25,9 +23,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// none or it is malformed: the span starts a trace of its own), and records the span's
 /// `trace_id` and `span_id` fields.
 pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
+    if span.is_disabled() {
+        return; // filtered out by the log level: nothing to join, nothing to record
+    }
     if let Some(tp) = traceparent {
-        let carrier = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
-        let parent = TraceContextPropagator::new().extract(&carrier);
+        let parent = TraceContextPropagator::new().extract(&Traceparent(tp));
         if parent.span().span_context().is_valid()
             && let Err(e) = span.set_parent(parent)
         {
@@ -36,6 +36,19 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
         }
     }
     record_ids(span);
+}
+
+/// A carrier holding only a `traceparent` (no map allocated per message).
+struct Traceparent<'a>(&'a str);
+
+impl Extractor for Traceparent<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
 }
 
 /// Records `span`'s `trace_id` and `span_id` fields (a span inside a followed one is in its
