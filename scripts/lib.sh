@@ -14,6 +14,22 @@ export DATABASE_URL="${DATABASE_URL:-postgres://shop:shop@127.0.0.1:5432/shop}"
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 
+# Development key material (docs/security.md: one `kid=secret` per line, outside the
+# database, the first key signing): made once per checkout, readable by its owner only.
+# Set JWT_KEYS or JWT_KEYS_FILE yourself to use other keys.
+dev_keys() {
+  local file="$LOCAL/keys/$1.keys"
+  if [[ ! -s "$file" ]]; then
+    mkdir -p "$LOCAL/keys" && chmod 700 "$LOCAL/keys"
+    (umask 077 && printf '%s-%s=%s\n' "$1" "$(date -u +%Y%m%d)" "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$file")
+  fi
+  echo "$file"
+}
+if [[ -z "${JWT_KEYS:-}" && -z "${JWT_KEYS_FILE:-}" ]]; then
+  JWT_KEYS_FILE="$(dev_keys jwt)"
+  export JWT_KEYS_FILE
+fi
+
 log() { printf '\033[1m[%s]\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; }
 die() { printf '\033[31m[%s] error:\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; exit 1; }
 

@@ -13,6 +13,10 @@ check=""
 if [[ "${1:-}" == "--check" ]]; then check=1; shift; fi
 bash "$here/deps.sh"
 bash "$here/services.sh" up
+# Paths, and the development bearer-token keys (.local/keys/jwt.keys, made on first use).
+source "$here/lib.sh"
+# Development conveniences, off by default in `shop run`: the query console on GET /graphql.
+export GRAPHQL_CONSOLE="${GRAPHQL_CONSOLE:-true}"
 cd "$here/.."
 cargo run --release -q -p shop -- setup
 # Development seed: the catalog's products and prices (checkouts carry no prices) and their
@@ -20,11 +24,12 @@ cargo run --release -q -p shop -- setup
 cargo run --release -q -p shop -- catalog seed
 cargo run --release -q -p shop -- inventory seed
 if [[ -z "$check" ]]; then
+  log "bearer-token keys: $JWT_KEYS_FILE; mint a token with"
+  log "  JWT_KEYS_FILE=$JWT_KEYS_FILE cargo run -q -p shop -- token --role customer --customer-id alice"
   exec cargo run --release -p shop -- run "$@"
 fi
 
 SERVICE=run-check
-source "$here/lib.sh"
 ops="${OPS_ADDR:-127.0.0.1:9090}"
 out="$LOCAL/logs/run-check.log"
 cargo run --release -q -p shop -- run "$@" >"$out" 2>&1 &

@@ -317,16 +317,13 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
 
     let cfg = write_side::WriteSideConfig {
         http_addr: "127.0.0.1:0".parse()?,
-        max_body_bytes: 64 * 1024,
-        auth: platform::auth::AuthConfig {
-            jwt_secret: platform::auth::DEV_SECRET.into(),
-        },
+        ..write_side::WriteSideConfig::default()
     };
-    let app = write_side::build(&cfg, pool.clone()).await?;
+    let auth = Authenticator::ephemeral();
+    let app = write_side::build(&cfg, pool.clone(), auth.clone()).await?;
     let url = format!("http://{}/orders", app.local_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
-    let auth = Authenticator::new(platform::auth::DEV_SECRET);
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..100)
             .map(|i| {
@@ -335,6 +332,7 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
                     Role::Customer,
                     Duration::from_secs(3600),
                 )
+                .expect("an hour is within the default cap")
             })
             .collect(),
     );

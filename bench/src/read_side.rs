@@ -188,25 +188,19 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
         read_side::consumer::ProjectorConfig::default(),
     )?;
     let projector_task = tokio::spawn(projector.run(shutdown.clone()));
-    let auth_cfg = platform::auth::AuthConfig {
-        jwt_secret: "bench-secret-0123456789".into(),
-    };
+    let auth = Authenticator::ephemeral();
     let api = write_side::build(
         &write_side::WriteSideConfig {
             http_addr: "127.0.0.1:0".parse()?,
-            max_body_bytes: 64 * 1024,
-            auth: auth_cfg.clone(),
+            ..write_side::WriteSideConfig::default()
         },
         pool.clone(),
+        auth.clone(),
     )
     .await?;
     let base = format!("http://{}", api.local_addr());
     let api_task = tokio::spawn(api.run(shutdown.clone()));
-    let token = Authenticator::new(&auth_cfg.jwt_secret).issue(
-        "bench",
-        Role::Customer,
-        Duration::from_secs(3600),
-    );
+    let token = auth.issue("bench", Role::Customer, Duration::from_secs(3600))?;
 
     let mut listener = PgListener::connect_with(&pool).await?;
     listener

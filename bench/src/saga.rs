@@ -176,22 +176,19 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
         saga_cfg,
         shutdown.clone(),
     ));
-    let secret = "bench-secret-0123456789";
+    let auth = Authenticator::ephemeral();
     let api = write_side::build(
         &write_side::WriteSideConfig {
             http_addr: "127.0.0.1:0".parse()?,
-            max_body_bytes: 64 * 1024,
-            auth: platform::auth::AuthConfig {
-                jwt_secret: secret.into(),
-            },
+            ..write_side::WriteSideConfig::default()
         },
         pool.clone(),
+        auth.clone(),
     )
     .await?;
     let base = format!("http://{}", api.local_addr());
     let api_task = tokio::spawn(api.run(shutdown.clone()));
-    let token =
-        Authenticator::new(secret).issue("bench", Role::Customer, Duration::from_secs(3600));
+    let token = auth.issue("bench", Role::Customer, Duration::from_secs(3600))?;
     let http = reqwest::Client::new();
     let body = serde_json::json!({
         "currency": "EUR",

@@ -45,6 +45,11 @@ pub struct InfraConfig {
         value_parser = parse_amqp_url
     )]
     pub amqp_url: String,
+
+    /// Development mode: `shop run` starts without configured keys (making random ones) and
+    /// the stand-in participants accept fault injection. Never in production.
+    #[arg(long, env = "SHOP_DEV_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub dev_mode: bool,
 }
 
 impl Default for InfraConfig {

@@ -9,6 +9,8 @@
 //! - [`trace`]: spans that follow a message's W3C `traceparent` across processes.
 //! - [`shutdown`]: the one cancellation token, cancelled by SIGTERM or Ctrl-C.
 //! - [`auth`]: bearer JWTs (HS256) with a role, shared by the command API and GraphQL.
+//! - [`keys`]: the one convention for key material: named keys from the environment or a
+//!   file outside the database, the first one signing, never a default.
 //! - [`errors`]: the one classification of failures (transient, permanent, poison).
 //! - [`supervisor`]: named roles restarted with backoff on transient failures; a permanent
 //!   one stops the process non-zero. `/readyz` reports every role.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod db;
 pub mod errors;
 pub mod kafka;
+pub mod keys;
 pub mod ops;
 pub mod shutdown;
 pub mod supervisor;

@@ -21,7 +21,7 @@
 //! - [`notify`]: committed status changes fanned out to subscriptions.
 //! - [`audit`]: an order's events and the check of their hash chain, from the event store.
 //! - [`graphql`]: the schema, one module per model, and the axum service (`/graphql`,
-//!   `/graphql/ws`, GraphiQL).
+//!   `/graphql/ws`, the optional query console) and its limits.
 //!
 //! Dependencies run one way: `projection` names no model, the models depend on it, and
 //! `registry` depends on both; `graphql` sits on top and holds no SQL.

@@ -73,7 +73,12 @@ pub struct SagaConfig {
     /// Run the stand-in participants in this process.
     #[arg(id = "saga_participants", long = "saga-participants", env = "SAGA_PARTICIPANTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub participants: bool,
-    /// Stand-in switch: the named participant (inventory, payment, shipping) answers with
+    /// Lets the stand-in participants inject faults: payment tokens `tok_slow` and
+    /// `tok_flaky_N`, and the two switches below. Tests turn it on; it needs development mode
+    /// (SHOP_DEV_MODE), so no customer of a real deployment can slow or break a saga.
+    #[arg(id = "saga_fault_injection", long = "saga-fault-injection", env = "SAGA_FAULT_INJECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub fault_injection: bool,
+    /// Fault injection: the named participant (inventory, payment, shipping) answers with
     /// malformed replies, to exercise the orchestrator's dead-letter path.
     #[arg(
         id = "saga_poison_replies_from",
@@ -81,7 +86,7 @@ pub struct SagaConfig {
         env = "SAGA_POISON_REPLIES_FROM"
     )]
     pub poison_replies_from: Option<String>,
-    /// Stand-in switch: the named participant refuses every command as invalid (dead-letters
+    /// Fault injection: the named participant refuses every command as invalid (dead-letters
     /// it), like a participant with a validation bug; replay the dead letters after turning
     /// it off.
     #[arg(
@@ -92,7 +97,49 @@ pub struct SagaConfig {
     pub refuse_commands_at: Option<String>,
 }
 
+/// A saga configuration that must not run (the process does not start).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SagaConfigError {
+    #[error(
+        "SAGA_FAULT_INJECTION needs development mode (SHOP_DEV_MODE=true): it lets any customer slow down or fail a saga"
+    )]
+    FaultInjectionOutsideDevelopment,
+    #[error("{0} is fault injection: set SAGA_FAULT_INJECTION=true (development mode only)")]
+    SwitchWithoutFaultInjection(&'static str),
+    #[error("{setting}: `{value}` is not a participant (inventory, payment, shipping)")]
+    UnknownParticipant {
+        setting: &'static str,
+        value: String,
+    },
+}
+
 impl SagaConfig {
+    /// Refuses fault injection outside development mode, and its switches without it.
+    pub fn check(&self, dev_mode: bool) -> Result<(), SagaConfigError> {
+        if self.fault_injection && !dev_mode {
+            return Err(SagaConfigError::FaultInjectionOutsideDevelopment);
+        }
+        for (setting, value) in [
+            ("SAGA_POISON_REPLIES_FROM", &self.poison_replies_from),
+            ("SAGA_REFUSE_COMMANDS_AT", &self.refuse_commands_at),
+        ] {
+            let Some(value) = value else { continue };
+            if !self.fault_injection {
+                return Err(SagaConfigError::SwitchWithoutFaultInjection(setting));
+            }
+            if !participants::Participant::ALL
+                .iter()
+                .any(|p| p.name() == value)
+            {
+                return Err(SagaConfigError::UnknownParticipant {
+                    setting,
+                    value: value.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The wait before each redelivery: `retry_base` doubling per attempt, at most 10 s, one
     /// per delivery after the first.
     pub fn retry_delays(&self) -> Vec<Duration> {
@@ -283,4 +330,41 @@ async fn report_dead_letter_depth(
     }
     ch.close(200, "shutdown".into()).await.ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_injection_needs_development_mode_and_its_switches_need_it() {
+        let on = SagaConfig {
+            fault_injection: true,
+            ..SagaConfig::default()
+        };
+        assert_eq!(
+            on.check(false),
+            Err(SagaConfigError::FaultInjectionOutsideDevelopment)
+        );
+        assert_eq!(on.check(true), Ok(()));
+        assert_eq!(SagaConfig::default().check(false), Ok(()));
+        let switch_alone = SagaConfig {
+            refuse_commands_at: Some("shipping".into()),
+            ..SagaConfig::default()
+        };
+        assert_eq!(
+            switch_alone.check(true),
+            Err(SagaConfigError::SwitchWithoutFaultInjection(
+                "SAGA_REFUSE_COMMANDS_AT"
+            ))
+        );
+        let typo = SagaConfig {
+            poison_replies_from: Some("shiping".into()),
+            ..on
+        };
+        assert!(matches!(
+            typo.check(true),
+            Err(SagaConfigError::UnknownParticipant { .. })
+        ));
+    }
 }

@@ -6,11 +6,15 @@
 //! into the outbox in the same transaction as the effect, so it is sent at least once and
 //! never for an effect that did not commit.
 //!
-//! Failure switches (well-known inputs): payment token `tok_decline` is declined;
-//! `tok_flaky_N` fails transiently on its first N deliveries, then succeeds; `tok_slow`
-//! answers only after the step deadline. A line beyond stock is out of stock. Config
+//! Test inputs, like a real payment provider's test cards: payment token `tok_decline` is
+//! declined, and a line beyond stock is out of stock. These are business outcomes, always on.
+//!
+//! Fault injection, only with `SAGA_FAULT_INJECTION=true` (which needs development mode,
+//! [`crate::SagaConfig::check`]): `tok_flaky_N` fails transiently on its first N deliveries,
+//! then succeeds; `tok_slow` answers only after the step deadline;
 //! `SAGA_POISON_REPLIES_FROM=<participant>` makes that participant send malformed replies;
 //! `SAGA_REFUSE_COMMANDS_AT=<participant>` makes it dead-letter every command as invalid.
+//! Without it those tokens are ordinary tokens.
 
 use domain::{
     saga::{SagaCommand, SagaInput},
@@ -64,8 +68,11 @@ pub async fn run(
         retry_delays: config.retry_delays(),
         concurrency: config.concurrency,
     };
-    let poison = config.poison_replies_from.as_deref() == Some(participant.name());
-    let refuse = config.refuse_commands_at.as_deref() == Some(participant.name());
+    let injected = |switch: &Option<String>| {
+        config.fault_injection && switch.as_deref() == Some(participant.name())
+    };
+    let poison = injected(&config.poison_replies_from);
+    let refuse = injected(&config.refuse_commands_at);
     consumer::consume(conn, options, shutdown, |m| {
         let (pool, names, config) = (pool.clone(), names.clone(), config.clone());
         async move {
@@ -147,8 +154,9 @@ async fn handle(
     Ok(())
 }
 
-/// The development payment provider's switches: `tok_slow` answers after every attempt's
-/// deadline (so the saga gives up first), `tok_flaky_N` fails transiently N deliveries.
+/// The development payment provider's fault injection (off unless
+/// `config.fault_injection`): `tok_slow` answers after every attempt's deadline (so the saga
+/// gives up first), `tok_flaky_N` fails transiently N deliveries.
 async fn injected_faults(
     command: &SagaCommand,
     config: &SagaConfig,
@@ -157,6 +165,9 @@ async fn injected_faults(
     let SagaCommand::AuthorizePayment { payment_token, .. } = command else {
         return Ok(());
     };
+    if !config.fault_injection {
+        return Ok(());
+    }
     match payment_token.as_str() {
         "tok_slow" => {
             let attempts = f64::from(config.step_attempts) + 0.5;
@@ -389,4 +400,51 @@ pub enum StockError {
     BelowReserved(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::values::{Currency, MinorUnits, PaymentToken};
+
+    use super::*;
+
+    fn authorize(token: &str) -> SagaCommand {
+        SagaCommand::AuthorizePayment {
+            order_id: OrderId(Uuid::new_v4()),
+            amount_minor: MinorUnits::parse(100).unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            payment_token: PaymentToken::parse(token).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn fault_tokens_are_ordinary_tokens_unless_fault_injection_is_on() {
+        let off = SagaConfig::default();
+        assert!(!off.fault_injection, "off by default");
+        assert!(
+            injected_faults(&authorize("tok_flaky_9"), &off, 1)
+                .await
+                .is_ok()
+        );
+        let on = SagaConfig {
+            fault_injection: true,
+            ..SagaConfig::default()
+        };
+        let failure = injected_faults(&authorize("tok_flaky_9"), &on, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(failure.class, platform::errors::ErrorClass::Transient);
+        assert!(
+            injected_faults(&authorize("tok_flaky_9"), &on, 10)
+                .await
+                .is_ok()
+        );
+        // A slow token would sleep past every deadline: without the switch it does not.
+        let quick = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            injected_faults(&authorize("tok_slow"), &off, 1),
+        )
+        .await;
+        assert!(matches!(quick, Ok(Ok(()))));
+    }
 }

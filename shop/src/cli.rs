@@ -40,9 +40,11 @@ pub enum Command {
         write_side: write_side::WriteSideConfig,
         #[command(flatten)]
         relay: outbox_relay::RelayConfig,
-        /// Address of the GraphQL read API (GraphiQL on GET /graphql).
+        /// Address of the GraphQL read API (the query console on GET /graphql when enabled).
         #[arg(long, env = "GRAPHQL_ADDR", default_value = "127.0.0.1:8081")]
         graphql_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        graphql: read_side::graphql::GraphqlLimits,
         #[command(flatten)]
         projector: read_side::consumer::ProjectorConfig,
         #[command(flatten)]
@@ -243,6 +245,7 @@ mod tests {
             write_side,
             relay,
             graphql_addr,
+            graphql,
             projector,
             saga,
             ops,
@@ -250,6 +253,9 @@ mod tests {
         else {
             panic!("not the run command");
         };
+        assert_eq!(graphql.max_fields, 200);
+        assert!(!graphql.console, "the console is off unless enabled");
+        assert!(!saga.fault_injection, "fault injection is off by default");
         assert_eq!(write_side.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(graphql_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(ops.addr.to_string(), "127.0.0.1:9090");

@@ -42,6 +42,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             write_side,
             relay,
             graphql_addr,
+            graphql,
             projector,
             saga,
             ops,
@@ -50,6 +51,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 write_side: Some(write_side),
                 relay: Some(relay),
                 graphql_addr: Some(graphql_addr),
+                graphql_limits: graphql,
                 projector: Some(projector),
                 saga: Some(saga),
             };
@@ -83,10 +85,8 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             ttl,
             auth,
         } => {
-            println!(
-                "{}",
-                Authenticator::new(&auth.jwt_secret).issue(&subject, role, ttl)
-            );
+            let auth = Authenticator::from_config(&auth, false)?;
+            println!("{}", auth.issue(&subject, role, ttl)?);
         }
         Command::Audit {
             command: AuditCommand::Verify { order },

@@ -51,6 +51,7 @@ pub struct RoleConfigs {
     pub write_side: Option<write_side::WriteSideConfig>,
     pub relay: Option<outbox_relay::RelayConfig>,
     pub graphql_addr: Option<std::net::SocketAddr>,
+    pub graphql_limits: read_side::graphql::GraphqlLimits,
     pub projector: Option<read_side::consumer::ProjectorConfig>,
     pub saga: Option<saga::SagaConfig>,
 }
@@ -58,6 +59,16 @@ pub struct RoleConfigs {
 /// Sets up the database and topics, then runs the chosen roles under one supervisor with the
 /// ops listener until SIGTERM/Ctrl-C (exit 0) or a permanent failure (exit non-zero).
 pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> anyhow::Result<()> {
+    // Checked before anything is served: no key, no start (outside development mode).
+    let auth = match roles.write_side.as_ref() {
+        Some(cfg) => Some(
+            Authenticator::from_config(&cfg.auth, infra.dev_mode).context("bearer-token keys")?,
+        ),
+        None => None,
+    };
+    if let Some(saga) = roles.saga.as_ref() {
+        saga.check(infra.dev_mode).context("saga configuration")?;
+    }
     let shutdown = platform::shutdown::token();
     // The saga alone needs no Kafka topics.
     let with_topics = roles.relay.is_some() || roles.projector.is_some();
@@ -68,9 +79,8 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let mut sup = Supervisor::new(shutdown);
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
-    if let Some(cfg) = roles.write_side.as_ref() {
-        let state =
-            write_side::http::AppState::new(pool.clone(), Authenticator::from_config(&cfg.auth));
+    if let (Some(cfg), Some(auth)) = (roles.write_side.as_ref(), auth.clone()) {
+        let state = write_side::http::AppState::new(pool.clone(), auth);
         let router = write_side::http::router(state, cfg.max_body_bytes);
         let addr = cfg.http_addr;
         sup.spawn("command-api", move |ctx| {
@@ -105,11 +115,12 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         let watermarks = watermarks.clone().expect("made for projectors");
         spawn_read_side(&mut sup, &pool, infra, &topic, projector_cfg, watermarks);
     }
-    if let (Some(addr), Some(cfg)) = (roles.graphql_addr, roles.write_side.as_ref()) {
+    if let (Some(addr), Some(auth)) = (roles.graphql_addr, auth) {
         let graphql_api = read_side::graphql::GraphqlApi {
             pool: pool.clone(),
-            auth: Authenticator::from_config(&cfg.auth),
+            auth,
             watermarks: watermarks.clone(),
+            limits: roles.graphql_limits,
         };
         let router = graphql_api.router();
         sup.spawn("graphql", move |ctx| {

@@ -2,14 +2,15 @@
 
 use std::process::Command;
 
-use platform::auth::{Authenticator, Role};
-use shop_tests::{TEST_JWT_SECRET, TestApi, checkout_body};
+use platform::auth::Role;
+use shop_tests::{TEST_JWT_KEYS, TestApi, checkout_body, test_auth};
 
 fn shop(db_url: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(args)
         .env("DATABASE_URL", db_url)
-        .env("JWT_SECRET", TEST_JWT_SECRET)
+        .env("JWT_KEYS", TEST_JWT_KEYS)
+        .env_remove("JWT_KEYS_FILE")
         .env("RUST_LOG", "warn")
         .output()
         .expect("run shop");
@@ -59,10 +60,59 @@ fn token_prints_a_token_the_services_accept() {
         &["token", "--role", "customer", "--customer-id", "c-9"],
     );
     assert!(ok, "{out}");
-    let p = Authenticator::new(TEST_JWT_SECRET)
-        .verify(out.trim())
-        .unwrap();
+    let p = test_auth().verify(out.trim()).unwrap();
     assert_eq!((p.subject.as_str(), p.role), ("c-9", Role::Customer));
+}
+
+/// `shop ARGS` with only `env` on top of a clean environment for keys and modes.
+fn shop_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shop"));
+    for k in [
+        "JWT_KEYS",
+        "JWT_KEYS_FILE",
+        "SHOP_DEV_MODE",
+        "SAGA_FAULT_INJECTION",
+    ] {
+        c.env_remove(k);
+    }
+    // Nothing listens here: a refusal must come before any connection is tried.
+    c.env("DATABASE_URL", "postgres://shop:shop@127.0.0.1:1/none")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .args(args);
+    let out = c.output().expect("run shop");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn run_refuses_to_start_without_keys_or_with_fault_injection_outside_development() {
+    let (code, out) = shop_with(&[], &["run"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("JWT_KEYS_FILE"), "{out}");
+    let (code, out) = shop_with(
+        &[("JWT_KEYS", TEST_JWT_KEYS)],
+        &["token", "--role", "customer", "--ttl", "48h"],
+    );
+    assert_eq!(code, Some(1), "a token above JWT_MAX_TTL: {out}");
+    assert!(out.contains("JWT_MAX_TTL"), "{out}");
+    let (code, out) = shop_with(&[], &["token", "--role", "operator"]);
+    assert_eq!(code, Some(1), "no built-in key mints tokens: {out}");
+    for env in [
+        &[
+            ("JWT_KEYS", TEST_JWT_KEYS),
+            ("SAGA_FAULT_INJECTION", "true"),
+        ][..],
+        &[
+            ("JWT_KEYS", TEST_JWT_KEYS),
+            ("SAGA_REFUSE_COMMANDS_AT", "shipping"),
+        ],
+    ] {
+        let (code, out) = shop_with(env, &["run"]);
+        assert_eq!(code, Some(1), "{env:?}: {out}");
+        assert!(out.contains("SAGA_FAULT_INJECTION"), "{out}");
+    }
 }
 
 #[tokio::test]

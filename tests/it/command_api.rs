@@ -353,11 +353,12 @@ async fn authentication_and_authorization() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    let forged = platform::auth::Authenticator::new("some-other-secret-xyz").issue(
-        "cust-1",
-        Role::Customer,
-        std::time::Duration::from_secs(60),
-    );
+    // Signed with the right kid but another secret.
+    let forger = platform::auth::AuthConfig::with_keys("test-1=some-other-secret-0123456789-xyz");
+    let forged = platform::auth::Authenticator::from_config(&forger, false)
+        .unwrap()
+        .issue("cust-1", Role::Customer, std::time::Duration::from_secs(60))
+        .unwrap();
     for token in ["garbage", forged.as_str()] {
         let (s, p, _) = json_of(api.post("/orders", token, &key(), &body).await).await;
         assert_eq!(

@@ -24,3 +24,4 @@ mod saga_kill;
 mod alert_rules;
 mod cli;
 mod product;
+mod security;

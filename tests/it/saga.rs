@@ -32,8 +32,10 @@ impl SagaStack {
     async fn start(config: SagaConfig) -> Self {
         let api = TestApi::new().await;
         let rabbit = TestRabbit::new().await;
+        // Test stacks may inject faults (tok_flaky_N, tok_slow, the switches).
         let config = SagaConfig {
             queue_prefix: rabbit.prefix.clone(),
+            fault_injection: true,
             ..config
         };
         let pool = api.db.pool.clone();
@@ -112,6 +114,7 @@ impl SagaStack {
         self.saga_stop = self.shutdown.child_token();
         let config = SagaConfig {
             queue_prefix: self.rabbit.prefix.clone(),
+            fault_injection: true,
             ..config
         };
         self.tasks.push(tokio::spawn(saga::run(

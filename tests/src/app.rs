@@ -18,7 +18,14 @@ pub struct TestApi {
     pub shutdown: tokio_util::sync::DropGuard,
 }
 
-pub const TEST_JWT_SECRET: &str = "test-secret-0123456789";
+/// The bearer-token keys of in-process APIs and of `shop` children (`JWT_KEYS`).
+pub const TEST_JWT_KEYS: &str = "test-1=test-secret-0123456789-0123456789";
+
+/// An authenticator over [`TEST_JWT_KEYS`] with the default claims.
+pub fn test_auth() -> platform::auth::Authenticator {
+    let cfg = platform::auth::AuthConfig::with_keys(TEST_JWT_KEYS);
+    platform::auth::Authenticator::from_config(&cfg, false).expect("the test keys parse")
+}
 
 impl TestApi {
     pub async fn new() -> Self {
@@ -34,12 +41,9 @@ impl TestApi {
             .expect("seed the catalog");
         let cfg = write_side::WriteSideConfig {
             http_addr: "127.0.0.1:0".parse().unwrap(),
-            max_body_bytes: 64 * 1024,
-            auth: platform::auth::AuthConfig {
-                jwt_secret: TEST_JWT_SECRET.into(),
-            },
+            ..write_side::WriteSideConfig::default()
         };
-        let app = write_side::build(&cfg, db.pool.clone())
+        let app = write_side::build(&cfg, db.pool.clone(), test_auth())
             .await
             .expect("bind command api");
         let base = format!("http://{}", app.local_addr());
@@ -49,13 +53,15 @@ impl TestApi {
             db,
             base,
             http: reqwest::Client::new(),
-            auth: platform::auth::Authenticator::new(TEST_JWT_SECRET),
+            auth: test_auth(),
             shutdown: shutdown.drop_guard(),
         }
     }
 
     pub fn token(&self, role: platform::auth::Role, subject: &str) -> String {
-        self.auth.issue(subject, role, Duration::from_secs(600))
+        self.auth
+            .issue(subject, role, Duration::from_secs(600))
+            .expect("ten minutes is within the cap")
     }
 
     pub fn customer(&self, id: &str) -> String {
@@ -163,6 +169,7 @@ impl ReadStack {
             pool: api.db.pool.clone(),
             auth: api.auth.clone(),
             watermarks: Some(read_side::status::Watermarks::new(&kafka.brokers, &topic).unwrap()),
+            limits: read_side::graphql::GraphqlLimits::default(),
         };
         let gql = Gql::serve(graphql.router(), shutdown.clone()).await;
         Self {

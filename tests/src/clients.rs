@@ -44,15 +44,10 @@ impl Gql {
         rb.send().await.unwrap().json().await.unwrap()
     }
 
-    /// Opens a `graphql-transport-ws` connection, authenticating in `connection_init` when a
-    /// token is given, and
-    /// starts one subscription (id "1").
-    pub async fn subscribe(
-        &self,
-        token: Option<&str>,
-        query: &str,
-        vars: serde_json::Value,
-    ) -> Subscription {
+    /// Opens a `graphql-transport-ws` connection and sends `connection_init` (with the token
+    /// in its payload when given). The connection if acknowledged, else what the server
+    /// answered (a close frame's code and reason).
+    pub async fn connect(&self, token: Option<&str>) -> Result<WsStream, String> {
         use futures::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
         let url = self.url.replacen("http://", "ws://", 1) + "/ws";
@@ -70,19 +65,37 @@ impl Gql {
         };
         let init = serde_json::json!({"type": "connection_init", "payload": payload});
         ws.send(Message::text(init.to_string())).await.unwrap();
-        let ack = ws.next().await.expect("ack").unwrap();
-        assert!(ack.to_text().unwrap().contains("connection_ack"), "{ack}");
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(m))) if m.to_text().is_ok_and(|t| t.contains("connection_ack")) => Ok(ws),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(_) => Err("no answer to connection_init within 30 s".into()),
+        }
+    }
+
+    /// Opens an acknowledged connection ([`Gql::connect`]) and starts one subscription (id
+    /// "1").
+    pub async fn subscribe(
+        &self,
+        token: Option<&str>,
+        query: &str,
+        vars: serde_json::Value,
+    ) -> Subscription {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let mut ws = self.connect(token).await.expect("connection_ack");
         let sub = serde_json::json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": vars}});
         ws.send(Message::text(sub.to_string())).await.unwrap();
         Subscription { ws }
     }
 }
 
+/// A WebSocket client connection.
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// One GraphQL subscription over WebSocket.
 pub struct Subscription {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    pub ws: WsStream,
 }
 
 impl Subscription {

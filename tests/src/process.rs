@@ -53,6 +53,7 @@ impl ShopProcess {
             ("HTTP_ADDR".into(), format!("127.0.0.1:{api}")),
             ("GRAPHQL_ADDR".into(), format!("127.0.0.1:{graphql}")),
             ("OPS_ADDR".into(), format!("127.0.0.1:{ops}")),
+            ("JWT_KEYS".into(), crate::TEST_JWT_KEYS.into()),
             ("LOG_FORMAT".into(), "json".into()),
             (
                 "RUST_LOG".into(),
@@ -91,7 +92,9 @@ impl ShopProcess {
     /// `shop ARGS` with this process's environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        c.args(args)
+            .env_remove("JWT_KEYS_FILE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

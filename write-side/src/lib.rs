@@ -37,6 +37,12 @@ pub struct WriteSideConfig {
     pub auth: AuthConfig,
 }
 
+impl Default for WriteSideConfig {
+    fn default() -> Self {
+        platform::config::defaults()
+    }
+}
+
 /// A bound, not yet serving, command API (STYLE 11: `build` binds, `run` serves).
 pub struct App {
     listener: tokio::net::TcpListener,
@@ -59,7 +65,12 @@ impl App {
     }
 }
 
-pub async fn build(cfg: &WriteSideConfig, pool: PgPool) -> std::io::Result<App> {
+/// Binds the command API; `auth` checks its bearer tokens.
+pub async fn build(
+    cfg: &WriteSideConfig,
+    pool: PgPool,
+    auth: Authenticator,
+) -> std::io::Result<App> {
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
         .map_err(|e| {
@@ -68,7 +79,7 @@ pub async fn build(cfg: &WriteSideConfig, pool: PgPool) -> std::io::Result<App> 
                 format!("binding the command api to {}: {e}", cfg.http_addr),
             )
         })?;
-    let state = http::AppState::new(pool, Authenticator::from_config(&cfg.auth));
+    let state = http::AppState::new(pool, auth);
     Ok(App {
         listener,
         router: http::router(state, cfg.max_body_bytes),

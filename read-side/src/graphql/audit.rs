@@ -43,6 +43,7 @@ pub struct AuditQuery;
 impl AuditQuery {
     /// Every stored event of an order with its metadata and hash, and whether the hash chain
     /// verifies. Operators only.
+    #[graphql(complexity = "20 * child_complexity")]
     async fn audit_trail(
         &self,
         ctx: &Context<'_>,

@@ -1,5 +1,5 @@
-//! GraphQL over the read models (async-graphql on axum): `POST /graphql`, GraphiQL on GET,
-//! subscriptions over WebSocket (`graphql-transport-ws`) on `/graphql/ws`.
+//! GraphQL over the read models (async-graphql on axum): `POST /graphql`, a query console on
+//! GET when enabled (`GRAPHQL_CONSOLE`), subscriptions over WebSocket (`graphql-transport-ws`) on `/graphql/ws`.
 //!
 //! Same bearer tokens as the command API (on WebSocket: `Authorization` in the upgrade request
 //! or in the `connection_init` payload). A customer sees only their own orders (another
@@ -18,30 +18,32 @@
 //! - `access` and `errors` hold the caller and the error codes, shared by the resolvers.
 
 use async_graphql::{
-    Data, MergedObject, MergedSubscription, Schema,
-    http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource},
+    Data, ErrorExtensions, MergedObject, MergedSubscription, Schema, http::ALL_WEBSOCKET_PROTOCOLS,
 };
 use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::{
     Router,
     extract::{State, WebSocketUpgrade},
-    http::{HeaderMap, header},
+    http::{HeaderMap, StatusCode, header},
     response::{Html, IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use platform::auth::{Authenticator, Principal};
 use sqlx::PgPool;
+use std::time::Duration;
 
 use crate::{notify::StatusFeed, status::Watermarks};
 
 mod access;
 pub mod audit;
 mod errors;
+pub mod limits;
 pub mod operations;
 pub mod orders;
 pub mod sales;
 
 pub use audit::{AuditEntry, AuditTrail};
+pub use limits::GraphqlLimits;
 pub use operations::{DeadLetterResolution, Projection, ProjectionState, RebuildProgress};
 pub use orders::{
     CheckoutProgress, Item, Order, OrderConnection, OrderEdge, OrderStatus, PageInfo, TimelineEntry,
@@ -68,13 +70,14 @@ pub struct MutationRoot(operations::OperationsMutation);
 #[derive(MergedSubscription, Default)]
 pub struct SubscriptionRoot(orders::OrdersSubscription);
 
-/// What the GraphQL API needs: the read models' pool, the token verifier and, for `lag`, a
-/// Kafka client on the order-events topic.
+/// What the GraphQL API needs: the read models' pool, the token verifier, its limits and,
+/// for `lag`, a Kafka client on the order-events topic.
 #[derive(Clone)]
 pub struct GraphqlApi {
     pub pool: PgPool,
     pub auth: Authenticator,
     pub watermarks: Option<Watermarks>,
+    pub limits: GraphqlLimits,
 }
 
 impl GraphqlApi {
@@ -86,23 +89,38 @@ impl GraphqlApi {
         )
         .data(self.pool.clone())
         .data(StatusFeed::new(self.pool.clone()))
+        .data(limits::SubscriptionSlots::new(
+            self.limits.max_subscriptions,
+        ))
         .limit_depth(10)
-        .limit_complexity(500);
+        .limit_complexity(self.limits.max_complexity);
         if let Some(w) = &self.watermarks {
             builder = builder.data(w.clone());
         }
         builder.finish()
     }
 
-    /// `/graphql`, `/graphql/ws` and `/healthz` (readiness and metrics are on the ops listener).
+    /// `/graphql`, `/graphql/ws` and `/healthz` (readiness and metrics are on the ops
+    /// listener). GET /graphql serves the query console only when it is enabled.
     pub fn router(&self) -> Router {
+        let query = if self.limits.console {
+            get(console).post(graphql)
+        } else {
+            post(graphql)
+        };
         Router::new()
-            .route("/graphql", get(graphiql).post(graphql))
+            .route("/graphql", query)
             .route("/graphql/ws", get(graphql_ws))
             .with_state(AppState {
                 schema: self.schema(),
                 auth: self.auth.clone(),
+                limits: self.limits.clone(),
             })
+            // Counted while the body streams in: a larger one is refused with 413 before it
+            // is buffered (multipart included).
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                self.limits.max_body_bytes,
+            ))
             .merge(platform::ops::health_router())
     }
 }
@@ -111,20 +129,58 @@ impl GraphqlApi {
 struct AppState {
     schema: ShopSchema,
     auth: Authenticator,
+    limits: GraphqlLimits,
 }
 
 async fn graphql(
     State(state): State<AppState>,
     headers: HeaderMap,
     req: GraphQLRequest,
-) -> GraphQLResponse {
+) -> Response {
     let mut req = req.into_inner();
+    // Unparsable documents are left to the executor, which reports where they break.
+    if let Ok(doc) = async_graphql::parser::parse_query(&req.query) {
+        let max = state.limits.max_fields;
+        if limits::fields_selected(&doc, max) > max {
+            return refused(
+                "TOO_MANY_FIELDS",
+                format!(
+                    "a document may select at most {max} fields (aliases and fragment uses count)"
+                ),
+            );
+        }
+    }
     // A missing or invalid token leaves the request anonymous; fields that need a caller
     // answer UNAUTHENTICATED.
     if let Some(p) = header_principal(&state.auth, &headers) {
         req = req.data(p);
     }
-    state.schema.execute(req).await.into()
+    match tokio::time::timeout(state.limits.query_timeout, state.schema.execute(req)).await {
+        Ok(response) => GraphQLResponse::from(response).into_response(),
+        Err(_) => {
+            metrics::counter!("graphql_timeouts_total").increment(1);
+            refused(
+                "TIMEOUT",
+                format!(
+                    "the query ran longer than {}s and was abandoned",
+                    state.limits.query_timeout.as_secs_f64()
+                ),
+            )
+        }
+    }
+}
+
+/// A GraphQL error response for a request refused as a whole (no field ran).
+fn refused(code: &'static str, message: String) -> Response {
+    let error = async_graphql::Error::new(message)
+        .extend_with(|_, e| e.set("code", code))
+        .into_server_error(async_graphql::Pos::default());
+    let status = match code {
+        "TIMEOUT" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let body = async_graphql::Response::from_errors(vec![error]);
+    (status, GraphQLResponse::from(body)).into_response()
 }
 
 fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
@@ -136,7 +192,8 @@ fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Princip
 
 /// WebSocket subscriptions. The token comes from the upgrade request's `Authorization` header
 /// or from `connection_init`'s payload (`{"Authorization": "Bearer ..."}`), as browsers cannot
-/// set headers on a WebSocket; an invalid token in the payload refuses the connection.
+/// set headers on a WebSocket; without a valid one `connection_init` is refused. The
+/// connection is closed when the token expires (a client reconnects with a fresh one).
 async fn graphql_ws(
     State(state): State<AppState>,
     protocol: GraphQLProtocol,
@@ -145,44 +202,74 @@ async fn graphql_ws(
 ) -> Response {
     let from_header = header_principal(&state.auth, &headers);
     let auth = state.auth.clone();
+    let max = state.limits.max_ws_message_bytes;
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, state.schema.clone(), protocol)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |stream| async move {
+            // When the accepted token expires; set by `connection_init`.
+            let (expiry_tx, mut expiry) = tokio::sync::watch::channel(None::<i64>);
+            let serve = GraphQLWebSocket::new(stream, state.schema.clone(), protocol)
                 .on_connection_init(move |payload| async move {
-                    let mut data = Data::default();
                     let token = ["Authorization", "authorization"]
                         .iter()
                         .find_map(|k| payload.get(k).and_then(|v| v.as_str()));
-                    match (token, from_header) {
-                        (Some(t), _) => match auth.verify_header(Some(t)) {
-                            Ok(p) => data.insert(p),
-                            Err(_) => return Err("invalid bearer token".into()),
-                        },
-                        (None, Some(p)) => data.insert(p),
-                        (None, None) => {}
-                    }
+                    let principal = match (token, from_header) {
+                        (Some(t), _) => auth
+                            .verify_header(Some(t))
+                            .map_err(|_| async_graphql::Error::new("invalid bearer token"))?,
+                        (None, Some(p)) => p,
+                        (None, None) => {
+                            return Err(async_graphql::Error::new(
+                                "a bearer token is required in connection_init",
+                            ));
+                        }
+                    };
+                    expiry_tx.send_replace(Some(principal.expires_at));
+                    let mut data = Data::default();
+                    data.insert(principal);
                     Ok(data)
                 })
-                .serve()
+                .serve();
+            let expired = async move {
+                let at = loop {
+                    if let Some(at) = *expiry.borrow_and_update() {
+                        break at;
+                    }
+                    if expiry.changed().await.is_err() {
+                        // No principal was ever accepted: `serve` ends on its own.
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let left = at - chrono::Utc::now().timestamp();
+                tokio::time::sleep(Duration::from_secs(left.max(0).unsigned_abs())).await;
+            };
+            tokio::select! {
+                () = serve => {}
+                () = expired => tracing::debug!("websocket closed: its token expired"),
+            }
         })
 }
 
-async fn graphiql() -> impl IntoResponse {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql/ws")
-            .finish(),
+/// The query console: one page compiled into the binary, no external script.
+async fn console() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        )],
+        Html(include_str!("console.html")),
     )
 }
 
-/// `/graphql` plus the ops routes, without Kafka lag.
+/// `/graphql` plus the ops routes, without Kafka lag, with the default limits.
 pub fn router(pool: PgPool, auth: Authenticator) -> Router {
     GraphqlApi {
         pool,
         auth,
         watermarks: None,
+        limits: GraphqlLimits::default(),
     }
     .router()
 }

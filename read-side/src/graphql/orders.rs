@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::{
     access::principal,
     errors::{error, internal, parse_id},
+    limits::SubscriptionSlots,
 };
 use crate::{
     notify::StatusFeed,
@@ -125,6 +126,7 @@ impl OrdersQuery {
     /// Orders, newest first, as a relay-style connection. Customers see only their own
     /// (`customerId` defaults to the caller and may not name someone else). `first` defaults to
     /// 20, at most 100.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity")]
     async fn orders(
         &self,
         ctx: &Context<'_>,
@@ -220,6 +222,16 @@ impl OrdersSubscription {
     ) -> async_graphql::Result<impl Stream<Item = Order> + use<>> {
         let who = principal(ctx)?.clone();
         let id = parse_id(&order_id)?;
+        // Held by the stream: freed when the subscription ends or its connection goes.
+        let slot = ctx
+            .data::<SubscriptionSlots>()?
+            .acquire(&who.actor())
+            .ok_or_else(|| {
+                error(
+                    "LIMITED",
+                    "this caller holds the most subscriptions allowed (GRAPHQL_MAX_SUBSCRIPTIONS)",
+                )
+            })?;
         let pool = ctx.data::<PgPool>()?.clone();
         let feed = ctx.data::<StatusFeed>()?;
         // Listen before reading the current state, so no change falls between the two.
@@ -246,6 +258,7 @@ impl OrdersSubscription {
         let stream = futures::stream::iter(first)
             .chain(updates)
             .filter(move |o| {
+                let _held = &slot;
                 // Each version once, in order (a lag or a duplicate notice reloads the same row).
                 let fresh = o.version > last_version;
                 last_version = last_version.max(o.version);

@@ -45,6 +45,7 @@ pub struct SalesQuery;
 impl SalesQuery {
     /// Sales per product per hour (net of cancellations, by the hour orders were placed) with
     /// `from <= hour < to`; defaults: the last 24 hours. At most 366 days. Operators only.
+    #[graphql(complexity = "100 * child_complexity")]
     async fn sales_by_product(
         &self,
         ctx: &Context<'_>,

@@ -1,0 +1,272 @@
+//! The attacks of the security review (issue #14), each tried against the served API over a
+//! real database, expecting the safe answer. The threat model is in docs/security.md; the
+//! command API's input attacks are in `command_api.rs`, the refusals at start in `cli.rs`.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use platform::auth::Role;
+use read_side::graphql::{GraphqlApi, GraphqlLimits};
+use serde_json::{Value, json};
+use shop_tests::{Gql, TestApi, test_auth};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// The GraphQL API over `api`'s database with `limits`, until the returned token is dropped.
+async fn graphql(api: &TestApi, limits: GraphqlLimits) -> (Gql, tokio_util::sync::DropGuard) {
+    let shutdown = CancellationToken::new();
+    let router = GraphqlApi {
+        pool: api.db.pool.clone(),
+        auth: api.auth.clone(),
+        watermarks: None,
+        limits,
+    }
+    .router();
+    let gql = Gql::serve(router, shutdown.clone()).await;
+    (gql, shutdown.drop_guard())
+}
+
+async fn post(gql: &Gql, token: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let r = gql
+        .http
+        .post(&gql.url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn graphql_refuses_huge_bodies_alias_floods_costly_lists_and_slow_queries() {
+    let api = TestApi::new().await;
+    let (gql, _stop) = graphql(&api, GraphqlLimits::default()).await;
+    let ops = api.operator();
+
+    // A 2 MB body: 413 before it is buffered.
+    let huge = format!(
+        r#"{{"query":"{{ __typename }}","x":"{}"}}"#,
+        "a".repeat(2 << 20)
+    );
+    let (status, _) = post(&gql, &ops, huge).await;
+    assert_eq!(status, 413);
+
+    // 2,000 aliases of a cheap field: refused as a whole, nothing runs.
+    let aliases: String = (0..2000).map(|i| format!("a{i}: __typename ")).collect();
+    let (status, r) = post(
+        &gql,
+        &ops,
+        json!({"query": format!("{{ {aliases} }}")}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "TOO_MANY_FIELDS",
+        "{r}"
+    );
+    assert!(r["data"].is_null(), "{r}");
+
+    // A page of 100 orders with a wide selection weighs 100 times its selection.
+    const WIDE: &str = "{ orders(first: 100) { edges { cursor node { id status customerId
+        totalMinor currency version createdAt updatedAt cancellationReason
+        items { sku quantity unitPriceMinor } timeline { status at } } } } }";
+    let r = gql.query(Some(&ops), WIDE, json!({})).await;
+    let message = r["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("complex"), "{r}");
+    // The same selection over a small page is fine.
+    let r = gql
+        .query(Some(&ops), &WIDE.replace("100", "5"), json!({}))
+        .await;
+    assert!(r["errors"].is_null(), "{r}");
+
+    // A query that cannot finish within the timeout (the read model is locked by someone
+    // else) is abandoned with TIMEOUT.
+    let (gql, _stop) = graphql(
+        &api,
+        GraphqlLimits {
+            query_timeout: Duration::from_millis(500),
+            ..GraphqlLimits::default()
+        },
+    )
+    .await;
+    let mut blocker = api.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE order_summary IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (status, r) = post(
+        &gql,
+        &ops,
+        json!({"query": "{ orders { edges { cursor } } }"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 503, "{r}");
+    assert_eq!(r["errors"][0]["extensions"]["code"], "TIMEOUT", "{r}");
+    blocker.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn graphql_console_is_off_by_default_and_loads_nothing_from_elsewhere() {
+    let api = TestApi::new().await;
+    let (gql, _stop) = graphql(&api, GraphqlLimits::default()).await;
+    let r = gql.http.get(&gql.url).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        405,
+        "GET /graphql serves nothing unless enabled"
+    );
+
+    let (gql, _stop) = graphql(
+        &api,
+        GraphqlLimits {
+            console: true,
+            ..GraphqlLimits::default()
+        },
+    )
+    .await;
+    let r = gql.http.get(&gql.url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    let page = r.text().await.unwrap();
+    assert!(page.contains("<script>"), "the console is the page itself");
+    for external in ["<script src", "https://", "http://", "<link"] {
+        assert!(!page.contains(external), "the page loads {external}");
+    }
+}
+
+#[tokio::test]
+async fn websockets_need_a_token_close_when_it_expires_and_are_capped_per_caller() {
+    let api = TestApi::new().await;
+    let (gql, _stop) = graphql(
+        &api,
+        GraphqlLimits {
+            max_subscriptions: 2,
+            max_ws_message_bytes: 16 * 1024,
+            ..GraphqlLimits::default()
+        },
+    )
+    .await;
+    const SUB: &str =
+        "subscription($id: ID!) { orderStatusChanged(orderId: $id) { id status version } }";
+    let id = uuid::Uuid::new_v4();
+
+    // Anonymous, or a forged token: refused at connection_init.
+    let anon = gql.connect(None).await.expect_err("anonymous refused");
+    assert!(anon.contains("bearer token is required"), "{anon}");
+    let forged = gql
+        .connect(Some("not-a-token"))
+        .await
+        .expect_err("forged refused");
+    assert!(forged.contains("invalid bearer token"), "{forged}");
+
+    // Two subscriptions per caller, over any number of connections; a third is LIMITED,
+    // another caller is unaffected.
+    let alice = api.customer("alice");
+    let _one = gql.subscribe(Some(&alice), SUB, json!({"id": id})).await;
+    let _two = gql.subscribe(Some(&alice), SUB, json!({"id": id})).await;
+    let mut three = gql.subscribe(Some(&alice), SUB, json!({"id": id})).await;
+    let r = three.next().await;
+    assert_eq!(r["errors"][0]["extensions"]["code"], "LIMITED", "{r}");
+    let mut bob = gql
+        .subscribe(Some(&api.customer("bob")), SUB, json!({"id": id}))
+        .await;
+    // Bob's subscription runs (his order does not exist, so nothing arrives): no error is
+    // sent within a moment, while alice's third was refused at once.
+    let quiet = tokio::time::timeout(Duration::from_secs(1), bob.next()).await;
+    assert!(quiet.is_err(), "bob was refused: {quiet:?}");
+
+    // A message above the frame limit closes the connection.
+    let mut ws = gql.connect(Some(&alice)).await.expect("ack");
+    let big = json!({"id": "9", "type": "subscribe",
+                     "payload": {"query": format!("# {}\n{SUB}", "x".repeat(64 * 1024)), "variables": {"id": id}}});
+    let _ = ws.send(Message::text(big.to_string())).await;
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "an oversized message did not close the connection"
+    );
+
+    // A token with two seconds left: the connection closes when it expires.
+    let short = test_auth()
+        .issue("carol", Role::Customer, Duration::from_secs(2))
+        .unwrap();
+    let mut sub = gql.subscribe(Some(&short), SUB, json!({"id": id})).await;
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match sub.ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection outlived its token");
+}
+
+#[tokio::test]
+async fn tokens_of_another_issuer_audience_or_beyond_the_lifetime_cap_are_refused() {
+    let api = TestApi::new().await;
+    let keys = shop_tests::TEST_JWT_KEYS;
+    let minted = |cfg: platform::auth::AuthConfig, ttl: u64| {
+        platform::auth::Authenticator::from_config(&cfg, false)
+            .unwrap()
+            .issue("cust-1", Role::Customer, Duration::from_secs(ttl))
+            .unwrap()
+    };
+    let base = platform::auth::AuthConfig::with_keys(keys);
+    let long_lived = platform::auth::AuthConfig {
+        jwt_max_ttl: Duration::from_secs(30 * 24 * 3600),
+        ..base.clone()
+    };
+    for (what, token) in [
+        (
+            "another issuer",
+            minted(
+                platform::auth::AuthConfig {
+                    jwt_issuer: "evil".into(),
+                    ..base.clone()
+                },
+                60,
+            ),
+        ),
+        (
+            "another audience",
+            minted(
+                platform::auth::AuthConfig {
+                    jwt_audience: "other-api".into(),
+                    ..base.clone()
+                },
+                60,
+            ),
+        ),
+        ("a 30-day token", minted(long_lived, 30 * 24 * 3600)),
+    ] {
+        let r = api
+            .post(
+                "/orders",
+                &token,
+                &uuid::Uuid::new_v4().to_string(),
+                &shop_tests::checkout_body(),
+            )
+            .await;
+        assert_eq!(r.status(), 401, "{what}");
+    }
+}
