@@ -20,26 +20,41 @@ use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 #[derive(Debug, Clone, clap::Args)]
 pub struct GraphqlLimits {
     /// Largest GraphQL request body, in bytes (larger ones get 413).
-    #[arg(long, env = "GRAPHQL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    #[arg(id = "graphql_max_body_bytes", long = "graphql-max-body-bytes", env = "GRAPHQL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
     /// Most fields one document may select, counting every alias and every fragment use.
-    #[arg(long, env = "GRAPHQL_MAX_FIELDS", default_value_t = 200)]
+    #[arg(
+        id = "graphql_max_fields",
+        long = "graphql-max-fields",
+        env = "GRAPHQL_MAX_FIELDS",
+        default_value_t = 200
+    )]
     pub max_fields: usize,
     /// Most complexity one query may have: a field costs 1, a list field its page size
     /// (`first`) times its selection.
-    #[arg(long, env = "GRAPHQL_MAX_COMPLEXITY", default_value_t = 1000)]
+    #[arg(
+        id = "graphql_max_complexity",
+        long = "graphql-max-complexity",
+        env = "GRAPHQL_MAX_COMPLEXITY",
+        default_value_t = 1000
+    )]
     pub max_complexity: usize,
     /// Longest a query or mutation may run before it is abandoned with `TIMEOUT`.
-    #[arg(long, env = "GRAPHQL_QUERY_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
+    #[arg(id = "graphql_query_timeout", long = "graphql-query-timeout", env = "GRAPHQL_QUERY_TIMEOUT", default_value = "10s", value_parser = platform::config::parse_duration)]
     pub query_timeout: Duration,
     /// Most subscriptions one principal may hold open at once (over all its connections).
-    #[arg(long, env = "GRAPHQL_MAX_SUBSCRIPTIONS", default_value_t = 10)]
+    #[arg(
+        id = "graphql_max_subscriptions",
+        long = "graphql-max-subscriptions",
+        env = "GRAPHQL_MAX_SUBSCRIPTIONS",
+        default_value_t = 10
+    )]
     pub max_subscriptions: usize,
     /// Largest WebSocket message (and frame) accepted, in bytes.
-    #[arg(long, env = "GRAPHQL_MAX_WS_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(id = "graphql_max_ws_message_bytes", long = "graphql-max-ws-message-bytes", env = "GRAPHQL_MAX_WS_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_ws_message_bytes: usize,
     /// Serve the query console on GET /graphql (a page inside the binary, no external script).
-    #[arg(long, env = "GRAPHQL_CONSOLE", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(id = "graphql_console", long = "graphql-console", env = "GRAPHQL_CONSOLE", default_value_t = false, action = clap::ArgAction::Set)]
     pub console: bool,
 }
 
