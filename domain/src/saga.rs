@@ -115,6 +115,24 @@ impl SagaInput {
             SagaInput::OrderCancelled => "order_cancelled",
         }
     }
+
+    /// The step a participant's reply answers (`None` for inputs that are not replies).
+    pub fn answers(&self) -> Option<Step> {
+        match self {
+            SagaInput::InventoryReserved { .. } | SagaInput::InventoryUnavailable { .. } => {
+                Some(Step::Inventory)
+            }
+            SagaInput::PaymentAuthorized { .. } | SagaInput::PaymentDeclined { .. } => {
+                Some(Step::Payment)
+            }
+            SagaInput::ShipmentCreated { .. } | SagaInput::ShipmentFailed { .. } => {
+                Some(Step::Shipment)
+            }
+            SagaInput::OrderPlaced { .. }
+            | SagaInput::DeadlineExpired { .. }
+            | SagaInput::OrderCancelled => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +181,19 @@ pub enum SagaCommand {
         step: Step,
         attempt: u32,
     },
+}
+
+impl SagaCommand {
+    /// The step whose reply this participant command asks for (`None` for compensations,
+    /// which are not answered, and for commands that stay in the process).
+    pub fn requests(&self) -> Option<Step> {
+        match self {
+            SagaCommand::ReserveInventory { .. } => Some(Step::Inventory),
+            SagaCommand::AuthorizePayment { .. } => Some(Step::Payment),
+            SagaCommand::CreateShipment { .. } => Some(Step::Shipment),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,10 +19,34 @@ pub struct InfraConfig {
     )]
     pub database_url: String,
 
-    /// Largest number of pooled PostgreSQL connections this process opens.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+    /// PostgreSQL connections for the command API (checkouts, cancels).
+    #[arg(long, env = "DATABASE_POOL_COMMANDS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub database_max_connections: u32,
+    pub database_pool_commands: u32,
+
+    /// PostgreSQL connections for GraphQL queries, so a slow query cannot take the
+    /// connections checkouts need.
+    #[arg(long, env = "DATABASE_POOL_QUERIES", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_pool_queries: u32,
+
+    /// PostgreSQL connections for the workers (relay, projectors, saga, rebuilds).
+    #[arg(long, env = "DATABASE_POOL_WORKERS", default_value_t = 12,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_pool_workers: u32,
+
+    /// `statement_timeout` of the command API's connections.
+    #[arg(long, env = "DATABASE_COMMAND_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub database_command_timeout: Duration,
+
+    /// `statement_timeout` of GraphQL's connections (a query abandoned by its own timeout
+    /// stops in PostgreSQL too).
+    #[arg(long, env = "DATABASE_QUERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub database_query_timeout: Duration,
+
+    /// `statement_timeout` of the workers' connections.
+    #[arg(long, env = "DATABASE_WORKER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub database_worker_timeout: Duration,
 
     /// Kafka bootstrap servers, comma separated host:port.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", value_parser = parse_brokers)]
@@ -104,6 +128,24 @@ fn parse_brokers(s: &str) -> Result<String, String> {
     }
 }
 
+/// `url` with its password (if any) replaced by `***`, for messages and logs: connection
+/// URLs carry credentials and error messages travel far.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The userinfo ends at the last `@` before the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at..]);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => url.to_owned(),
+    }
+}
+
 /// Parses durations written as `250ms`, `5s`, `2m` or `1h` (for flags such as poll intervals).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -161,6 +203,23 @@ mod tests {
     }
 
     #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redacted("postgres://shop:s3cr%40t@db:5432/shop"),
+            "postgres://shop:***@db:5432/shop"
+        );
+        assert_eq!(
+            redacted("amqp://guest:p@ss@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redacted("postgres://db/shop"), "postgres://db/shop");
+        assert_eq!(
+            redacted("postgres://user@db/shop"),
+            "postgres://user@db/shop"
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
@@ -189,7 +248,8 @@ mod default_tests {
     #[test]
     fn defaults_come_from_the_clap_attributes_and_ignore_the_environment() {
         let d: InfraConfig = defaults();
-        assert_eq!(d.database_max_connections, 16);
+        assert_eq!(d.database_pool_commands, 8);
+        assert_eq!(d.database_command_timeout, Duration::from_secs(5));
         assert_eq!(d.kafka_partitions, 6);
         assert_eq!(d.kafka_brokers, "127.0.0.1:9092");
         assert_eq!(d.kafka_topic_prefix, "");

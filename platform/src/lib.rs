@@ -14,6 +14,7 @@
 //! - [`errors`]: the one classification of failures (transient, permanent, poison).
 //! - [`supervisor`]: named roles restarted with backoff on transient failures; a permanent
 //!   one stops the process non-zero. `/readyz` reports every role.
+//! - [`limits`]: admission control of the public APIs: concurrency, per-caller rate, timeout.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` routes for any axum server.
 //! - [`db`], [`kafka`], [`amqp`]: connecting to PostgreSQL, Kafka and RabbitMQ the same way
 //!   everywhere (pool sizes, idempotent producer, publisher confirms, topic creation).
@@ -26,6 +27,7 @@ pub mod db;
 pub mod errors;
 pub mod kafka;
 pub mod keys;
+pub mod limits;
 pub mod ops;
 pub mod shutdown;
 pub mod supervisor;

@@ -89,6 +89,8 @@ pub struct Inbound {
     pub delivery: u32,
     /// W3C trace context of the message, when it has one.
     pub traceparent: Option<String>,
+    /// The message this one answers or was caused by (`causation_id` header), if any.
+    pub causation_id: Option<Uuid>,
 }
 
 pub struct ConsumeOptions {
@@ -179,6 +181,8 @@ where
                 routing_key: d.routing_key.to_string(),
                 delivery: attempts,
                 traceparent: string_header(&d, "traceparent"),
+                causation_id: string_header(&d, "causation_id")
+                    .and_then(|c| Uuid::parse_str(&c).ok()),
             })
             .await
         }

@@ -277,8 +277,19 @@ impl Orchestrator {
                     continue;
                 }
             };
+            let message_id = Uuid::now_v7();
+            if let Some(step) = c.requests() {
+                sqlx::query(
+                    "INSERT INTO saga_commands (message_id, order_id, step) VALUES ($1, $2, $3)",
+                )
+                .bind(message_id)
+                .bind(order_id.0)
+                .bind(step_name(step))
+                .execute(&mut *conn)
+                .await?;
+            }
             outbox.push(OutboxMessage {
-                message_id: Uuid::now_v7(),
+                message_id,
                 destination: Destination::Amqp,
                 target: platform::amqp::COMMANDS_EXCHANGE.to_owned(),
                 routing_key: self.names.routing_key(destination),
@@ -410,6 +421,7 @@ impl Orchestrator {
             async move {
                 let reply: Reply = serde_json::from_slice(&m.body)
                     .map_err(|e| Failure::poison("malformed_reply", e.to_string()))?;
+                this.check_reply(&reply, m.causation_id).await?;
                 this.handle_in_tx(
                     reply.order_id,
                     reply.input,
@@ -421,6 +433,41 @@ impl Orchestrator {
             }
         })
         .await
+    }
+
+    /// Refuses (as poison: dead-lettered with the reason) a reply that does not answer a
+    /// command this orchestrator sent for the same order and step.
+    async fn check_reply(&self, reply: &Reply, causation: Option<Uuid>) -> Result<(), Failure> {
+        let unexpected = |why: String| Failure::poison("unexpected_reply", why);
+        let step = reply.input.answers().ok_or_else(|| {
+            unexpected(format!(
+                "`{}` is not a participant's reply",
+                reply.input.name()
+            ))
+        })?;
+        let command = causation.ok_or_else(|| {
+            unexpected("the reply names no command (`causation_id` header)".into())
+        })?;
+        let sent: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT order_id, step FROM saga_commands WHERE message_id = $1")
+                .bind(command)
+                .fetch_optional(&self.pool)
+                .await?;
+        match sent {
+            Some((order, sent_step))
+                if order == reply.order_id.0 && sent_step == step_name(step) =>
+            {
+                Ok(())
+            }
+            Some((order, sent_step)) => Err(unexpected(format!(
+                "command {command} asked {sent_step} of order {order}; the reply answers {} of order {}",
+                step_name(step),
+                reply.order_id
+            ))),
+            None => Err(unexpected(format!(
+                "command {command} was not sent by this saga"
+            ))),
+        }
     }
 
     /// Starts and stops sagas from the event store's feed until `shutdown`. Wakes on the

@@ -46,6 +46,8 @@ pub enum Command {
         #[command(flatten)]
         graphql: read_side::graphql::GraphqlLimits,
         #[command(flatten)]
+        api_limits: platform::limits::ApiLimits,
+        #[command(flatten)]
         projector: read_side::consumer::ProjectorConfig,
         #[command(flatten)]
         saga: saga::SagaConfig,
@@ -246,6 +248,7 @@ mod tests {
             relay,
             graphql_addr,
             graphql,
+            api_limits,
             projector,
             saga,
             ops,
@@ -254,6 +257,7 @@ mod tests {
             panic!("not the run command");
         };
         assert_eq!(graphql.max_fields, 200);
+        assert_eq!(api_limits.rate_limit_per_second, 20);
         assert!(!graphql.console, "the console is off unless enabled");
         assert!(!saga.fault_injection, "fault injection is off by default");
         assert_eq!(write_side.http_addr.to_string(), "127.0.0.1:8080");

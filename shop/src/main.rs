@@ -43,6 +43,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             relay,
             graphql_addr,
             graphql,
+            api_limits,
             projector,
             saga,
             ops,
@@ -52,6 +53,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 relay: Some(relay),
                 graphql_addr: Some(graphql_addr),
                 graphql_limits: graphql,
+                api_limits,
                 projector: Some(projector),
                 saga: Some(saga),
             };

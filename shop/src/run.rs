@@ -22,7 +22,12 @@ pub const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
 pub async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
     let pool = platform::db::connect(&infra.database_url, 2)
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", infra.database_url))?;
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                platform::config::redacted(&infra.database_url)
+            )
+        })?;
     platform::db::migrate(&pool)
         .await
         .context("applying migrations")?;
@@ -52,6 +57,7 @@ pub struct RoleConfigs {
     pub relay: Option<outbox_relay::RelayConfig>,
     pub graphql_addr: Option<std::net::SocketAddr>,
     pub graphql_limits: read_side::graphql::GraphqlLimits,
+    pub api_limits: platform::limits::ApiLimits,
     pub projector: Option<read_side::consumer::ProjectorConfig>,
     pub saga: Option<saga::SagaConfig>,
 }
@@ -75,12 +81,14 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     if !setup_with_retries(infra, &shutdown, with_topics).await? {
         return Ok(());
     }
-    let pool = platform::db::connect_config(infra).await?;
+    let pools = platform::db::Pools::connect(infra).await?;
+    let pool = pools.workers.clone();
     let mut sup = Supervisor::new(shutdown);
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
     if let (Some(cfg), Some(auth)) = (roles.write_side.as_ref(), auth.clone()) {
-        let state = write_side::http::AppState::new(pool.clone(), auth);
+        let state = write_side::http::AppState::new(pools.commands.clone(), auth)
+            .with_limits(roles.api_limits.clone());
         let router = write_side::http::router(state, cfg.max_body_bytes);
         let addr = cfg.http_addr;
         sup.spawn("command-api", move |ctx| {
@@ -117,10 +125,11 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     }
     if let (Some(addr), Some(auth)) = (roles.graphql_addr, auth) {
         let graphql_api = read_side::graphql::GraphqlApi {
-            pool: pool.clone(),
+            pool: pools.queries.clone(),
             auth,
             watermarks: watermarks.clone(),
             limits: roles.graphql_limits,
+            admission: Some(roles.api_limits.clone()),
         };
         let router = graphql_api.router();
         sup.spawn("graphql", move |ctx| {
@@ -138,7 +147,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let result = sup.wait().await;
     // Bounded: a connection held by a task that outlived its role (a websocket's listener)
     // must not keep the process from exiting.
-    let _ = tokio::time::timeout(Duration::from_secs(5), pool.close()).await;
+    pools.close(Duration::from_secs(5)).await;
     match &result {
         Ok(()) => tracing::info!("stopped"),
         Err(e) => tracing::error!(

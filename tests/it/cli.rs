@@ -115,6 +115,67 @@ fn run_refuses_to_start_without_keys_or_with_fault_injection_outside_development
     }
 }
 
+/// Connection URLs carry passwords; whatever fails while connecting, no message or log line
+/// may repeat them.
+#[test]
+fn connection_passwords_never_reach_messages_or_logs() {
+    const PG_SECRET: &str = "pg-Secret-4f1e";
+    const MQ_SECRET: &str = "mq-Secret-9b2c";
+    let unreachable_pg = format!("postgres://shop:{PG_SECRET}@127.0.0.1:1/shop");
+    let wrong_password_pg = format!("postgres://shop:{PG_SECRET}@127.0.0.1:5432/shop");
+    let unreachable_mq = format!("amqp://guest:{MQ_SECRET}@127.0.0.1:1/%2f");
+    let mut outputs = Vec::new();
+    // One-shot commands that fail.
+    for args in [&["migrate"][..], &["catalog", "list"]] {
+        for url in [&unreachable_pg, &wrong_password_pg] {
+            let (code, out) = shop_with(&[("DATABASE_URL", url)], args);
+            assert_ne!(code, Some(0), "{args:?} {out}");
+            outputs.push(out);
+        }
+    }
+    // Long-running roles that retry: their warnings, at debug level, for a few seconds.
+    for (db, amqp, args) in [
+        (&unreachable_pg, &unreachable_mq, &["run"][..]),
+        (&wrong_password_pg, &unreachable_mq, &["run"]),
+        (
+            &"postgres://shop:shop@127.0.0.1:5432/shop".to_owned(),
+            &unreachable_mq,
+            &["saga"],
+        ),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shop"))
+            .args(args)
+            .env("DATABASE_URL", db)
+            .env("AMQP_URL", amqp)
+            .env("JWT_KEYS", TEST_JWT_KEYS)
+            .env("RUST_LOG", "debug")
+            .env("OPS_ADDR", "127.0.0.1:0")
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("GRAPHQL_ADDR", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start shop");
+        // Longer than a connection attempt's 5 s acquire timeout, so a retry is logged.
+        std::thread::sleep(std::time::Duration::from_secs(8));
+        child.kill().ok();
+        let out = child.wait_with_output().expect("shop output");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("retry") || text.contains("failed") || text.contains("error"),
+            "{args:?}: the failure was not reported at all: {text}"
+        );
+        outputs.push(text);
+    }
+    for out in outputs {
+        assert!(
+            !out.contains(PG_SECRET) && !out.contains(MQ_SECRET),
+            "a password leaked:\n{out}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn outbox_failed_lists_set_aside_messages_and_retry_puts_them_back() {
     let db = shop_tests::TestDb::new().await;

@@ -507,6 +507,42 @@ async fn concurrent_requests_with_one_idempotency_key_create_one_order() {
     assert_eq!(events, 1);
 }
 
+/// A client that times out and sends its cancel again while the first is still running:
+/// every copy gets the first one's answer, and the order is cancelled once.
+#[tokio::test]
+async fn concurrent_identical_cancels_all_get_the_same_answer() {
+    let api = TestApi::new().await;
+    let token = api.customer("cust-1");
+    let mut orders = Vec::new();
+    for _ in 0..5 {
+        orders.push(place(&api, &token).await);
+    }
+    for order in orders {
+        let path = format!("/orders/{order}/cancel");
+        let reason = json!({"reason": "changed my mind"});
+        let race = format!("cancel-race-{order}");
+        let responses =
+            futures::future::join_all((0..8).map(|_| api.post(&path, &token, &race, &reason)))
+                .await;
+        let mut answers = HashSet::new();
+        for r in responses {
+            let (s, b, _) = json_of(r).await;
+            answers.insert((s, b.to_string()));
+        }
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        let (status, _) = answers.into_iter().next().unwrap();
+        assert!((200..300).contains(&status), "{status}");
+        let cancelled: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE stream_id = $1 AND event_type = 'OrderCancelled'",
+        )
+        .bind(order)
+        .fetch_one(&api.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(cancelled, 1);
+    }
+}
+
 #[tokio::test]
 async fn cancel_rules_and_optimistic_concurrency() {
     let api = TestApi::new().await;

@@ -69,6 +69,15 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
             shop.log_tail(30)
         );
     }
+    // One pool per kind of work, each named in pg_stat_activity.
+    let pools: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT application_name FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'shop:%' ORDER BY 1",
+    )
+    .fetch_all(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(pools, ["shop:commands", "shop:queries", "shop:workers"]);
     let sys = shop.system();
     let ids: Vec<_> = orders.iter().map(|(id, _)| *id).collect();
     let report = shop_tests::invariants::check(&sys, &ids).await;

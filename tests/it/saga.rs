@@ -227,20 +227,49 @@ impl SagaStack {
         .unwrap()
     }
 
-    /// Publishes `body` to the replies queue as message `id` (confirmed).
-    async fn publish_reply(&self, ch: &lapin::Channel, body: &[u8], id: Uuid) {
+    /// Publishes `body` to the replies queue as message `id` answering command `causation`
+    /// (confirmed).
+    async fn publish_reply(
+        &self,
+        ch: &lapin::Channel,
+        body: &[u8],
+        id: Uuid,
+        causation: Option<Uuid>,
+    ) {
         let key = Names::new(&self.rabbit.prefix).routing_key("replies");
+        let mut headers = lapin::types::FieldTable::default();
+        if let Some(c) = causation {
+            headers.insert(
+                "causation_id".into(),
+                lapin::types::AMQPValue::LongString(c.to_string().into()),
+            );
+        }
         ch.basic_publish(
             platform::amqp::COMMANDS_EXCHANGE.into(),
             key.as_str().into(),
             BasicPublishOptions::default(),
             body,
-            BasicProperties::default().with_message_id(id.to_string().into()),
+            BasicProperties::default()
+                .with_message_id(id.to_string().into())
+                .with_headers(headers),
         )
         .await
         .unwrap()
         .await
         .unwrap();
+    }
+
+    /// The message id of the last `step` command the saga sent for `order`.
+    async fn command_sent(&self, order: Uuid, step: &str) -> Uuid {
+        sqlx::query_scalar(
+            "SELECT message_id FROM saga_commands WHERE order_id = $1 AND step = $2
+             ORDER BY sent_at DESC LIMIT 1",
+        )
+        .bind(order)
+        .bind(step)
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
     }
 
     async fn stop(self) {
@@ -440,9 +469,10 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
         (6, 3)
     );
 
-    // A duplicate reply (same message id) changes nothing.
-    let (reply_id, payload): (Uuid, Vec<u8>) = sqlx::query_as(
-        "SELECT message_id, payload FROM outbox WHERE destination = 'amqp' AND routing_key = $1
+    // A duplicate reply (same message id, same headers) changes nothing.
+    let (reply_id, payload, causation): (Uuid, Vec<u8>, Option<String>) = sqlx::query_as(
+        "SELECT message_id, payload, headers->>'causation_id' FROM outbox
+         WHERE destination = 'amqp' AND routing_key = $1
          AND convert_from(payload, 'UTF8')::jsonb->>'order_id' = $2 ORDER BY id DESC LIMIT 1",
     )
     .bind(Names::new(&stack.rabbit.prefix).routing_key("replies"))
@@ -454,7 +484,10 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
     let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
         .await
         .unwrap();
-    stack.publish_reply(&ch, &payload, reply_id).await;
+    let causation = causation.map(|c| Uuid::parse_str(&c).unwrap());
+    stack
+        .publish_reply(&ch, &payload, reply_id, causation)
+        .await;
     // A marker behind it on the same queue: once the marker is handled, so is the duplicate
     // (one message at a time, in order). It is a fresh message with a reply the saga ignores.
     let marker = Uuid::now_v7();
@@ -462,7 +495,10 @@ async fn checkouts_confirm_or_cancel_with_compensation_and_exact_stock() {
         "order_id": flaky, "input": {"type": "shipment_created", "shipment_id": "again"}
     }))
     .unwrap();
-    stack.publish_reply(&ch, &marker_body, marker).await;
+    let shipment_command = stack.command_sent(flaky, "shipment").await;
+    stack
+        .publish_reply(&ch, &marker_body, marker, Some(shipment_command))
+        .await;
     stack
         .eventually("the marker is handled", || async {
             let n: i64 =
@@ -646,6 +682,70 @@ async fn five_hundred_concurrent_checkouts_with_failures_all_end_with_exact_stoc
     .await
     .unwrap();
     assert_eq!((held, authorized), (confirmed, confirmed));
+    stack.stop().await;
+}
+
+/// Whoever can publish to the replies queue cannot move a saga: a reply must answer a
+/// command the orchestrator sent, for the same order and step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_that_answer_no_command_of_ours_are_dead_lettered_with_the_reason() {
+    let stack = SagaStack::start(SagaConfig {
+        step_timeout: Duration::from_secs(600),
+        ..SagaConfig::default()
+    })
+    .await;
+    // Out of stock: the saga ends compensated, with the inventory step answered.
+    let victim = stack.checkout(body("tok_visa", 1000)).await;
+    assert_eq!(stack.outcome(victim).await.0, "OrderCancelled");
+    let other = stack.checkout(body("tok_visa", 1)).await;
+    assert_eq!(stack.outcome(other).await.0, "OrderConfirmed");
+    let before = stack.saga_decisions(victim).await;
+    let inventory_of_victim = stack.command_sent(victim, "inventory").await;
+    let payment_of_other = stack.command_sent(other, "payment").await;
+    let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
+        .await
+        .unwrap();
+    let forged =
+        |input: Value| serde_json::to_vec(&json!({"order_id": victim, "input": input})).unwrap();
+    let reserved = forged(json!({"type": "inventory_reserved", "reservation_id": "forged"}));
+    let authorized = forged(json!({"type": "payment_authorized", "authorization_id": "forged"}));
+    let cases = [
+        (reserved.clone(), None, "names no command"),
+        (reserved, Some(Uuid::now_v7()), "was not sent by this saga"),
+        (authorized.clone(), Some(payment_of_other), "of order"),
+        (authorized, Some(inventory_of_victim), "asked inventory"),
+    ];
+    let names = Names::new(&stack.rabbit.prefix);
+    for (body, causation, _) in &cases {
+        stack
+            .publish_reply(&ch, body, Uuid::now_v7(), *causation)
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let all = saga::dead_letters::list(&stack.rabbit.conn, &names)
+            .await
+            .unwrap();
+        if all.len() >= cases.len() {
+            break all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead-lettered: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), cases.len(), "{dead:?}");
+    for (_, _, why) in &cases {
+        assert!(
+            dead.iter()
+                .any(|d| d.queue == names.dead_letter_queue("replies")
+                    && d.error_class == "unexpected_reply"
+                    && d.error_message.contains(why)),
+            "{why}: {dead:?}"
+        );
+    }
+    assert_eq!(stack.saga_decisions(victim).await, before, "the saga moved");
     stack.stop().await;
 }
 

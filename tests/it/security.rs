@@ -20,6 +20,7 @@ async fn graphql(api: &TestApi, limits: GraphqlLimits) -> (Gql, tokio_util::sync
         auth: api.auth.clone(),
         watermarks: None,
         limits,
+        admission: None,
     }
     .router();
     let gql = Gql::serve(router, shutdown.clone()).await;
@@ -219,6 +220,90 @@ async fn websockets_need_a_token_close_when_it_expires_and_are_capped_per_caller
     })
     .await;
     assert!(closed.is_ok(), "the connection outlived its token");
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_gets_429_with_retry_after_on_both_apis() {
+    let api = TestApi::new().await;
+    let limits = platform::limits::ApiLimits {
+        rate_limit_per_second: 1,
+        rate_limit_burst: 3,
+        ..platform::limits::ApiLimits::default()
+    };
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let commands = write_side::http::router(
+        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone())
+            .with_limits(limits.clone()),
+        64 * 1024,
+    );
+    let commands = Gql::serve(commands, shutdown.clone()).await;
+    let base = commands.url.trim_end_matches("/graphql").to_owned();
+    let graphql = GraphqlApi {
+        pool: api.db.pool.clone(),
+        auth: api.auth.clone(),
+        watermarks: None,
+        limits: GraphqlLimits::default(),
+        admission: Some(limits),
+    }
+    .router();
+    let gql = Gql::serve(graphql, shutdown.clone()).await;
+
+    let (alice, bob) = (api.customer("alice"), api.customer("bob"));
+    let checkout = |token: String| {
+        let (http, url) = (api.http.clone(), format!("{base}/orders"));
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+                .json(&shop_tests::checkout_body())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(checkout(alice.clone()).await.status().as_u16());
+    }
+    assert!(
+        statuses.contains(&202) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    let r = checkout(alice.clone()).await;
+    assert_eq!(r.status(), 429);
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/rate-limited", "{problem}");
+    assert_eq!(
+        checkout(bob.clone()).await.status(),
+        202,
+        "bob has his own budget"
+    );
+    let health = api
+        .http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "health checks are never rate limited");
+
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (s, _) = post(&gql, &alice, json!({"query": "{ __typename }"}).to_string()).await;
+        statuses.push(s);
+    }
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test]

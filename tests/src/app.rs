@@ -170,6 +170,7 @@ impl ReadStack {
             auth: api.auth.clone(),
             watermarks: Some(read_side::status::Watermarks::new(&kafka.brokers, &topic).unwrap()),
             limits: read_side::graphql::GraphqlLimits::default(),
+            admission: None,
         };
         let gql = Gql::serve(graphql.router(), shutdown.clone()).await;
         Self {

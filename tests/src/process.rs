@@ -54,6 +54,9 @@ impl ShopProcess {
             ("GRAPHQL_ADDR".into(), format!("127.0.0.1:{graphql}")),
             ("OPS_ADDR".into(), format!("127.0.0.1:{ops}")),
             ("JWT_KEYS".into(), crate::TEST_JWT_KEYS.into()),
+            // A load generator: one customer sends hundreds of orders a second.
+            ("RATE_LIMIT_PER_SECOND".into(), "100000".into()),
+            ("RATE_LIMIT_BURST".into(), "100000".into()),
             ("LOG_FORMAT".into(), "json".into()),
             (
                 "RUST_LOG".into(),

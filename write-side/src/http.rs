@@ -19,7 +19,10 @@ use domain::{
     order::{MAX_LINES, OrderRejected},
     values::{CustomerId, OrderId, Reason},
 };
-use platform::auth::{Authenticator, Principal, Role};
+use platform::{
+    auth::{Authenticator, Principal, Role},
+    limits::{Admission, ApiLimits},
+};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -41,6 +44,7 @@ pub struct AppState {
     pool: PgPool,
     auth: Authenticator,
     max_body_bytes: usize,
+    limits: Option<ApiLimits>,
 }
 
 impl AppState {
@@ -49,13 +53,24 @@ impl AppState {
             pool,
             auth,
             max_body_bytes: 64 * 1024,
+            limits: None,
         }
+    }
+
+    /// Admission control ([`platform::limits`]) in front of every route but `/healthz`.
+    pub fn with_limits(mut self, limits: ApiLimits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 }
 
 pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
     state.max_body_bytes = max_body_bytes;
-    Router::new()
+    let admission = state
+        .limits
+        .as_ref()
+        .map(|l| Admission::new("commands", state.auth.clone(), l));
+    let mut api = Router::new()
         .route("/orders", post(checkout))
         .route("/orders/{id}/cancel", post(cancel))
         .route("/admin/orders/{id}/audit", get(audit))
@@ -63,8 +78,14 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    if let Some(admission) = admission {
+        api = api.route_layer(axum::middleware::from_fn_with_state(
+            admission,
+            platform::limits::admit,
+        ));
+    }
+    api.with_state(state)
         .merge(platform::ops::health_router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
 }

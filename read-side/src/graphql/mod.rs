@@ -28,7 +28,10 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
-use platform::auth::{Authenticator, Principal};
+use platform::{
+    auth::{Authenticator, Principal},
+    limits::{Admission, ApiLimits},
+};
 use sqlx::PgPool;
 use std::time::Duration;
 
@@ -78,6 +81,8 @@ pub struct GraphqlApi {
     pub auth: Authenticator,
     pub watermarks: Option<Watermarks>,
     pub limits: GraphqlLimits,
+    /// Admission control ([`platform::limits`]) in front of `/graphql` and `/graphql/ws`.
+    pub admission: Option<ApiLimits>,
 }
 
 impl GraphqlApi {
@@ -108,20 +113,27 @@ impl GraphqlApi {
         } else {
             post(graphql)
         };
-        Router::new()
+        let mut api = Router::new()
             .route("/graphql", query)
-            .route("/graphql/ws", get(graphql_ws))
-            .with_state(AppState {
-                schema: self.schema(),
-                auth: self.auth.clone(),
-                limits: self.limits.clone(),
-            })
-            // Counted while the body streams in: a larger one is refused with 413 before it
-            // is buffered (multipart included).
-            .layer(tower_http::limit::RequestBodyLimitLayer::new(
-                self.limits.max_body_bytes,
-            ))
-            .merge(platform::ops::health_router())
+            .route("/graphql/ws", get(graphql_ws));
+        if let Some(limits) = &self.admission {
+            let admission = Admission::new("graphql", self.auth.clone(), limits);
+            api = api.route_layer(axum::middleware::from_fn_with_state(
+                admission,
+                platform::limits::admit,
+            ));
+        }
+        api.with_state(AppState {
+            schema: self.schema(),
+            auth: self.auth.clone(),
+            limits: self.limits.clone(),
+        })
+        // Counted while the body streams in: a larger one is refused with 413 before it
+        // is buffered (multipart included).
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            self.limits.max_body_bytes,
+        ))
+        .merge(platform::ops::health_router())
     }
 }
 
@@ -270,6 +282,7 @@ pub fn router(pool: PgPool, auth: Authenticator) -> Router {
         auth,
         watermarks: None,
         limits: GraphqlLimits::default(),
+        admission: None,
     }
     .router()
 }

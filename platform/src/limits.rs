@@ -1,0 +1,262 @@
+//! Admission control for the public APIs (command API and GraphQL): how many requests are
+//! served at once, how fast one caller may send them, and how long one may take.
+//!
+//! Why in front of the handlers: a flood must be refused before it costs a database
+//! connection. Over the concurrency limit a request is refused at once with 503 and
+//! `Retry-After` (queueing would only turn overload into timeouts); over a caller's rate it
+//! gets 429 with `Retry-After`; past the timeout, 503. A caller is the bearer token's
+//! `role:subject`, so many tokens of one customer share one budget; requests without a valid
+//! token share the `anonymous` budget (the handlers refuse them anyway).
+
+use std::{
+    num::NonZeroU32,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use tokio::sync::Semaphore;
+
+use crate::auth::Authenticator;
+
+/// The limits of one API, each configurable (docs/security.md lists the defaults).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiLimits {
+    /// Longest a request to the command API or GraphQL may take before it is answered 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "15s", value_parser = crate::config::parse_duration)]
+    pub request_timeout: Duration,
+    /// Requests each public API serves at once; more are refused with 503 and Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_requests: u32,
+    /// Requests per second one caller may send to each public API, sustained.
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_per_second: u32,
+    /// Requests one caller may send at once above the sustained rate.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+type Limiter =
+    RateLimiter<String, governor::state::keyed::DefaultKeyedStateStore<String>, DefaultClock>;
+
+/// The shared state of one API's admission control; [`admit`] is its middleware.
+#[derive(Clone)]
+pub struct Admission {
+    api: &'static str,
+    auth: Authenticator,
+    in_flight: Arc<Semaphore>,
+    limiter: Arc<Limiter>,
+    checks: Arc<AtomicU64>,
+    timeout: Duration,
+}
+
+/// How often (in checks) idle callers are dropped from the rate limiter's memory.
+const PRUNE_EVERY: u64 = 10_000;
+
+impl Admission {
+    pub fn new(api: &'static str, auth: Authenticator, limits: &ApiLimits) -> Self {
+        let nz = |n: u32| NonZeroU32::new(n.max(1)).expect("at least 1");
+        let quota = Quota::per_second(nz(limits.rate_limit_per_second))
+            .allow_burst(nz(limits.rate_limit_burst));
+        Self {
+            api,
+            auth,
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
+            limiter: Arc::new(RateLimiter::keyed(quota)),
+            checks: Arc::default(),
+            timeout: limits.request_timeout,
+        }
+    }
+
+    /// The caller's budget key: `role:subject` of a valid token, else `anonymous`.
+    fn caller(&self, req: &Request) -> String {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match self.auth.verify_header(header) {
+            Ok(p) => p.actor(),
+            Err(_) => "anonymous".into(),
+        }
+    }
+}
+
+/// The middleware: concurrency, then the caller's rate, then the timeout around the handler.
+/// Install with `axum::middleware::from_fn_with_state(admission, admit)`.
+pub async fn admit(State(a): State<Admission>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = a.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!("http_refused_total", "api" => a.api, "reason" => "overloaded")
+            .increment(1);
+        return refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the service is at its concurrency limit; retry shortly",
+            Duration::from_secs(1),
+        );
+    };
+    let caller = a.caller(&req);
+    if let Err(not_until) = a.limiter.check_key(&caller) {
+        metrics::counter!("http_refused_total", "api" => a.api, "reason" => "rate_limited")
+            .increment(1);
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        return refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "too many requests from this caller; retry after the delay in Retry-After",
+            wait,
+        );
+    }
+    if a.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
+        a.limiter.retain_recent();
+    }
+    match tokio::time::timeout(a.timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("http_refused_total", "api" => a.api, "reason" => "timeout")
+                .increment(1);
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the request took longer than the service allows and was abandoned",
+                Duration::from_secs(1),
+            )
+        }
+    }
+}
+
+/// An `application/problem+json` refusal with `Retry-After` (whole seconds, at least 1).
+fn refusal(status: StatusCode, kind: &str, detail: &str, retry_after: Duration) -> Response {
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let body = serde_json::json!({
+        "type": format!("/problems/{kind}"),
+        "title": status.canonical_reason().unwrap_or("refused"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{Router, body::Body, routing::get};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::auth::Role;
+
+    fn app(limits: ApiLimits, auth: &Authenticator) -> Router {
+        let admission = Admission::new("test", auth.clone(), &limits);
+        Router::new()
+            .route(
+                "/",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "ok"
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(admission, admit))
+    }
+
+    fn request(path: &str, token: Option<&str>) -> Request {
+        let mut b = Request::builder().uri(path);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_caller_over_its_rate_gets_429_and_others_do_not() {
+        let auth = Authenticator::ephemeral();
+        let limits = ApiLimits {
+            rate_limit_per_second: 1,
+            rate_limit_burst: 2,
+            ..ApiLimits::default()
+        };
+        let app = app(limits, &auth);
+        let alice = auth
+            .issue("alice", Role::Customer, Duration::from_secs(60))
+            .unwrap();
+        let bob = auth
+            .issue("bob", Role::Customer, Duration::from_secs(60))
+            .unwrap();
+        for _ in 0..2 {
+            let r = app.clone().oneshot(request("/fast", Some(&alice))).await;
+            assert_eq!(r.unwrap().status(), 200);
+        }
+        let r = app
+            .clone()
+            .oneshot(request("/fast", Some(&alice)))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let r = app.oneshot(request("/fast", Some(&bob))).await.unwrap();
+        assert_eq!(r.status(), 200, "another caller has its own budget");
+    }
+
+    #[tokio::test]
+    async fn over_the_concurrency_limit_or_the_timeout_is_503() {
+        let auth = Authenticator::ephemeral();
+        let limits = ApiLimits {
+            max_concurrent_requests: 1,
+            ..ApiLimits::default()
+        };
+        let one_at_a_time = app(limits, &auth);
+        let slow = tokio::spawn(one_at_a_time.clone().oneshot(request("/", None)));
+        // Wait until the slow request holds the only permit.
+        let mut refused = None;
+        for _ in 0..200 {
+            let r = one_at_a_time
+                .clone()
+                .oneshot(request("/fast", None))
+                .await
+                .unwrap();
+            if r.status() == 503 {
+                refused = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let refused = refused.expect("a second request while one is in flight");
+        assert_eq!(refused.headers()["retry-after"], "1");
+        assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+
+        let limits = ApiLimits {
+            request_timeout: Duration::from_millis(50),
+            ..ApiLimits::default()
+        };
+        let r = app(limits, &auth).oneshot(request("/", None)).await;
+        assert_eq!(r.unwrap().status(), 503);
+    }
+}
