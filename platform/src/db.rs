@@ -102,6 +102,35 @@ impl Pools {
     }
 }
 
+/// Deletes the rows of `table` whose `column` (a timestamp) is older than `age`, at most
+/// `batch` rows per statement so no delete holds many locks for long; returns how many went.
+/// `table` and `column` are the caller's own names, never input.
+pub async fn delete_older_than(
+    pool: &PgPool,
+    table: &'static str,
+    column: &'static str,
+    age: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE ctid IN
+           (SELECT ctid FROM {table} WHERE {column} < now() - $1 LIMIT $2)"
+    );
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(&sql)
+            .bind(age)
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        total += n;
+        if n < batch.max(1) as u64 {
+            return Ok(total);
+        }
+    }
+}
+
 /// Applies every pending migration. Safe to run concurrently (sqlx takes an advisory lock).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await

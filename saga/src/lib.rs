@@ -15,12 +15,14 @@
 //! - [`orchestrator`]: transitions, the feed and reply inputs, deadlines.
 //! - [`participants`]: inventory, payment and shipping stand-ins and their failure switches.
 //! - [`dead_letters`]: listing, replaying and discarding the dead-letter queues.
+//! - [`retention`]: pruning the inboxes and the record of sent commands by age.
 #![forbid(unsafe_code)]
 
 pub mod consumer;
 pub mod dead_letters;
 pub mod orchestrator;
 pub mod participants;
+pub mod retention;
 pub mod topology;
 
 use std::{future::Future, sync::Arc, time::Duration};

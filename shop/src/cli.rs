@@ -48,6 +48,8 @@ pub enum Command {
         #[command(flatten)]
         api_limits: platform::limits::ApiLimits,
         #[command(flatten)]
+        retention: crate::retention::RetentionConfig,
+        #[command(flatten)]
         projector: read_side::consumer::ProjectorConfig,
         #[command(flatten)]
         saga: saga::SagaConfig,
@@ -249,6 +251,7 @@ mod tests {
             graphql_addr,
             graphql,
             api_limits,
+            retention,
             projector,
             saga,
             ops,
@@ -258,6 +261,10 @@ mod tests {
         };
         assert_eq!(graphql.max_fields, 200);
         assert_eq!(api_limits.rate_limit_per_second, 20);
+        assert_eq!(
+            retention.inbox_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
         assert!(!graphql.console, "the console is off unless enabled");
         assert!(!saga.fault_injection, "fault injection is off by default");
         assert_eq!(write_side.http_addr.to_string(), "127.0.0.1:8080");

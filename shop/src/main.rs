@@ -44,6 +44,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             graphql_addr,
             graphql,
             api_limits,
+            retention,
             projector,
             saga,
             ops,
@@ -54,6 +55,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 graphql_addr: Some(graphql_addr),
                 graphql_limits: graphql,
                 api_limits,
+                retention: Some(retention),
                 projector: Some(projector),
                 saga: Some(saga),
             };

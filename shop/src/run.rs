@@ -58,6 +58,7 @@ pub struct RoleConfigs {
     pub graphql_addr: Option<std::net::SocketAddr>,
     pub graphql_limits: read_side::graphql::GraphqlLimits,
     pub api_limits: platform::limits::ApiLimits,
+    pub retention: Option<crate::retention::RetentionConfig>,
     pub projector: Option<read_side::consumer::ProjectorConfig>,
     pub saga: Option<saga::SagaConfig>,
 }
@@ -134,6 +135,12 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         let router = graphql_api.router();
         sup.spawn("graphql", move |ctx| {
             platform::ops::serve(addr, router.clone(), ctx)
+        });
+    }
+    if let Some(cfg) = roles.retention {
+        let p = pool.clone();
+        sup.spawn("retention", move |ctx| {
+            crate::retention::run_role(p.clone(), cfg.clone(), ctx)
         });
     }
     if let Some(saga_cfg) = roles.saga {

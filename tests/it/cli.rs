@@ -148,6 +148,7 @@ fn connection_passwords_never_reach_messages_or_logs() {
             .env("DATABASE_URL", db)
             .env("AMQP_URL", amqp)
             .env("JWT_KEYS", TEST_JWT_KEYS)
+            .env_remove("JWT_KEYS_FILE")
             .env("RUST_LOG", "debug")
             .env("OPS_ADDR", "127.0.0.1:0")
             .env("HTTP_ADDR", "127.0.0.1:0")

@@ -24,6 +24,7 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         "saga:replies",
         "participant:payment",
         "rebuilds",
+        "retention",
         "ops",
     ];
     let mut ready = serde_json::Value::Null;

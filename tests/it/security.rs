@@ -355,3 +355,60 @@ async fn tokens_of_another_issuer_audience_or_beyond_the_lifetime_cap_are_refuse
         assert_eq!(r.status(), 401, "{what}");
     }
 }
+
+/// Idempotency keys, inbox rows and sent-command records go after their retention; younger
+/// ones stay.
+#[tokio::test]
+async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
+    let db = shop_tests::TestDb::new().await;
+    let pool = &db.pool;
+    for age in ["10 days", "1 minute"] {
+        let at = format!("now() - interval '{age}'");
+        for sql in [
+            format!(
+                "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body, created_at) VALUES ('customer:c', gen_random_uuid()::text, '\\x00', 202, '{{}}', {at})"
+            ),
+            format!(
+                "INSERT INTO saga_inbox (message_id, received_at) VALUES (gen_random_uuid(), {at})"
+            ),
+            format!(
+                "INSERT INTO participant_inbox (participant, message_id, received_at) VALUES ('payment', gen_random_uuid(), {at})"
+            ),
+            format!(
+                "INSERT INTO saga_commands (message_id, order_id, step, sent_at) VALUES (gen_random_uuid(), gen_random_uuid(), 'payment', {at})"
+            ),
+        ] {
+            sqlx::query(&sql).execute(pool).await.unwrap();
+        }
+    }
+    let cfg = shop::retention::RetentionConfig {
+        idempotency_key_retention: Duration::from_secs(72 * 3600),
+        inbox_retention: Duration::from_secs(7 * 24 * 3600),
+        ..shop::retention::RetentionConfig::default()
+    };
+    let pruned = shop::retention::prune_once(pool, &cfg).await.unwrap();
+    assert_eq!(
+        pruned,
+        [
+            ("idempotency_keys", 1),
+            ("saga_inbox", 1),
+            ("participant_inbox", 1),
+            ("saga_commands", 1)
+        ]
+    );
+    for table in [
+        "idempotency_keys",
+        "saga_inbox",
+        "participant_inbox",
+        "saga_commands",
+    ] {
+        let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 1, "{table}: the recent row stays");
+    }
+    // A second pass finds nothing more.
+    let again = shop::retention::prune_once(pool, &cfg).await.unwrap();
+    assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");
+}

@@ -175,6 +175,15 @@ async fn remember_response(
     Ok(done.rows_affected() == 1)
 }
 
+/// Forgets idempotency keys older than `age` (retention): a retry after that is a new
+/// command. Returns how many went.
+pub async fn prune_idempotency_keys(
+    pool: &PgPool,
+    age: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    platform::db::delete_older_than(pool, "idempotency_keys", "created_at", age, 5000).await
+}
+
 fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
     Metadata {
         correlation_id: order_id.0,
