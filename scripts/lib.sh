@@ -16,7 +16,7 @@ export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 
 # Development key material (docs/security.md: one `kid=secret` per line, outside the
 # database, the first key signing): made once per checkout, readable by its owner only.
-# Set JWT_KEYS or JWT_KEYS_FILE yourself to use other keys.
+# Set JWT_KEYS / JWT_KEYS_FILE or AUDIT_KEYS / AUDIT_KEYS_FILE yourself to use other keys.
 dev_keys() {
   local file="$LOCAL/keys/$1.keys"
   if [[ ! -s "$file" ]]; then
@@ -28,6 +28,10 @@ dev_keys() {
 if [[ -z "${JWT_KEYS:-}" && -z "${JWT_KEYS_FILE:-}" ]]; then
   JWT_KEYS_FILE="$(dev_keys jwt)"
   export JWT_KEYS_FILE
+fi
+if [[ -z "${AUDIT_KEYS:-}" && -z "${AUDIT_KEYS_FILE:-}" ]]; then
+  AUDIT_KEYS_FILE="$(dev_keys audit)"
+  export AUDIT_KEYS_FILE
 fi
 
 log() { printf '\033[1m[%s]\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; }

@@ -17,6 +17,8 @@ bash "$here/services.sh" up
 source "$here/lib.sh"
 # Development conveniences, off by default in `shop run`: the query console on GET /graphql.
 export GRAPHQL_CONSOLE="${GRAPHQL_CONSOLE:-true}"
+# Signed audit checkpoints, outside the database (docs/security.md).
+export AUDIT_CHECKPOINT_DIR="${AUDIT_CHECKPOINT_DIR:-$LOCAL/audit-checkpoints}"
 cd "$here/.."
 cargo run --release -q -p shop -- setup
 # Development seed: the catalog's products and prices (checkouts carry no prices) and their

@@ -40,6 +40,11 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     platform::telemetry::init();
+    // Appends key their chain as `shop run` does (HMAC-SHA-256), with a throwaway key.
+    let ring = platform::keys::Keyring::ephemeral("bench");
+    event_store::hash::install_chain_keys(
+        event_store::hash::ChainKeys::new(ring.entries()).expect("one key"),
+    )?;
     match cli.command {
         Command::Append(args) => append::append(&cli.infra.database_url, &args).await,
         Command::Relay(args) => relay::relay(&cli.infra, &args).await,

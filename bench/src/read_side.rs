@@ -169,7 +169,14 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
     );
 
     // 2. Live lag at a steady rate.
+    // The benchmark's own database: it may clear the append-only events table.
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER USER")
+        .execute(&pool)
+        .await?;
     sqlx::query("TRUNCATE events, outbox, streams, idempotency_keys")
+        .execute(&pool)
+        .await?;
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER USER")
         .execute(&pool)
         .await?;
     let shutdown = tokio_util::sync::CancellationToken::new();

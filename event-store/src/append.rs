@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     NewEvent, StoreError,
-    hash::{HashInput, chain_hash},
+    hash::{self, HashInput},
     outbox::OutboxMessage,
 };
 
@@ -46,8 +46,9 @@ impl Expected {
 const INSERT_EVENTS_AND_OUTBOX: &str = r#"
 , ev AS (
     INSERT INTO events (stream_id, stream_type, stream_version, event_id, event_type,
-                        schema_version, payload, metadata, recorded_at, prev_hash, hash)
-    SELECT $1, $2, x.v, x.id, x.t, x.sv, x.p, x.m, $3, x.ph, x.h
+                        schema_version, payload, metadata, recorded_at, prev_hash, hash,
+                        hash_kid)
+    SELECT $1, $2, x.v, x.id, x.t, x.sv, x.p, x.m, $3, x.ph, x.h, $22::text
     FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[],
                 $10::bytea[], $11::bytea[]) AS x(v, id, t, sv, p, m, ph, h)
     WHERE EXISTS (SELECT 1 FROM head)
@@ -116,10 +117,11 @@ pub async fn append_at(
     let mut prev_hashes = Vec::with_capacity(n);
     let mut hashes = Vec::with_capacity(n);
     let mut prev = expected.head_hash.clone();
+    let mut kid = None;
     for (i, e) in events.iter().enumerate() {
         let version = expected.version + 1 + i as i64;
         let metadata = serde_json::to_value(&e.metadata).expect("metadata serializes");
-        let hash = chain_hash(
+        let (hash, signed_by) = hash::sign(
             &prev,
             &HashInput {
                 stream_id,
@@ -132,6 +134,7 @@ pub async fn append_at(
                 recorded_at,
             },
         );
+        kid = signed_by;
         versions.push(version);
         ids.push(e.event_id);
         types.push(e.event_type.as_str());
@@ -143,10 +146,12 @@ pub async fn append_at(
     }
     let new_version = expected.version + n as i64;
 
+    // $21 (the expected version) is only compared when the stream exists; the new-stream
+    // statement still names it so that $22 (the audit key's kid) has a place.
     let head = if expected.version == 0 {
         "WITH head AS (
             INSERT INTO streams (stream_id, stream_type, version, head_hash, last_tx)
-            VALUES ($1, $2, $19, $20, pg_current_xact_id())
+            SELECT $1, $2, $19, $20, pg_current_xact_id() WHERE $21::bigint = 0
             ON CONFLICT (stream_id) DO NOTHING
             RETURNING 1)"
     } else {
@@ -156,7 +161,7 @@ pub async fn append_at(
             RETURNING 1)"
     };
     let sql = format!("{head}{INSERT_EVENTS_AND_OUTBOX}");
-    let mut q = sqlx::query_scalar::<_, i64>(&sql)
+    let q = sqlx::query_scalar::<_, i64>(&sql)
         .bind(stream_id)
         .bind(stream_type)
         .bind(recorded_at)
@@ -201,10 +206,9 @@ pub async fn append_at(
                 .collect::<Vec<_>>(),
         )
         .bind(new_version)
-        .bind(&prev);
-    if expected.version != 0 {
-        q = q.bind(expected.version);
-    }
+        .bind(&prev)
+        .bind(expected.version)
+        .bind(kid);
     let moved = q
         .fetch_one(&mut *conn)
         .await

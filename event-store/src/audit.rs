@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     StoredEvent,
-    hash::{GENESIS, HashInput, chain_hash},
+    hash::{GENESIS, HashInput, recompute},
     read::load_stream,
 };
 
@@ -25,6 +25,10 @@ pub enum Break {
     Truncated { head_version: i64 },
     /// Events exist but the stream has no head row.
     MissingHead,
+    /// The event is keyed by an audit key this process does not hold: it cannot be checked.
+    KeyUnavailable { kid: String },
+    /// An unkeyed event after a keyed one: the chain was recomputed without the key.
+    Downgraded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +55,7 @@ pub fn check_chain(
     head: Option<(i64, Vec<u8>)>,
 ) -> Option<BrokenAt> {
     let mut prev = GENESIS.to_vec();
+    let mut keyed_before = false;
     let at = |e: &StoredEvent, problem| BrokenAt {
         stream_id,
         stream_version: e.stream_version,
@@ -66,7 +71,8 @@ pub fn check_chain(
         if e.prev_hash != prev {
             return Some(at(e, Break::ChainBroken));
         }
-        let recomputed = chain_hash(
+        let recomputed = recompute(
+            e.hash_kid.as_deref(),
             &prev,
             &HashInput {
                 stream_id: e.stream_id,
@@ -79,9 +85,17 @@ pub fn check_chain(
                 recorded_at: e.recorded_at,
             },
         );
+        let recomputed = match recomputed {
+            Ok(h) => h,
+            Err(kid) => return Some(at(e, Break::KeyUnavailable { kid })),
+        };
         if recomputed != e.hash || e.stream_id != stream_id {
             return Some(at(e, Break::ContentChanged));
         }
+        if keyed_before && e.hash_kid.is_none() {
+            return Some(at(e, Break::Downgraded));
+        }
+        keyed_before |= e.hash_kid.is_some();
         prev = e.hash.clone();
     }
     match head {

@@ -1,4 +1,14 @@
-//! The per-stream hash chain: `hash = SHA-256(prev_hash || canonical(event))`.
+//! The per-stream hash chain: `hash = HMAC-SHA-256(key, prev_hash || canonical(event))`,
+//! keyed by the process's audit key (named by `hash_kid` on every event), or
+//! `SHA-256(prev_hash || canonical(event))` for events recorded without a key (before keys
+//! existed, or in development mode without one).
+//!
+//! Why keyed: an unkeyed chain only proves that nobody edited an event *without* also
+//! recomputing the chain, and whoever can write the database can recompute it. The key lives
+//! outside the database (`AUDIT_KEYS_FILE`, `platform::keys`), so rewriting history needs the
+//! key too. The process installs its keys once at start ([`install_chain_keys`]), like its
+//! logger: every append in the process signs with the first key, and verification finds any
+//! listed key by name.
 //!
 //! The canonical form must come out identical when computed at append time (from the values
 //! the writer holds) and at verification time (from what PostgreSQL returns). JSON is written
@@ -6,7 +16,10 @@
 //! stored the keys nor on serde_json's map ordering feature; time is whole microseconds (the
 //! precision of `timestamptz`).
 
+use std::sync::OnceLock;
+
 use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -27,24 +40,127 @@ pub struct HashInput<'a> {
     pub recorded_at: DateTime<Utc>,
 }
 
-pub fn chain_hash(prev_hash: &[u8], e: &HashInput<'_>) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(prev_hash);
-    h.update(e.stream_id.as_bytes());
-    h.update(e.stream_version.to_be_bytes());
-    h.update(e.event_id.as_bytes());
+/// Feeds what the chain covers, in order, to `update`.
+fn feed(prev_hash: &[u8], e: &HashInput<'_>, mut update: impl FnMut(&[u8])) {
+    update(prev_hash);
+    update(e.stream_id.as_bytes());
+    update(&e.stream_version.to_be_bytes());
+    update(e.event_id.as_bytes());
     // Length-prefixed strings so field boundaries cannot shift.
     for part in [
         e.event_type.as_bytes(),
         canonical_json(e.payload).as_bytes(),
         canonical_json(e.metadata).as_bytes(),
     ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
+        update(&(part.len() as u64).to_be_bytes());
+        update(part);
     }
-    h.update(e.schema_version.to_be_bytes());
-    h.update(e.recorded_at.timestamp_micros().to_be_bytes());
+    update(&e.schema_version.to_be_bytes());
+    update(&e.recorded_at.timestamp_micros().to_be_bytes());
+}
+
+/// The unkeyed link: SHA-256 (events recorded without a key).
+pub fn chain_hash(prev_hash: &[u8], e: &HashInput<'_>) -> Vec<u8> {
+    let mut h = Sha256::new();
+    feed(prev_hash, e, |b| h.update(b));
     h.finalize().to_vec()
+}
+
+/// The keyed link: HMAC-SHA-256 with `secret`.
+pub fn keyed_chain_hash(secret: &[u8], prev_hash: &[u8], e: &HashInput<'_>) -> Vec<u8> {
+    let mut h = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    feed(prev_hash, e, |b| h.update(b));
+    h.finalize().into_bytes().to_vec()
+}
+
+/// The audit keys of this process, the first one signing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChainKeys(Vec<(String, Vec<u8>)>);
+
+impl std::fmt::Debug for ChainKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<&str> = self.0.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_tuple("ChainKeys").field(&kids).finish()
+    }
+}
+
+impl ChainKeys {
+    /// `(kid, secret)` pairs, the first one signing; `None` if empty.
+    pub fn new(keys: Vec<(String, Vec<u8>)>) -> Option<Self> {
+        (!keys.is_empty()).then_some(Self(keys))
+    }
+
+    fn signing(&self) -> (&str, &[u8]) {
+        let (kid, secret) = &self.0[0];
+        (kid, secret)
+    }
+
+    fn get(&self, kid: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == kid)
+            .map(|(_, s)| s.as_slice())
+    }
+}
+
+static KEYS: OnceLock<ChainKeys> = OnceLock::new();
+
+/// Installing other keys after some were installed (a process has one set).
+#[derive(Debug, thiserror::Error)]
+#[error("other audit keys are installed already ({0:?})")]
+pub struct KeysAlreadyInstalled(ChainKeys);
+
+/// Makes `keys` the process's audit keys: appends sign with the first, verification finds
+/// any. Installing the same keys again is a no-op; other keys are refused.
+pub fn install_chain_keys(keys: ChainKeys) -> Result<(), KeysAlreadyInstalled> {
+    let installed = KEYS.get_or_init(|| keys.clone());
+    if *installed == keys {
+        Ok(())
+    } else {
+        Err(KeysAlreadyInstalled(installed.clone()))
+    }
+}
+
+/// The link for a new event: keyed with the signing key when keys are installed (and its
+/// kid), unkeyed otherwise.
+pub fn sign(prev_hash: &[u8], e: &HashInput<'_>) -> (Vec<u8>, Option<&'static str>) {
+    match KEYS.get() {
+        Some(keys) => {
+            let (kid, secret) = keys.signing();
+            (keyed_chain_hash(secret, prev_hash, e), Some(kid))
+        }
+        None => (chain_hash(prev_hash, e), None),
+    }
+}
+
+/// The link a stored event should have, recomputed with the key its `hash_kid` names;
+/// `Err(kid)` when this process does not hold that key.
+pub fn recompute(
+    kid: Option<&str>,
+    prev_hash: &[u8],
+    e: &HashInput<'_>,
+) -> Result<Vec<u8>, String> {
+    match kid {
+        None => Ok(chain_hash(prev_hash, e)),
+        Some(kid) => KEYS
+            .get()
+            .and_then(|k| k.get(kid))
+            .map(|secret| keyed_chain_hash(secret, prev_hash, e))
+            .ok_or_else(|| kid.to_owned()),
+    }
+}
+
+/// HMAC-SHA-256 of `message` with the key named `kid`, or with the signing key when `kid` is
+/// `None` (returning its kid): signs and checks audit checkpoints.
+pub fn mac(kid: Option<&str>, message: &[u8]) -> Option<(String, Vec<u8>)> {
+    let keys = KEYS.get()?;
+    let (kid, secret) = match kid {
+        Some(kid) => (kid, keys.get(kid)?),
+        None => keys.signing(),
+    };
+    let mut h = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    h.update(message);
+    Some((kid.to_owned(), h.finalize().into_bytes().to_vec()))
 }
 
 /// JSON with keys sorted at every level and no insignificant whitespace.
@@ -150,5 +266,10 @@ mod tests {
         );
         assert_eq!(h, chain_hash(&GENESIS, &base));
         assert_ne!(h, chain_hash(&[1; 32], &base));
+        // Keyed: another key, or no key, gives another link.
+        let k1 = keyed_chain_hash(b"key-one", &GENESIS, &base);
+        assert_ne!(k1, keyed_chain_hash(b"key-two", &GENESIS, &base));
+        assert_ne!(k1, h);
+        assert_eq!(k1, keyed_chain_hash(b"key-one", &GENESIS, &base));
     }
 }

@@ -11,8 +11,11 @@
 //! - Gap-free global feed ([`read_feed`]): pages by `(tx_id, position)` and only returns rows of
 //!   transactions older than every running one, so a late-committing transaction is never
 //!   skipped, and each stream comes out in version order.
-//! - Tamper evidence: a per-stream SHA-256 chain anchored in the `streams` head row;
-//!   [`audit::verify_stream`] reports the first broken event.
+//! - Tamper evidence: a per-stream chain (HMAC-SHA-256 with the audit key held outside the
+//!   database, SHA-256 for events recorded without one) anchored in the `streams` head row;
+//!   [`audit::verify_stream`] reports the first broken event; [`checkpoint`]s signed with the
+//!   audit key fix every stream's head outside the database. Events are append-only (a
+//!   trigger refuses UPDATE, DELETE and TRUNCATE).
 //!
 //! # Layout
 //! - [`model`]: rows in and out (`NewEvent`, `StoredEvent`, `Metadata`).
@@ -22,10 +25,12 @@
 //! - [`append`](mod@append): the one-statement append (events + outbox rows).
 //! - [`read`]: loading a stream (or one event, or several streams), the global feed.
 //! - [`audit`]: hash-chain verification.
+//! - [`checkpoint`]: signed checkpoints of every stream's head, and comparing one with now.
 #![forbid(unsafe_code)]
 
 pub mod append;
 pub mod audit;
+pub mod checkpoint;
 pub mod envelope;
 pub mod hash;
 pub mod model;

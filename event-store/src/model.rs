@@ -47,4 +47,6 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
+    /// The audit key that keyed `hash` (`None`: recorded unkeyed).
+    pub hash_kid: Option<String>,
 }

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use crate::{StoredEvent, append::Expected};
 
 const COLUMNS: &str = "position, stream_id, stream_type, stream_version, event_id, event_type, \
-                       schema_version, payload, metadata, recorded_at, prev_hash, hash";
+                       schema_version, payload, metadata, recorded_at, prev_hash, hash, hash_kid";
 
 fn from_row(r: &PgRow) -> Result<StoredEvent, sqlx::Error> {
     Ok(StoredEvent {
@@ -22,6 +22,7 @@ fn from_row(r: &PgRow) -> Result<StoredEvent, sqlx::Error> {
         recorded_at: r.try_get("recorded_at")?,
         prev_hash: r.try_get("prev_hash")?,
         hash: r.try_get("hash")?,
+        hash_kid: r.try_get("hash_kid")?,
     })
 }
 

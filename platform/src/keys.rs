@@ -171,6 +171,14 @@ impl Keyring {
     pub fn kids(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| k.kid.as_str())
     }
+
+    /// `(kid, secret)` of every key, the signing one first (for libraries that take raw keys).
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        self.keys
+            .iter()
+            .map(|k| (k.kid.clone(), k.secret.clone()))
+            .collect()
+    }
 }
 
 #[cfg(unix)]

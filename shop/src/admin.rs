@@ -1,11 +1,10 @@
-//! The operator subcommands: dead letters, projections, stock, the outbox and the audit
-//! trail. Each is a thin shell over a library call; its output is for people (tables,
+//! The operator subcommands: dead letters, projections, the catalog, stock and the outbox
+//! (the audit trail's are in [`crate::audit`]). Each is a thin shell over a library call; its output is for people (tables,
 //! one line per item) and its exit status for scripts.
 
 use std::process::ExitCode;
 
 use platform::config::InfraConfig;
-use uuid::Uuid;
 
 use crate::cli::{
     CatalogCommand, DeadLetterId, DlqCommand, InventoryCommand, OutboxCommand, ProjectionsCommand,
@@ -325,42 +324,4 @@ pub async fn outbox(infra: &InfraConfig, command: OutboxCommand) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub async fn audit_verify(infra: &InfraConfig, order: Option<Uuid>) -> anyhow::Result<ExitCode> {
-    let pool = platform::db::connect(&infra.database_url, 2).await?;
-    let mut conn = pool.acquire().await?;
-    let (broken, checked) = match order {
-        Some(id) => {
-            let r = event_store::audit::verify_stream(&mut conn, id).await?;
-            anyhow::ensure!(r.events > 0, "order {id} has no events");
-            (r.broken.into_iter().map(|b| (id, b)).collect::<Vec<_>>(), 1)
-        }
-        None => {
-            let (reports, checked) =
-                event_store::audit::verify_all(&mut conn, Some("order")).await?;
-            (
-                reports
-                    .into_iter()
-                    .filter_map(|r| r.broken.map(|b| (r.stream_id, b)))
-                    .collect(),
-                checked,
-            )
-        }
-    };
-    for (id, b) in &broken {
-        println!(
-            "BROKEN order {id}: first bad event at version {} (position {}, event {}): {:?}",
-            b.stream_version,
-            b.position.map_or("-".into(), |p| p.to_string()),
-            b.event_id.map_or("-".into(), |e| e.to_string()),
-            b.problem
-        );
-    }
-    println!("{checked} stream(s) checked, {} broken", broken.len());
-    Ok(if broken.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

@@ -21,6 +21,8 @@ use uuid::Uuid;
 pub struct Cli {
     #[command(flatten)]
     pub infra: InfraConfig,
+    #[command(flatten)]
+    pub audit_keys: crate::audit::AuditKeys,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -49,6 +51,8 @@ pub enum Command {
         api_limits: platform::limits::ApiLimits,
         #[command(flatten)]
         retention: crate::retention::RetentionConfig,
+        #[command(flatten)]
+        checkpoints: crate::audit::CheckpointConfig,
         #[command(flatten)]
         projector: read_side::consumer::ProjectorConfig,
         #[command(flatten)]
@@ -221,10 +225,21 @@ pub enum OutboxCommand {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Recomputes the hash chain of every order (or one) and reports the first broken event.
+    /// Recomputes the hash chain of every stream (or one order's) and reports the first
+    /// broken event; with --checkpoint, also what changed since that signed checkpoint.
     Verify {
         #[arg(long = "order")]
         order: Option<Uuid>,
+        /// A checkpoint file written by `shop run` (AUDIT_CHECKPOINT_DIR) or `shop audit
+        /// checkpoint`.
+        #[arg(long)]
+        checkpoint: Option<std::path::PathBuf>,
+    },
+    /// Takes a signed checkpoint of every stream's head now: prints it, or writes it into
+    /// the directory given.
+    Checkpoint {
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -252,6 +267,7 @@ mod tests {
             graphql,
             api_limits,
             retention,
+            checkpoints,
             projector,
             saga,
             ops,
@@ -264,6 +280,10 @@ mod tests {
         assert_eq!(
             retention.inbox_retention,
             Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(
+            checkpoints.audit_checkpoint_interval,
+            Duration::from_secs(15 * 60)
         );
         assert!(!graphql.console, "the console is off unless enabled");
         assert!(!saga.fault_injection, "fault injection is off by default");

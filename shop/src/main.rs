@@ -6,6 +6,7 @@
 
 use std::{process::ExitCode, time::Duration};
 
+use anyhow::Context;
 use clap::Parser;
 use platform::auth::Authenticator;
 
@@ -35,6 +36,12 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 async fn async_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     platform::telemetry::init();
+    // Roles that append need audit keys (or development mode); other commands use them when
+    // configured (verification, checkpoints).
+    let appends = matches!(cli.command, Command::Run { .. } | Command::Saga { .. });
+    cli.audit_keys
+        .install(appends, cli.infra.dev_mode)
+        .context("audit keys")?;
     match cli.command {
         Command::Migrate => migrate(&cli.infra).await?,
         Command::Setup => setup(&cli.infra).await?,
@@ -45,6 +52,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             graphql,
             api_limits,
             retention,
+            checkpoints,
             projector,
             saga,
             ops,
@@ -56,6 +64,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 graphql_limits: graphql,
                 api_limits,
                 retention: Some(retention),
+                checkpoints: Some(checkpoints),
                 projector: Some(projector),
                 saga: Some(saga),
             };
@@ -93,8 +102,11 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             println!("{}", auth.issue(&subject, role, ttl)?);
         }
         Command::Audit {
-            command: AuditCommand::Verify { order },
-        } => return audit_verify(&cli.infra, order).await,
+            command: AuditCommand::Verify { order, checkpoint },
+        } => return shop::audit::verify(&cli.infra, order, checkpoint).await,
+        Command::Audit {
+            command: AuditCommand::Checkpoint { out },
+        } => return shop::audit::checkpoint_now(&cli.infra, out).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,7 @@ pub struct RoleConfigs {
     pub graphql_limits: read_side::graphql::GraphqlLimits,
     pub api_limits: platform::limits::ApiLimits,
     pub retention: Option<crate::retention::RetentionConfig>,
+    pub checkpoints: Option<crate::audit::CheckpointConfig>,
     pub projector: Option<read_side::consumer::ProjectorConfig>,
     pub saga: Option<saga::SagaConfig>,
 }
@@ -142,6 +143,21 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         sup.spawn("retention", move |ctx| {
             crate::retention::run_role(p.clone(), cfg.clone(), ctx)
         });
+    }
+    match roles.checkpoints {
+        Some(crate::audit::CheckpointConfig {
+            audit_checkpoint_dir: Some(dir),
+            audit_checkpoint_interval: every,
+        }) => {
+            let p = pool.clone();
+            sup.spawn("audit-checkpoints", move |ctx| {
+                crate::audit::run_role(p.clone(), dir.clone(), every, ctx)
+            });
+        }
+        Some(_) => tracing::warn!(
+            "AUDIT_CHECKPOINT_DIR is not set: no audit checkpoints are written outside the database"
+        ),
+        None => {}
     }
     if let Some(saga_cfg) = roles.saga {
         saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);

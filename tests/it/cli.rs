@@ -11,6 +11,8 @@ fn shop(db_url: &str, args: &[&str]) -> (bool, String) {
         .env("DATABASE_URL", db_url)
         .env("JWT_KEYS", TEST_JWT_KEYS)
         .env_remove("JWT_KEYS_FILE")
+        .env("AUDIT_KEYS", shop_tests::TEST_AUDIT_KEYS)
+        .env_remove("AUDIT_KEYS_FILE")
         .env("RUST_LOG", "warn")
         .output()
         .expect("run shop");
@@ -40,6 +42,7 @@ async fn audit_verify_reports_the_first_broken_event() {
     assert!(ok, "{out}");
     assert!(out.contains("1 stream(s) checked, 0 broken"), "{out}");
 
+    api.db.allow_tampering().await;
     sqlx::query("UPDATE events SET payload = jsonb_set(payload, '{reason}', '\"y\"') WHERE stream_version = 2")
         .execute(&api.db.pool)
         .await
@@ -47,7 +50,7 @@ async fn audit_verify_reports_the_first_broken_event() {
     let (ok, out) = shop(&api.db.url, &["audit", "verify", "--order", &id]);
     assert!(!ok, "tampering not reported: {out}");
     assert!(
-        out.contains(&format!("BROKEN order {id}: first bad event at version 2")),
+        out.contains(&format!("BROKEN stream {id}: first bad event at version 2")),
         "{out}"
     );
     assert!(out.contains("ContentChanged"), "{out}");
@@ -70,6 +73,8 @@ fn shop_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
     for k in [
         "JWT_KEYS",
         "JWT_KEYS_FILE",
+        "AUDIT_KEYS",
+        "AUDIT_KEYS_FILE",
         "SHOP_DEV_MODE",
         "SAGA_FAULT_INJECTION",
     ] {
@@ -88,9 +93,16 @@ fn shop_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn run_refuses_to_start_without_keys_or_with_fault_injection_outside_development() {
-    let (code, out) = shop_with(&[], &["run"]);
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("JWT_KEYS_FILE"), "{out}");
+    let audit = ("AUDIT_KEYS", shop_tests::TEST_AUDIT_KEYS);
+    for (env, missing) in [
+        (&[][..], "AUDIT_KEYS_FILE"),
+        (&[("JWT_KEYS", TEST_JWT_KEYS)], "AUDIT_KEYS_FILE"),
+        (&[audit], "JWT_KEYS_FILE"),
+    ] {
+        let (code, out) = shop_with(env, &["run"]);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains(missing), "{out}");
+    }
     let (code, out) = shop_with(
         &[("JWT_KEYS", TEST_JWT_KEYS)],
         &["token", "--role", "customer", "--ttl", "48h"],
@@ -102,10 +114,12 @@ fn run_refuses_to_start_without_keys_or_with_fault_injection_outside_development
     for env in [
         &[
             ("JWT_KEYS", TEST_JWT_KEYS),
+            audit,
             ("SAGA_FAULT_INJECTION", "true"),
         ][..],
         &[
             ("JWT_KEYS", TEST_JWT_KEYS),
+            audit,
             ("SAGA_REFUSE_COMMANDS_AT", "shipping"),
         ],
     ] {
@@ -149,6 +163,8 @@ fn connection_passwords_never_reach_messages_or_logs() {
             .env("AMQP_URL", amqp)
             .env("JWT_KEYS", TEST_JWT_KEYS)
             .env_remove("JWT_KEYS_FILE")
+            .env("AUDIT_KEYS", shop_tests::TEST_AUDIT_KEYS)
+            .env_remove("AUDIT_KEYS_FILE")
             .env("RUST_LOG", "debug")
             .env("OPS_ADDR", "127.0.0.1:0")
             .env("HTTP_ADDR", "127.0.0.1:0")

@@ -314,6 +314,8 @@ async fn an_older_transaction_cannot_append_behind_a_younger_one_so_streams_stay
 #[tokio::test]
 async fn the_hash_chain_detects_edits_deletions_reordering_and_truncation() {
     let db = TestDb::new().await;
+    // Corrupts events on purpose, as their owner could.
+    db.allow_tampering().await;
     let streams: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
     for s in &streams {
         append_n(&db, *s, 2).await.unwrap();
@@ -389,4 +391,237 @@ async fn the_hash_chain_detects_edits_deletions_reordering_and_truncation() {
     );
     let (broken, checked) = verify_all(&mut conn, Some("thing")).await.unwrap();
     assert_eq!((broken.len(), checked), (4, 5));
+}
+
+#[tokio::test]
+async fn events_are_append_only_at_the_database() {
+    let db = TestDb::new().await;
+    let s = Uuid::now_v7();
+    append_n(&db, s, 2).await.unwrap();
+    for sql in [
+        "UPDATE events SET payload = '{}' WHERE stream_id = $1",
+        "DELETE FROM events WHERE stream_id = $1",
+    ] {
+        let e = sqlx::query(sql)
+            .bind(s)
+            .execute(&db.pool)
+            .await
+            .unwrap_err();
+        let code = e.as_database_error().and_then(|d| d.code()).unwrap();
+        assert_eq!(code, "42501", "{sql}: {e}");
+        assert!(e.to_string().contains("append-only"), "{e}");
+    }
+    let e = sqlx::query("TRUNCATE events CASCADE")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 2);
+}
+
+/// Each kind of tampering, on a stream of its own, after a signed checkpoint: the keyed
+/// chain or the checkpoint (or both) report it, in the library and through `shop audit
+/// verify --checkpoint`; an edited checkpoint is refused.
+#[tokio::test]
+async fn a_signed_checkpoint_and_the_keyed_chain_reveal_every_kind_of_tampering() {
+    use event_store::checkpoint::{self, Finding};
+    let db = TestDb::new().await;
+    let kinds = [
+        "edited",
+        "reordered",
+        "inserted",
+        "deleted in the middle",
+        "deleted tail",
+        "deleted stream",
+        "recomputed chain",
+    ];
+    let streams: Vec<Uuid> = kinds.iter().map(|_| Uuid::now_v7()).collect();
+    for s in &streams {
+        append_n(&db, *s, 4).await.unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let cp = checkpoint::take(&mut conn).await.unwrap();
+    assert!(cp.keyed_from.is_some(), "appends are keyed");
+    assert_eq!(checkpoint::compare(&mut conn, &cp).await.unwrap(), []);
+    let dir = std::env::temp_dir().join(format!("checkpoints-{}", Uuid::now_v7()));
+    let file = shop::audit::write(&dir, &cp).unwrap();
+
+    db.allow_tampering().await;
+    let exec = |sql: &'static str, s: Uuid| {
+        let pool = db.pool.clone();
+        async move { sqlx::query(sql).bind(s).execute(&pool).await.unwrap() }
+    };
+    let [
+        edited,
+        reordered,
+        inserted,
+        middle,
+        tail,
+        deleted,
+        recomputed,
+    ] = streams[..]
+    else {
+        unreachable!()
+    };
+    exec("UPDATE events SET payload = jsonb_set(payload, '{n}', '99') WHERE stream_id = $1 AND stream_version = 2", edited).await;
+    exec("UPDATE events SET stream_version = stream_version + 100 WHERE stream_id = $1 AND stream_version IN (2, 3)", reordered).await;
+    exec("UPDATE events SET stream_version = 105 - stream_version WHERE stream_id = $1 AND stream_version IN (102, 103)", reordered).await;
+    // A forged event at version 3, the later ones moved up, the head moved with them.
+    exec("UPDATE events SET stream_version = stream_version + 10 WHERE stream_id = $1 AND stream_version >= 3", inserted).await;
+    exec("UPDATE events SET stream_version = stream_version - 9 WHERE stream_id = $1 AND stream_version >= 13", inserted).await;
+    exec("INSERT INTO events (stream_id, stream_type, stream_version, event_id, event_type, schema_version, payload, metadata, recorded_at, prev_hash, hash, hash_kid)
+          SELECT stream_id, stream_type, 3, gen_random_uuid(), event_type, 1, '{\"n\": 1000}', metadata, recorded_at, hash, hash, hash_kid
+          FROM events WHERE stream_id = $1 AND stream_version = 2", inserted).await;
+    exec(
+        "UPDATE streams SET version = 5 WHERE stream_id = $1",
+        inserted,
+    )
+    .await;
+    exec(
+        "DELETE FROM events WHERE stream_id = $1 AND stream_version = 2",
+        middle,
+    )
+    .await;
+    // The tail cut consistently: the head row moved back to the new last event.
+    exec(
+        "DELETE FROM events WHERE stream_id = $1 AND stream_version = 4",
+        tail,
+    )
+    .await;
+    exec("UPDATE streams s SET version = 3, head_hash = e.hash FROM events e WHERE s.stream_id = $1 AND e.stream_id = $1 AND e.stream_version = 3", tail).await;
+    exec("DELETE FROM events WHERE stream_id = $1", deleted).await;
+    exec("DELETE FROM streams WHERE stream_id = $1", deleted).await;
+    // An edit, then the whole chain recomputed from the database's contents alone (no key).
+    exec("UPDATE events SET payload = jsonb_set(payload, '{n}', '99') WHERE stream_id = $1 AND stream_version = 2", recomputed).await;
+    let (events, _) = event_store::load_stream(&mut conn, recomputed)
+        .await
+        .unwrap();
+    let mut prev = event_store::hash::GENESIS.to_vec();
+    for e in &events {
+        let hash = event_store::hash::chain_hash(
+            &prev,
+            &event_store::hash::HashInput {
+                stream_id: e.stream_id,
+                stream_version: e.stream_version,
+                event_id: e.event_id,
+                event_type: &e.event_type,
+                schema_version: e.schema_version,
+                payload: &e.payload,
+                metadata: &e.metadata,
+                recorded_at: e.recorded_at,
+            },
+        );
+        sqlx::query(
+            "UPDATE events SET prev_hash = $2, hash = $3, hash_kid = NULL WHERE event_id = $1",
+        )
+        .bind(e.event_id)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE streams SET head_hash = $2 WHERE stream_id = $1")
+        .bind(recomputed)
+        .bind(&prev)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // What the keyed chain sees by itself, per stream.
+    let (broken, _) = verify_all(&mut conn, None).await.unwrap();
+    let chain: std::collections::HashMap<Uuid, Break> = broken
+        .into_iter()
+        .map(|r| (r.stream_id, r.broken.unwrap().problem))
+        .collect();
+    // What the checkpoint adds.
+    let findings = checkpoint::compare(&mut conn, &cp).await.unwrap();
+    let found = |s: Uuid| -> Vec<&Finding> {
+        findings
+            .iter()
+            .filter(|f| match f {
+                Finding::StreamDeleted { stream_id }
+                | Finding::Truncated { stream_id, .. }
+                | Finding::Rewritten { stream_id, .. }
+                | Finding::Unkeyed { stream_id, .. } => *stream_id == s,
+                Finding::BadSignature => false,
+            })
+            .collect()
+    };
+    for (kind, s) in kinds.iter().zip(&streams) {
+        assert!(
+            chain.contains_key(s) || !found(*s).is_empty(),
+            "{kind}: not detected"
+        );
+    }
+    assert_eq!(chain[&edited], Break::ContentChanged);
+    assert_eq!(chain[&reordered], Break::ChainBroken);
+    assert!(chain.contains_key(&inserted), "inserted: {chain:?}");
+    assert!(matches!(chain[&middle], Break::VersionGap { .. }));
+    // Invisible to the chain alone, visible against the checkpoint:
+    assert!(!chain.contains_key(&tail) && !chain.contains_key(&deleted));
+    assert!(
+        !chain.contains_key(&recomputed),
+        "a consistent unkeyed rewrite"
+    );
+    assert!(matches!(
+        found(tail)[..],
+        [Finding::Truncated { now: 3, .. }]
+    ));
+    assert!(matches!(
+        found(deleted)[..],
+        [Finding::StreamDeleted { .. }]
+    ));
+    assert!(
+        found(recomputed)
+            .iter()
+            .any(|f| matches!(f, Finding::Rewritten { .. }))
+    );
+    assert!(
+        found(recomputed)
+            .iter()
+            .any(|f| matches!(f, Finding::Unkeyed { .. }))
+    );
+
+    // The same through the operator's command.
+    let verify = |checkpoint: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shop"))
+            .args(["audit", "verify", "--checkpoint"])
+            .arg(checkpoint)
+            .env("DATABASE_URL", &db.url)
+            .env("AUDIT_KEYS", shop_tests::TEST_AUDIT_KEYS)
+            .env_remove("AUDIT_KEYS_FILE")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = verify(&file);
+    assert_eq!(code, Some(1), "{out}");
+    for expect in [
+        format!("BROKEN stream {edited}"),
+        format!("CHECKPOINT StreamDeleted {deleted}"),
+        format!("CHECKPOINT Truncated {tail}"),
+        format!("CHECKPOINT Rewritten {recomputed}"),
+        format!("CHECKPOINT Unkeyed {recomputed}"),
+    ] {
+        assert!(out.contains(&expect), "{expect}:\n{out}");
+    }
+    // A checkpoint edited to match the tampered database no longer verifies.
+    let mut forged = cp.clone();
+    forged.streams.retain(|s| s.stream_id != deleted);
+    let forged_file = dir.join("forged.json");
+    std::fs::write(&forged_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let (code, out) = verify(&forged_file);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("CHECKPOINT BadSignature"), "{out}");
+    std::fs::remove_dir_all(dir).ok();
 }

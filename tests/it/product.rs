@@ -103,6 +103,36 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         .await
         .unwrap();
     assert_eq!(pending, 0, "outbox rows left unpublished");
+
+    // Every event is keyed, the role wrote a signed checkpoint outside the database, and the
+    // store verifies against one taken now.
+    let unkeyed: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE hash_kid IS NULL")
+        .fetch_one(&shop.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(unkeyed, 0);
+    assert!(
+        shop.checkpoints.join("latest.json").exists(),
+        "no checkpoint written"
+    );
+    let out = shop
+        .command(&["audit", "checkpoint", "--out"])
+        .arg(&shop.checkpoints)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shop
+        .command(&["audit", "verify", "--checkpoint"])
+        .arg(shop.checkpoints.join("latest.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("0 finding(s)"), "{text}");
     shop.clean_up_brokers().await;
 }
 

@@ -351,6 +351,8 @@ async fn a_rebuild_while_commands_arrive_produces_the_live_read_model_and_graphq
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_rebuild_is_refused_and_a_failed_one_resumes_where_it_stopped() {
     let db = TestDb::new().await;
+    // Corrupts events on purpose, as their owner could.
+    db.allow_tampering().await;
     let pool = db.pool.clone();
     append_orders(&pool, 100, 4).await;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")

@@ -21,6 +21,19 @@ pub struct TestApi {
 /// The bearer-token keys of in-process APIs and of `shop` children (`JWT_KEYS`).
 pub const TEST_JWT_KEYS: &str = "test-1=test-secret-0123456789-0123456789";
 
+/// The audit keys of in-process appends and of `shop` children (`AUDIT_KEYS`).
+pub const TEST_AUDIT_KEYS: &str = "audit-test-1=audit-secret-0123456789-0123456789";
+
+/// Installs [`TEST_AUDIT_KEYS`] for this test process (idempotent): every in-process append
+/// keys its chain with them, as `shop run` does with its own.
+pub fn install_test_audit_keys() {
+    let ring = platform::keys::Keyring::parse("AUDIT", TEST_AUDIT_KEYS).expect("test keys");
+    event_store::hash::install_chain_keys(
+        event_store::hash::ChainKeys::new(ring.entries()).unwrap(),
+    )
+    .expect("one set of audit keys per test process");
+}
+
 /// An authenticator over [`TEST_JWT_KEYS`] with the default claims.
 pub fn test_auth() -> platform::auth::Authenticator {
     let cfg = platform::auth::AuthConfig::with_keys(TEST_JWT_KEYS);

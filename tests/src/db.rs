@@ -44,7 +44,18 @@ impl TestDb {
         Self::with_pool_size(8).await
     }
 
+    /// Lets this test's database change and remove events, as an attacker who owns the
+    /// tables would (the owner can disable the append-only triggers); tests that tamper or
+    /// simulate corrupt rows call it first.
+    pub async fn allow_tampering(&self) {
+        sqlx::query("ALTER TABLE events DISABLE TRIGGER USER")
+            .execute(&self.pool)
+            .await
+            .expect("disable the append-only triggers");
+    }
+
     pub async fn with_pool_size(max: u32) -> Self {
+        crate::install_test_audit_keys();
         let admin_url = infra().database_url;
         let name = format!("{TEST_DB_PREFIX}{}", unique_prefix());
         let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {

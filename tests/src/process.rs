@@ -29,6 +29,8 @@ pub struct ShopProcess {
     pub graphql: String,
     pub ops: String,
     pub log: PathBuf,
+    /// Where `shop run` writes its signed audit checkpoints (`AUDIT_CHECKPOINT_DIR`).
+    pub checkpoints: PathBuf,
     pub http: reqwest::Client,
 }
 
@@ -46,7 +48,12 @@ impl ShopProcess {
         let db = TestDb::new().await;
         let prefix = format!("{}.", unique_prefix());
         let (api, graphql, ops) = (free_port(), free_port(), free_port());
+        let checkpoints = std::env::temp_dir().join(format!("shop-{prefix}checkpoints"));
         let env = vec![
+            (
+                "AUDIT_CHECKPOINT_DIR".into(),
+                checkpoints.display().to_string(),
+            ),
             ("DATABASE_URL".into(), db.url.clone()),
             ("KAFKA_TOPIC_PREFIX".into(), prefix.clone()),
             ("SAGA_QUEUE_PREFIX".into(), prefix.clone()),
@@ -54,6 +61,7 @@ impl ShopProcess {
             ("GRAPHQL_ADDR".into(), format!("127.0.0.1:{graphql}")),
             ("OPS_ADDR".into(), format!("127.0.0.1:{ops}")),
             ("JWT_KEYS".into(), crate::TEST_JWT_KEYS.into()),
+            ("AUDIT_KEYS".into(), crate::TEST_AUDIT_KEYS.into()),
             // A load generator: one customer sends hundreds of orders a second.
             ("RATE_LIMIT_PER_SECOND".into(), "100000".into()),
             ("RATE_LIMIT_BURST".into(), "100000".into()),
@@ -74,6 +82,7 @@ impl ShopProcess {
             graphql: format!("http://127.0.0.1:{graphql}/graphql"),
             ops: format!("http://127.0.0.1:{ops}"),
             log,
+            checkpoints,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -97,6 +106,7 @@ impl ShopProcess {
         let mut c = Command::new(&self.bin);
         c.args(args)
             .env_remove("JWT_KEYS_FILE")
+            .env_remove("AUDIT_KEYS_FILE")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
