@@ -4,6 +4,7 @@
 # - curl's headers: librdkafka 2.12 includes <curl/curl.h> even when built without curl
 #   (an #ifdef on a 0/1 macro in rdkafka_conf.c); only the header is used, nothing links it.
 # - psql: the service scripts use it to probe and set up PostgreSQL.
+# - OpenSSL's headers and pkg-config: librdkafka's TLS (feature ssl) builds against them.
 # - curl: `scripts/run.sh --check` polls /readyz with it.
 SERVICE=deps
 source "$(dirname "$0")/lib.sh"
@@ -13,6 +14,9 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v cc >/dev/null || missing+=(build-essential)
 [[ -f /usr/include/curl/curl.h || -f /usr/include/x86_64-linux-gnu/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# TLS to Kafka: librdkafka links the system OpenSSL.
+[[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v curl >/dev/null || missing+=(curl)
 if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs) first"

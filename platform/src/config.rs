@@ -61,6 +61,31 @@ pub struct InfraConfig {
           value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub kafka_partitions: i32,
 
+    /// How Kafka clients talk to the brokers: `plaintext` or `ssl` (TLS).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext",
+          value_parser = ["plaintext", "ssl"])]
+    pub kafka_security_protocol: String,
+
+    /// With `ssl`: the CA certificate(s) (PEM file) that signed the brokers' certificates;
+    /// the system's CAs when unset.
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<String>,
+
+    /// With `ssl` and client authentication: this client's certificate and key (PEM files).
+    #[arg(
+        long,
+        env = "KAFKA_SSL_CERTIFICATE_LOCATION",
+        requires = "kafka_ssl_key_location"
+    )]
+    pub kafka_ssl_certificate_location: Option<String>,
+
+    #[arg(
+        long,
+        env = "KAFKA_SSL_KEY_LOCATION",
+        requires = "kafka_ssl_certificate_location"
+    )]
+    pub kafka_ssl_key_location: Option<String>,
+
     /// RabbitMQ connection URL (the vhost is the URL's path, `%2f` for `/`).
     #[arg(
         long,

@@ -37,6 +37,40 @@ pub enum KafkaSetupError {
     },
 }
 
+/// How this process's Kafka clients secure their connections (TLS), from the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// `(librdkafka property, value)` pairs added to every client.
+    properties: Vec<(&'static str, String)>,
+}
+
+impl Security {
+    pub fn from_config(cfg: &crate::config::InfraConfig) -> Self {
+        let mut properties = vec![("security.protocol", cfg.kafka_security_protocol.clone())];
+        for (key, value) in [
+            ("ssl.ca.location", &cfg.kafka_ssl_ca_location),
+            (
+                "ssl.certificate.location",
+                &cfg.kafka_ssl_certificate_location,
+            ),
+            ("ssl.key.location", &cfg.kafka_ssl_key_location),
+        ] {
+            if let Some(v) = value {
+                properties.push((key, v.clone()));
+            }
+        }
+        Self { properties }
+    }
+}
+
+static SECURITY: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+
+/// Sets how every Kafka client of this process connects (once, at start, like the logger;
+/// the clients are made in many places from a broker list alone). Without it: plaintext.
+pub fn configure_security(security: Security) {
+    let _ = SECURITY.set(security);
+}
+
 /// Base settings every client shares.
 pub fn base_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -44,6 +78,9 @@ pub fn base_config(brokers: &str) -> ClientConfig {
         // Loopback-only single-node broker; keep reconnects snappy.
         .set("reconnect.backoff.max.ms", "2000")
         .set("log_level", "4");
+    for (key, value) in SECURITY.get().map_or(&[][..], |s| &s.properties) {
+        c.set(*key, value);
+    }
     c
 }
 

@@ -38,6 +38,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
     platform::telemetry::init();
     // Roles that append need audit keys (or development mode); other commands use them when
     // configured (verification, checkpoints).
+    platform::kafka::configure_security(platform::kafka::Security::from_config(&cli.infra));
     let appends = matches!(cli.command, Command::Run { .. } | Command::Saga { .. });
     cli.audit_keys
         .install(appends, cli.infra.dev_mode)

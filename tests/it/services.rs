@@ -267,3 +267,55 @@ async fn rabbitmq_confirmed_persistent_messages_round_trip_through_a_quorum_queu
     consumer_ch.close(200, "done".into()).await.ok();
     rabbit.delete_queues(&[queue]).await;
 }
+
+/// TLS to PostgreSQL through the product's own pool settings (`platform::db`): encrypted on
+/// request, verified against the CA given in the URL, refused against the wrong CA. The
+/// local server is Debian's, with its self-signed `snakeoil` certificate.
+#[tokio::test]
+async fn postgres_connections_can_be_tls_and_are_verified() {
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let db = TestDb::new().await;
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let tls_in_use = |url: String| async move {
+        let pool =
+            platform::db::connect_bounded(&url, "shop:tls-test", 1, Duration::from_secs(5)).await?;
+        let ssl: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await?;
+        pool.close().await;
+        Ok::<bool, sqlx::Error>(ssl)
+    };
+    assert!(
+        !tls_in_use(format!("{}{sep}sslmode=disable", db.url))
+            .await
+            .unwrap()
+    );
+    assert!(
+        tls_in_use(format!("{}{sep}sslmode=require", db.url))
+            .await
+            .unwrap()
+    );
+    // Verified: the certificate is signed by the CA given (the self-signed one itself) and
+    // names the host connected to (`localhost`).
+    let by_name = db.url.replacen("@127.0.0.1:", "@localhost:", 1);
+    assert_ne!(by_name, db.url);
+    assert!(
+        tls_in_use(format!(
+            "{by_name}{sep}sslmode=verify-full&sslrootcert={SNAKEOIL}"
+        ))
+        .await
+        .unwrap()
+    );
+    // Refused: a certificate for another host name. (A wrong CA cannot be shown here: the
+    // system's CA store, which rustls reads from /etc/ssl/certs, holds Debian's snakeoil
+    // certificate itself.)
+    let by_ip = format!("{}{sep}sslmode=verify-full&sslrootcert={SNAKEOIL}", db.url);
+    let refused = tls_in_use(by_ip)
+        .await
+        .expect_err("a certificate for another name");
+    assert!(
+        refused.to_string().contains("not valid for name"),
+        "{refused}"
+    );
+}
