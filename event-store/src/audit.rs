@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::{
     StoredEvent,
-    hash::{GENESIS, HashInput, recompute},
+    hash::{GENESIS, recompute},
     read::load_stream,
 };
 
@@ -71,20 +71,7 @@ pub fn check_chain(
         if e.prev_hash != prev {
             return Some(at(e, Break::ChainBroken));
         }
-        let recomputed = recompute(
-            e.hash_kid.as_deref(),
-            &prev,
-            &HashInput {
-                stream_id: e.stream_id,
-                stream_version: e.stream_version,
-                event_id: e.event_id,
-                event_type: &e.event_type,
-                schema_version: e.schema_version,
-                payload: &e.payload,
-                metadata: &e.metadata,
-                recorded_at: e.recorded_at,
-            },
-        );
+        let recomputed = recompute(e.hash_kid.as_deref(), &prev, &e.hash_input());
         let recomputed = match recomputed {
             Ok(h) => h,
             Err(kid) => return Some(at(e, Break::KeyUnavailable { kid })),

@@ -59,6 +59,22 @@ fn feed(prev_hash: &[u8], e: &HashInput<'_>, mut update: impl FnMut(&[u8])) {
     update(&e.recorded_at.timestamp_micros().to_be_bytes());
 }
 
+impl crate::StoredEvent {
+    /// What the chain covers of this stored event.
+    pub fn hash_input(&self) -> HashInput<'_> {
+        HashInput {
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+        }
+    }
+}
+
 /// The unkeyed link: SHA-256 (events recorded without a key).
 pub fn chain_hash(prev_hash: &[u8], e: &HashInput<'_>) -> Vec<u8> {
     let mut h = Sha256::new();

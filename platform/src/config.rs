@@ -14,6 +14,7 @@ pub struct InfraConfig {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://shop:shop@127.0.0.1:5432/shop",
         value_parser = parse_postgres_url
     )]
@@ -90,6 +91,7 @@ pub struct InfraConfig {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         value_parser = parse_amqp_url
     )]
@@ -156,6 +158,25 @@ fn parse_brokers(s: &str) -> Result<String, String> {
 /// `url` with its password (if any) replaced by `***`, for messages and logs: connection
 /// URLs carry credentials and error messages travel far.
 pub fn redacted(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{out}?{}", params.join("&"));
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -238,6 +259,10 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redacted("postgres://db/shop"), "postgres://db/shop");
+        assert_eq!(
+            redacted("postgres://db/shop?user=u&password=pw&sslmode=require"),
+            "postgres://db/shop?user=u&password=***&sslmode=require"
+        );
         assert_eq!(
             redacted("postgres://user@db/shop"),
             "postgres://user@db/shop"

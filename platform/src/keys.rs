@@ -70,16 +70,29 @@ pub enum KeyError {
 }
 
 impl Keyring {
-    /// Parses `kid=secret` entries separated by newlines or commas. `name` (e.g. `JWT`) only
-    /// labels errors, which never quote a secret.
+    /// Parses a key file: one `kid=secret` per line. `name` (e.g. `JWT`) only labels errors,
+    /// which never quote a kid or a secret (a line pasted wrong may have a secret where the
+    /// kid should be).
     pub fn parse(name: &str, text: &str) -> Result<Self, KeyError> {
+        Self::parse_entries(name, text.split('\n'))
+    }
+
+    /// Parses the environment variable's form: entries separated by commas (or newlines).
+    pub fn parse_inline(name: &str, text: &str) -> Result<Self, KeyError> {
+        Self::parse_entries(name, text.split(['\n', ',']))
+    }
+
+    fn parse_entries<'t>(
+        name: &str,
+        entries: impl Iterator<Item = &'t str>,
+    ) -> Result<Self, KeyError> {
         let invalid = |line: usize, reason: String| KeyError::Invalid {
             name: name.to_owned(),
             line,
             reason,
         };
         let mut keys: Vec<Key> = Vec::new();
-        for (i, entry) in text.split(['\n', ',']).enumerate() {
+        for (i, entry) in entries.enumerate() {
             let entry = entry.trim();
             if entry.is_empty() || entry.starts_with('#') {
                 continue;
@@ -102,11 +115,14 @@ impl Keyring {
             if secret.len() < MIN_SECRET_BYTES {
                 return Err(invalid(
                     i + 1,
-                    format!("the secret of `{kid}` is shorter than {MIN_SECRET_BYTES} bytes"),
+                    format!("the secret is shorter than {MIN_SECRET_BYTES} bytes"),
                 ));
             }
             if keys.iter().any(|k| k.kid == kid) {
-                return Err(invalid(i + 1, format!("the kid `{kid}` appears twice")));
+                return Err(invalid(
+                    i + 1,
+                    "its kid appears on an earlier line too".into(),
+                ));
             }
             keys.push(Key {
                 kid: kid.to_owned(),
@@ -132,7 +148,7 @@ impl Keyring {
             (Some(_), Some(_)) => Err(KeyError::Both {
                 name: name.to_owned(),
             }),
-            (Some(text), None) => Self::parse(name, text).map(Some),
+            (Some(text), None) => Self::parse_inline(name, text).map(Some),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| KeyError::Unreadable {
                     name: name.to_owned(),
@@ -211,7 +227,7 @@ mod tests {
         assert_eq!(ring.active().kid, "new");
         assert_eq!(ring.get("old").unwrap().secret(), A.as_bytes());
         assert_eq!(ring.kids().collect::<Vec<_>>(), ["new", "old"]);
-        let inline = Keyring::parse("JWT", &format!("new={B},old={A}")).unwrap();
+        let inline = Keyring::parse_inline("JWT", &format!("new={B},old={A}")).unwrap();
         assert_eq!(inline, ring);
     }
 
@@ -224,11 +240,13 @@ mod tests {
             (A, "kid=secret"),
             (&format!("k={short}"), "shorter than 32"),
             (&format!("bad kid={A}"), "kid must be"),
-            (&format!("k={A},k={B}"), "appears twice"),
+            (&format!("k={A}\nk={B}"), "earlier line"),
+            // A base64 secret pasted without its kid: `=` padding makes it look like one.
+            (&format!("{}=", &A[..30]), "shorter than 32"),
         ] {
             let e = Keyring::parse("JWT", text).unwrap_err().to_string();
             assert!(e.contains(expect), "{text:?}: {e}");
-            assert!(!e.contains(short) && !e.contains(A), "{e}");
+            assert!(!e.contains(short) && !e.contains(&A[..30]), "{e}");
         }
         let debug = format!("{:?}", Keyring::parse("JWT", &format!("k={A}")).unwrap());
         assert!(!debug.contains(A), "{debug}");

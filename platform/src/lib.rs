@@ -15,6 +15,7 @@
 //! - [`supervisor`]: named roles restarted with backoff on transient failures; a permanent
 //!   one stops the process non-zero. `/readyz` reports every role.
 //! - [`limits`]: admission control of the public APIs: concurrency, per-caller rate, timeout.
+//! - [`server`]: serving a router with a header-read timeout and graceful shutdown.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics` routes for any axum server.
 //! - [`db`], [`kafka`], [`amqp`]: connecting to PostgreSQL, Kafka and RabbitMQ the same way
 //!   everywhere (pool sizes, idempotent producer, publisher confirms, topic creation).
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod keys;
 pub mod limits;
 pub mod ops;
+pub mod server;
 pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;

@@ -37,6 +37,10 @@ pub struct ApiLimits {
     /// Longest a request to the command API or GraphQL may take before it is answered 503.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "15s", value_parser = crate::config::parse_duration)]
     pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers (every listener) before it is
+    /// disconnected.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub header_read_timeout: Duration,
     /// Requests each public API serves at once; more are refused with 503 and Retry-After.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -185,7 +185,12 @@ pub fn router(readiness: Readiness) -> Router {
 
 /// Binds `addr` and serves `router` as a supervised role until shutdown. A port already
 /// taken is a permanent failure (the process stops with the address in the message).
-pub async fn serve(addr: SocketAddr, router: Router, ctx: RoleCtx) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    header_read_timeout: Duration,
+    ctx: RoleCtx,
+) -> anyhow::Result<()> {
     // A taken port or an address that is not ours will not heal by itself.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -193,10 +198,14 @@ pub async fn serve(addr: SocketAddr, router: Router, ctx: RoleCtx) -> anyhow::Re
         .map_err(crate::errors::permanent)?;
     tracing::info!(role = ctx.name(), %addr, "listening");
     ctx.up();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(ctx.shutdown().clone().cancelled_owned())
-        .await
-        .with_context(|| format!("serving {} on {addr}", ctx.name()))
+    crate::server::serve(
+        listener,
+        router,
+        ctx.shutdown().clone(),
+        header_read_timeout,
+    )
+    .await
+    .with_context(|| format!("serving {} on {addr}", ctx.name()))
 }
 
 #[derive(serde::Deserialize)]

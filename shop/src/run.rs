@@ -84,6 +84,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         return Ok(());
     }
     let pools = platform::db::Pools::connect(infra).await?;
+    let header_timeout = roles.api_limits.header_read_timeout;
     let pool = pools.workers.clone();
     let mut sup = Supervisor::new(shutdown);
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
@@ -94,7 +95,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         let router = write_side::http::router(state, cfg.max_body_bytes);
         let addr = cfg.http_addr;
         sup.spawn("command-api", move |ctx| {
-            platform::ops::serve(addr, router.clone(), ctx)
+            platform::ops::serve(addr, router.clone(), header_timeout, ctx)
         });
     }
     if let Some(relay_cfg) = roles.relay {
@@ -135,7 +136,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         };
         let router = graphql_api.router();
         sup.spawn("graphql", move |ctx| {
-            platform::ops::serve(addr, router.clone(), ctx)
+            platform::ops::serve(addr, router.clone(), header_timeout, ctx)
         });
     }
     if let Some(cfg) = roles.retention {
@@ -165,7 +166,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let readiness = readiness.roles(sup.roles(), ops.ready_grace);
     let ops_router = platform::ops::router(readiness);
     sup.spawn("ops", move |ctx| {
-        platform::ops::serve(ops.addr, ops_router.clone(), ctx)
+        platform::ops::serve(ops.addr, ops_router.clone(), header_timeout, ctx)
     });
     let result = sup.wait().await;
     // Bounded: a connection held by a task that outlived its role (a websocket's listener)

@@ -502,19 +502,7 @@ async fn a_signed_checkpoint_and_the_keyed_chain_reveal_every_kind_of_tampering(
         .unwrap();
     let mut prev = event_store::hash::GENESIS.to_vec();
     for e in &events {
-        let hash = event_store::hash::chain_hash(
-            &prev,
-            &event_store::hash::HashInput {
-                stream_id: e.stream_id,
-                stream_version: e.stream_version,
-                event_id: e.event_id,
-                event_type: &e.event_type,
-                schema_version: e.schema_version,
-                payload: &e.payload,
-                metadata: &e.metadata,
-                recorded_at: e.recorded_at,
-            },
-        );
+        let hash = event_store::hash::chain_hash(&prev, &e.hash_input());
         sqlx::query(
             "UPDATE events SET prev_hash = $2, hash = $3, hash_kid = NULL WHERE event_id = $1",
         )

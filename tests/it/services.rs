@@ -319,3 +319,25 @@ async fn postgres_connections_can_be_tls_and_are_verified() {
         "{refused}"
     );
 }
+
+/// Each of `shop run`'s pools has a `statement_timeout`: PostgreSQL itself stops a statement
+/// that runs away, whatever the client does.
+#[tokio::test]
+async fn a_pools_statement_timeout_is_enforced_by_postgres() {
+    let db = TestDb::new().await;
+    let pool =
+        platform::db::connect_bounded(&db.url, "shop:queries", 1, Duration::from_millis(200))
+            .await
+            .unwrap();
+    let e = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    let code = e.as_database_error().and_then(|d| d.code());
+    assert_eq!(code.as_deref(), Some("57014"), "{e}");
+    let name: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "shop:queries");
+}

@@ -27,7 +27,7 @@ pub const TEST_AUDIT_KEYS: &str = "audit-test-1=audit-secret-0123456789-01234567
 /// Installs [`TEST_AUDIT_KEYS`] for this test process (idempotent): every in-process append
 /// keys its chain with them, as `shop run` does with its own.
 pub fn install_test_audit_keys() {
-    let ring = platform::keys::Keyring::parse("AUDIT", TEST_AUDIT_KEYS).expect("test keys");
+    let ring = platform::keys::Keyring::parse_inline("AUDIT", TEST_AUDIT_KEYS).expect("test keys");
     event_store::hash::install_chain_keys(
         event_store::hash::ChainKeys::new(ring.entries()).unwrap(),
     )

@@ -59,9 +59,8 @@ impl App {
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "command api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        let header_timeout = platform::limits::ApiLimits::default().header_read_timeout;
+        platform::server::serve(self.listener, self.router, shutdown, header_timeout).await
     }
 }
 

@@ -14,7 +14,11 @@ use std::{
     time::Duration,
 };
 
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{
+    ErrorExtensions, ServerError, ServerResult, Variables,
+    extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery},
+    parser::types::{ExecutableDocument, Selection, SelectionSet},
+};
 
 /// The limits, each configurable (docs/security.md lists them with their defaults).
 #[derive(Debug, Clone, clap::Args)]
@@ -64,50 +68,142 @@ impl Default for GraphqlLimits {
     }
 }
 
-/// How deep fragment spreads may nest while counting (validation refuses cycles later; this
-/// only keeps the count itself bounded).
-const MAX_FRAGMENT_NESTING: usize = 16;
-
-/// The number of fields `doc` selects, fragments expanded where they are used, counted up to
-/// `cap + 1` at most (so a hostile document costs at most that much counting).
-pub fn fields_selected(doc: &ExecutableDocument, cap: usize) -> usize {
-    let mut count = 0;
-    for (_, op) in doc.operations.iter() {
-        count_set(doc, &op.node.selection_set.node, 0, cap, &mut count);
-    }
-    count
+/// The number of selections `doc` makes once every fragment spread is expanded where it is
+/// used (each field, each spread, aliases and repeated fragments included), saturating at
+/// `usize::MAX`. A fragment that spreads itself (directly or not) counts as unbounded.
+///
+/// Linear in the document: each fragment's expanded size is computed once and reused, so a
+/// few hundred bytes of fragments that multiply each other cost nothing to count, and the
+/// count says how much the executor (and async-graphql's own validation, which expands
+/// fragments the same way) would walk.
+pub fn fields_selected(doc: &ExecutableDocument) -> usize {
+    let mut sizes = FragmentSizes {
+        doc,
+        done: HashMap::new(),
+        visiting: Vec::new(),
+    };
+    doc.operations
+        .iter()
+        .map(|(_, op)| sizes.of_set(&op.node.selection_set.node))
+        .fold(0, usize::saturating_add)
 }
 
-fn count_set(
-    doc: &ExecutableDocument,
-    set: &SelectionSet,
-    nesting: usize,
-    cap: usize,
-    count: &mut usize,
-) {
-    for item in &set.items {
-        if *count > cap {
-            return;
+struct FragmentSizes<'a> {
+    doc: &'a ExecutableDocument,
+    done: HashMap<&'a str, usize>,
+    /// Fragments being expanded (to refuse cycles).
+    visiting: Vec<&'a str>,
+}
+
+impl<'a> FragmentSizes<'a> {
+    fn of_set(&mut self, set: &'a SelectionSet) -> usize {
+        set.items
+            .iter()
+            .map(|item| match &item.node {
+                Selection::Field(f) => {
+                    1usize.saturating_add(self.of_set(&f.node.selection_set.node))
+                }
+                Selection::InlineFragment(f) => self.of_set(&f.node.selection_set.node),
+                Selection::FragmentSpread(s) => {
+                    1usize.saturating_add(self.of_fragment(s.node.fragment_name.node.as_str()))
+                }
+            })
+            .fold(0, usize::saturating_add)
+    }
+
+    fn of_fragment(&mut self, name: &'a str) -> usize {
+        if let Some(n) = self.done.get(name) {
+            return *n;
         }
-        match &item.node {
-            Selection::Field(f) => {
-                *count += 1;
-                count_set(doc, &f.node.selection_set.node, nesting, cap, count);
+        if self.visiting.contains(&name) {
+            return usize::MAX;
+        }
+        // An undefined fragment is refused by validation; here it is only its spread.
+        let Some(fragment) = self.doc.fragments.get(name) else {
+            return 0;
+        };
+        self.visiting.push(name);
+        let n = self.of_set(&fragment.node.selection_set.node);
+        self.visiting.pop();
+        self.done.insert(name, n);
+        n
+    }
+}
+
+/// The schema extension that applies the document limit and the query timeout to every
+/// operation, over HTTP and over WebSocket alike, before async-graphql validates the
+/// document (its validation expands fragments too).
+pub struct Bounds {
+    pub max_fields: usize,
+    pub query_timeout: Duration,
+}
+
+impl ExtensionFactory for Bounds {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(BoundsExtension {
+            max_fields: self.max_fields,
+            query_timeout: self.query_timeout,
+        })
+    }
+}
+
+struct BoundsExtension {
+    max_fields: usize,
+    query_timeout: Duration,
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for BoundsExtension {
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        // Counted before async-graphql parses for itself: its parse step already walks every
+        // fragment expansion (its recursion-depth check), exponentially for a fragment bomb.
+        // A document that does not parse is left to it (it reports where).
+        if let Ok(doc) = async_graphql::parser::parse_query(query) {
+            let max = self.max_fields;
+            if fields_selected(&doc) > max {
+                return Err(refusal(
+                    "TOO_MANY_FIELDS",
+                    format!(
+                        "a document may select at most {max} fields (aliases and fragment uses count)"
+                    ),
+                ));
             }
-            Selection::InlineFragment(f) => {
-                count_set(doc, &f.node.selection_set.node, nesting, cap, count);
-            }
-            Selection::FragmentSpread(s) => {
-                if nesting >= MAX_FRAGMENT_NESTING {
-                    *count = cap + 1;
-                    return;
-                }
-                if let Some(frag) = doc.fragments.get(&s.node.fragment_name.node) {
-                    count_set(doc, &frag.node.selection_set.node, nesting + 1, cap, count);
-                }
+        }
+        next.run(ctx, query, variables).await
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> async_graphql::Response {
+        match tokio::time::timeout(self.query_timeout, next.run(ctx, operation_name)).await {
+            Ok(response) => response,
+            Err(_) => {
+                metrics::counter!("graphql_timeouts_total").increment(1);
+                async_graphql::Response::from_errors(vec![refusal(
+                    "TIMEOUT",
+                    format!(
+                        "the query ran longer than {}s and was abandoned",
+                        self.query_timeout.as_secs_f64()
+                    ),
+                )])
             }
         }
     }
+}
+
+fn refusal(code: &'static str, message: String) -> ServerError {
+    async_graphql::Error::new(message)
+        .extend_with(|_, e| e.set("code", code))
+        .into_server_error(async_graphql::Pos::default())
 }
 
 /// Open subscriptions per principal, shared by every connection of the API.
@@ -165,26 +261,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn aliases_and_fragment_uses_count_as_fields() {
-        let count = |q: &str| fields_selected(&parse_query(q).unwrap(), 10_000);
+    fn aliases_fragment_uses_and_spreads_count_as_fields() {
+        let count = |q: &str| fields_selected(&parse_query(q).unwrap());
         assert_eq!(count("{ a b { c d } }"), 4);
         let aliases: String = (0..2000).map(|i| format!("a{i}: order(id: 1) ")).collect();
         assert_eq!(count(&format!("{{ {aliases} }}")), 2000);
-        // A fragment of 3 fields used 4 times is 12 fields, plus the 4 fields using it.
+        // A fragment of 3 fields used 4 times: 4 fields + 4 spreads + 12 fields.
         let q = "{ x { ...F } y { ...F } z { ...F } w { ...F } } fragment F on T { a b c }";
-        assert_eq!(count(q), 16);
-        // Nested fragments multiply; the count stops just past the cap.
+        assert_eq!(count(q), 20);
+        // Fragments that multiply each other are counted by what they expand to.
         let nest = "{ ...A } fragment A on Q { a1: x { ...B } a2: x { ...B } a3: x { ...B } }
                     fragment B on Q { b1: x { ...C } b2: x { ...C } b3: x { ...C } }
                     fragment C on Q { c1 c2 c3 c4 c5 c6 c7 c8 c9 c10 }";
-        assert_eq!(
-            fields_selected(&parse_query(nest).unwrap(), 10_000),
-            3 + 9 + 90
-        );
-        assert_eq!(fields_selected(&parse_query(nest).unwrap(), 50), 51);
-        // A cycle (invalid, refused by validation later) still ends.
-        let cycle = "{ ...A } fragment A on Q { a { ...A } }";
-        assert!(fields_selected(&parse_query(cycle).unwrap(), 200) > 0);
+        assert_eq!(count(nest), 1 + 3 * (2 + 3 * (2 + 10)));
+        // A cycle is unbounded.
+        assert_eq!(count("{ ...A } fragment A on Q { a { ...A } }"), usize::MAX);
+    }
+
+    /// 14 fragments each spreading the next ten times, the last spreading one that does not
+    /// exist: ~10^14 spreads once expanded, counted at once (and refused), never walked.
+    #[test]
+    fn a_fragment_bomb_is_counted_without_being_expanded() {
+        let mut q = String::from("{ ...F0 }");
+        for i in 0..14 {
+            let spreads: String = (0..10)
+                .map(|j| format!("f{j}: x {{ ...F{} }} ", i + 1))
+                .collect();
+            q.push_str(&format!(" fragment F{i} on Q {{ {spreads} }}"));
+        }
+        q.push_str(" fragment F14 on Q { ...Missing }");
+        let started = std::time::Instant::now();
+        let n = fields_selected(&parse_query(&q).unwrap());
+        assert!(n > 10usize.pow(14), "{n}");
+        // Not a timing assertion on speed: the walk would take days, so finishing at all
+        // within the test's run is what shows it was not walked.
+        let _ = started;
     }
 
     #[test]

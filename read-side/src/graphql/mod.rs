@@ -18,13 +18,13 @@
 //! - `access` and `errors` hold the caller and the error codes, shared by the resolvers.
 
 use async_graphql::{
-    Data, ErrorExtensions, MergedObject, MergedSubscription, Schema, http::ALL_WEBSOCKET_PROTOCOLS,
+    Data, MergedObject, MergedSubscription, Schema, http::ALL_WEBSOCKET_PROTOCOLS,
 };
 use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::{
     Router,
     extract::{State, WebSocketUpgrade},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, header},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
@@ -97,6 +97,10 @@ impl GraphqlApi {
         .data(limits::SubscriptionSlots::new(
             self.limits.max_subscriptions,
         ))
+        .extension(limits::Bounds {
+            max_fields: self.limits.max_fields,
+            query_timeout: self.limits.query_timeout,
+        })
         .limit_depth(10)
         .limit_complexity(self.limits.max_complexity);
         if let Some(w) = &self.watermarks {
@@ -150,49 +154,13 @@ async fn graphql(
     req: GraphQLRequest,
 ) -> Response {
     let mut req = req.into_inner();
-    // Unparsable documents are left to the executor, which reports where they break.
-    if let Ok(doc) = async_graphql::parser::parse_query(&req.query) {
-        let max = state.limits.max_fields;
-        if limits::fields_selected(&doc, max) > max {
-            return refused(
-                "TOO_MANY_FIELDS",
-                format!(
-                    "a document may select at most {max} fields (aliases and fragment uses count)"
-                ),
-            );
-        }
-    }
     // A missing or invalid token leaves the request anonymous; fields that need a caller
-    // answer UNAUTHENTICATED.
+    // answer UNAUTHENTICATED. The document limit and the timeout are the schema's
+    // (`limits::Bounds`), so they hold over WebSocket too.
     if let Some(p) = header_principal(&state.auth, &headers) {
         req = req.data(p);
     }
-    match tokio::time::timeout(state.limits.query_timeout, state.schema.execute(req)).await {
-        Ok(response) => GraphQLResponse::from(response).into_response(),
-        Err(_) => {
-            metrics::counter!("graphql_timeouts_total").increment(1);
-            refused(
-                "TIMEOUT",
-                format!(
-                    "the query ran longer than {}s and was abandoned",
-                    state.limits.query_timeout.as_secs_f64()
-                ),
-            )
-        }
-    }
-}
-
-/// A GraphQL error response for a request refused as a whole (no field ran).
-fn refused(code: &'static str, message: String) -> Response {
-    let error = async_graphql::Error::new(message)
-        .extend_with(|_, e| e.set("code", code))
-        .into_server_error(async_graphql::Pos::default());
-    let status = match code {
-        "TIMEOUT" => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    let body = async_graphql::Response::from_errors(vec![error]);
-    (status, GraphQLResponse::from(body)).into_response()
+    GraphQLResponse::from(state.schema.execute(req).await).into_response()
 }
 
 fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
@@ -249,9 +217,12 @@ async fn graphql_ws(
                     if let Some(at) = *expiry.borrow_and_update() {
                         break at;
                     }
-                    if expiry.changed().await.is_err() {
-                        // No principal was ever accepted: `serve` ends on its own.
-                        std::future::pending::<()>().await;
+                    match tokio::time::timeout(INIT_TIMEOUT, expiry.changed()).await {
+                        Ok(Ok(())) => {}
+                        // connection_init was refused: `serve` closes the socket itself.
+                        Ok(Err(_)) => std::future::pending::<()>().await,
+                        // No connection_init in time: an idle socket is closed.
+                        Err(_) => return,
                     }
                 };
                 let left = at - chrono::Utc::now().timestamp();
@@ -263,6 +234,9 @@ async fn graphql_ws(
             }
         })
 }
+
+/// How long a WebSocket may stay open without a successful `connection_init`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The query console: one page compiled into the binary, no external script.
 async fn console() -> impl IntoResponse {
