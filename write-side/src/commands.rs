@@ -4,10 +4,11 @@
 //! Idempotency: the first successful response for `(principal, key)` is stored in the same
 //! transaction as the events, so it survives restarts and is never stored without its events.
 //! A retry with the same key and the same request gets that response back; with a different
-//! request, a 422. Two concurrent requests with one key are serialized by a transaction-level
+//! request, a 422. Two concurrent cancels with one key are serialized by a transaction-level
 //! advisory lock on (caller, key): the second waits for the first transaction to end and then
-//! answers with its stored response. (Should the lock ever be bypassed, the key's unique
-//! index still lets only one response be stored; the loser rolls back and reads it.)
+//! answers with its stored response. Two concurrent checkouts with one key both decide (on
+//! different new streams); the key's unique index lets one response be stored, and the loser
+//! rolls back everything it did and answers with the winner's response.
 
 use domain::{
     order::{CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
@@ -99,18 +100,21 @@ async fn execute_once_or_twice(
     // finds the winner's response.
     for _ in 0..2 {
         let mut tx = pool.begin().await?;
-        // Copies of one request (same caller, same key) run one after the other: a copy
-        // waits here until the first one's transaction ends, then finds its stored response
-        // instead of deciding again on the state the first one left (a 409 or "already
-        // cancelled" for a retried cancel).
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!(
-                "{}\n{}",
-                ctx.principal.actor(),
-                ctx.idempotency_key
-            ))
-            .execute(&mut *tx)
-            .await?;
+        // Copies of a command on an existing order (same caller, same key) run one after the
+        // other: a copy waits here until the first one's transaction ends, then finds its
+        // stored response instead of deciding again on the state the first one left (a 409
+        // or "already cancelled" for a retried cancel). A checkout needs no lock: its copies
+        // create different streams, and the key's unique index lets one response win.
+        if matches!(command, Command::Cancel { .. }) {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(format!(
+                    "{}\n{}",
+                    ctx.principal.actor(),
+                    ctx.idempotency_key
+                ))
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some(stored) = stored_response(&mut tx, ctx).await? {
             return Ok(stored);
         }
