@@ -107,8 +107,9 @@ pub async fn take(conn: &mut PgConnection) -> Result<Checkpoint, CheckpointError
         kid: String::new(),
         mac: String::new(),
     };
-    let (kid, _) = hash::mac(None, b"").ok_or(CheckpointError::NoKey)?;
-    c.kid = kid;
+    c.kid = hash::signing_kid()
+        .ok_or(CheckpointError::NoKey)?
+        .to_owned();
     let (_, mac) = hash::mac(Some(&c.kid), &signed_bytes(&c)).ok_or(CheckpointError::NoKey)?;
     c.mac = hex::encode(mac);
     Ok(c)
@@ -134,16 +135,21 @@ pub async fn compare(conn: &mut PgConnection, c: &Checkpoint) -> Result<Vec<Find
     if !signature_ok(c) {
         return Ok(vec![Finding::BadSignature]);
     }
+    // Every checkpointed stream's event count and hash at its version, in one query.
+    let ids: Vec<Uuid> = c.streams.iter().map(|s| s.stream_id).collect();
+    let versions: Vec<i64> = c.streams.iter().map(|s| s.version).collect();
+    let now: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events e WHERE e.stream_id = c.id),
+                (SELECT hash FROM events e WHERE e.stream_id = c.id AND e.stream_version = c.v)
+         FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS c(id, v, n)
+         ORDER BY c.n",
+    )
+    .bind(&ids)
+    .bind(&versions)
+    .fetch_all(&mut *conn)
+    .await?;
     let mut findings = Vec::new();
-    for s in &c.streams {
-        let (count, hash): (i64, Option<Vec<u8>>) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM events WHERE stream_id = $1),
-                    (SELECT hash FROM events WHERE stream_id = $1 AND stream_version = $2)",
-        )
-        .bind(s.stream_id)
-        .bind(s.version)
-        .fetch_one(&mut *conn)
-        .await?;
+    for (s, (count, hash)) in c.streams.iter().zip(now) {
         if count == 0 {
             findings.push(Finding::StreamDeleted {
                 stream_id: s.stream_id,

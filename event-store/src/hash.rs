@@ -166,6 +166,11 @@ pub fn recompute(
     }
 }
 
+/// The kid of the key that signs (appends and checkpoints), if keys are installed.
+pub fn signing_kid() -> Option<&'static str> {
+    KEYS.get().map(|keys| keys.signing().0)
+}
+
 /// HMAC-SHA-256 of `message` with the key named `kid`, or with the signing key when `kid` is
 /// `None` (returning its kid): signs and checks audit checkpoints.
 pub fn mac(kid: Option<&str>, message: &[u8]) -> Option<(String, Vec<u8>)> {

@@ -152,7 +152,7 @@ async fn graphql(
     State(state): State<AppState>,
     headers: HeaderMap,
     req: GraphQLRequest,
-) -> Response {
+) -> GraphQLResponse {
     let mut req = req.into_inner();
     // A missing or invalid token leaves the request anonymous; fields that need a caller
     // answer UNAUTHENTICATED. The document limit and the timeout are the schema's
@@ -160,7 +160,7 @@ async fn graphql(
     if let Some(p) = header_principal(&state.auth, &headers) {
         req = req.data(p);
     }
-    GraphQLResponse::from(state.schema.execute(req).await).into_response()
+    state.schema.execute(req).await.into()
 }
 
 fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
