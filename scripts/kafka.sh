@@ -3,7 +3,8 @@
 # Central artifacts on the machine's JDK. The version is pinned in scripts/kafka/pom.xml; the
 # jars are resolved into .local/kafka/lib with a Maven repository under .local/m2, so nothing
 # outside the repo is cached. Storage is formatted once; the broker runs with a small heap.
-# Reuses any broker already listening at $KAFKA_BROKERS.
+# Reuses any broker already listening at $KAFKA_BROKERS. Besides plaintext on $KAFKA_BROKERS,
+# it listens for TLS on $KAFKA_TLS_BROKERS (Debian's snakeoil certificate for localhost).
 SERVICE=kafka
 source "$(dirname "$0")/lib.sh"
 
@@ -13,6 +14,7 @@ CONF="$KDIR/server.properties"
 PIDFILE="$KDIR/kafka.pid"
 LOG="$LOCAL/logs/kafka.log"
 CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+TLS_PORT="${KAFKA_TLS_BROKERS##*:}"
 HEAP="${KAFKA_HEAP:--Xmx768m -Xms256m}"
 
 resolve_jars() {
@@ -31,17 +33,22 @@ resolve_jars() {
 
 write_config() {
   local port=$1
-  mkdir -p "$KDIR/data"
+  mkdir -p "$KDIR/data" "$KDIR/tls"
+  # The TLS listener's key and certificate, in one PEM file (Kafka's PEM key store).
+  dev_tls
+  (umask 077 && cat "$DEV_TLS_KEY" "$DEV_TLS_CERT" >"$KDIR/tls/server.pem")
   cat >"$CONF" <<PROPS
 # Written by scripts/kafka.sh: a single combined node for local development and tests.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$TLS_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://localhost:$TLS_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT
+ssl.keystore.type=PEM
+ssl.keystore.location=$KDIR/tls/server.pem
 log.dirs=$KDIR/data
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -89,8 +96,13 @@ up() {
   # connections in the kernel: wake it first.
   if [[ -n "$(running_pid)" ]]; then kill -CONT "$(running_pid)" 2>/dev/null || true; fi
   if port_open "$host" "$port"; then
-    log "reusing the broker at $host:$port"
-    return
+    if [[ -n "$(running_pid)" ]] && ! port_open 127.0.0.1 "$TLS_PORT"; then
+      log "restarting the broker to open its TLS listener"
+      down
+    else
+      log "reusing the broker at $host:$port"
+      return
+    fi
   fi
   [[ "$host" == 127.0.0.1 || "$host" == localhost ]] || die "KAFKA_BROKERS=$KAFKA_BROKERS is not reachable and is not local"
   if port_open 127.0.0.1 "$CONTROLLER_PORT" && [[ -z "$(running_pid)" ]]; then

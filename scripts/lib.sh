@@ -13,6 +13,12 @@ mkdir -p "$LOCAL/logs"
 export DATABASE_URL="${DATABASE_URL:-postgres://shop:shop@127.0.0.1:5432/shop}"
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+# The same brokers' TLS listeners (docs/operations.md, TLS), with Debian's self-signed
+# `snakeoil` certificate for `localhost`; tests/it/services.rs runs the product over them.
+export KAFKA_TLS_BROKERS="${KAFKA_TLS_BROKERS:-localhost:9094}"
+export AMQP_TLS_URL="${AMQP_TLS_URL:-amqps://guest:guest@localhost:5671/%2f}"
+DEV_TLS_CERT=/etc/ssl/certs/ssl-cert-snakeoil.pem
+DEV_TLS_KEY=/etc/ssl/private/ssl-cert-snakeoil.key
 
 # Development key material (docs/security.md: one `kid=secret` per line, outside the
 # database, the first key signing): made once per checkout, readable by its owner only.
@@ -61,6 +67,12 @@ apt_install() {
   log "installing $*"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >>"$LOCAL/logs/apt.log" 2>&1 \
     || die "apt-get install $* failed, see $LOCAL/logs/apt.log"
+}
+
+# Makes sure the development TLS certificate exists (the ssl-cert package generates it).
+dev_tls() {
+  [[ -s "$DEV_TLS_CERT" && -s "$DEV_TLS_KEY" ]] || apt_install ssl-cert
+  [[ -s "$DEV_TLS_CERT" ]] || make-ssl-cert generate-default-snakeoil --force-overwrite
 }
 
 # host and port out of a URL like scheme://user:pass@host:port/path

@@ -27,7 +27,8 @@ pub enum Break {
     MissingHead,
     /// The event is keyed by an audit key this process does not hold: it cannot be checked.
     KeyUnavailable { kid: String },
-    /// An unkeyed event after a keyed one: the chain was recomputed without the key.
+    /// An unkeyed event after a keyed one (in its stream, or anywhere in the store): the
+    /// chain was recomputed without the key.
     Downgraded,
 }
 
@@ -48,11 +49,16 @@ pub struct StreamReport {
     pub broken: Option<BrokenAt>,
 }
 
-/// Checks the events of one stream as loaded, against its head row.
+/// Checks the events of one stream as loaded, against its head row. `keyed_from` is the
+/// position of the store's first keyed event: every event after it is keyed, so an unkeyed
+/// one there is a rewrite without the key even when its whole stream is consistent (a stream
+/// rewritten unkeyed, then appended to by the application, would otherwise pass for one
+/// older than the keys).
 pub fn check_chain(
     stream_id: Uuid,
     events: &[StoredEvent],
     head: Option<(i64, Vec<u8>)>,
+    keyed_from: Option<i64>,
 ) -> Option<BrokenAt> {
     let mut prev = GENESIS.to_vec();
     let mut keyed_before = false;
@@ -79,7 +85,8 @@ pub fn check_chain(
         if recomputed != e.hash || e.stream_id != stream_id {
             return Some(at(e, Break::ContentChanged));
         }
-        if keyed_before && e.hash_kid.is_none() {
+        let after_keys = keyed_before || keyed_from.is_some_and(|k| e.position > k);
+        if after_keys && e.hash_kid.is_none() {
             return Some(at(e, Break::Downgraded));
         }
         keyed_before |= e.hash_kid.is_some();
@@ -105,13 +112,29 @@ pub async fn verify_stream(
     conn: &mut PgConnection,
     stream_id: Uuid,
 ) -> Result<StreamReport, sqlx::Error> {
+    let from = keyed_from(conn).await?;
+    verify_stream_keyed_from(conn, stream_id, from).await
+}
+
+/// The position of the store's first keyed event, if any.
+async fn keyed_from(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT min(position) FROM events WHERE hash_kid IS NOT NULL")
+        .fetch_one(conn)
+        .await
+}
+
+async fn verify_stream_keyed_from(
+    conn: &mut PgConnection,
+    stream_id: Uuid,
+    keyed_from: Option<i64>,
+) -> Result<StreamReport, sqlx::Error> {
     let (events, _) = load_stream(conn, stream_id).await?;
     let head: Option<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT version, head_hash FROM streams WHERE stream_id = $1")
             .bind(stream_id)
             .fetch_optional(&mut *conn)
             .await?;
-    let broken = check_chain(stream_id, &events, head);
+    let broken = check_chain(stream_id, &events, head, keyed_from);
     Ok(StreamReport {
         stream_id,
         events: events.len(),
@@ -132,9 +155,10 @@ pub async fn verify_all(
     .bind(stream_type)
     .fetch_all(&mut *conn)
     .await?;
+    let from = keyed_from(conn).await?;
     let mut broken = Vec::new();
     for id in &ids {
-        let report = verify_stream(conn, *id).await?;
+        let report = verify_stream_keyed_from(conn, *id, from).await?;
         if report.broken.is_some() {
             broken.push(report);
         }

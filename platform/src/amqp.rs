@@ -13,9 +13,55 @@ use lapin::{
 pub use lapin::Error as AmqpError;
 
 /// Opens a connection named after the service (the name shows in the management UI).
+///
+/// TLS: an `amqps://` URL is verified against the system's CAs, or against the PEM file its
+/// `cacertfile` query parameter names (RabbitMQ's own URI convention), e.g.
+/// `amqps://user:pass@mq.internal:5671/%2f?cacertfile=/etc/shop/rabbitmq-ca.pem`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    let Some(ca_file) = query_param(url, "cacertfile") else {
+        return Connection::connect(url, props).await;
+    };
+    let pem = std::fs::read_to_string(&ca_file).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot read the CA file named by the AMQP URL's cacertfile ({ca_file}): {e}"),
+        )
+    })?;
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    };
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+}
+
+/// The (percent-decoded) value of a URL's query parameter.
+fn query_param(url: &str, name: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = || std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok();
+        match (bytes[i], hex().and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Resolves when `conn` is lost: the connection reports an error (a reset socket, the broker
@@ -123,4 +169,24 @@ pub async fn declare_command_queue(
         FieldTable::default(),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn the_ca_file_is_read_from_the_urls_query() {
+        let url = "amqps://u:p@mq:5671/%2f?heartbeat=10&cacertfile=%2Fetc%2Fshop%2Fca.pem";
+        assert_eq!(
+            query_param(url, "cacertfile").as_deref(),
+            Some("/etc/shop/ca.pem")
+        );
+        assert_eq!(query_param(url, "heartbeat").as_deref(), Some("10"));
+        assert_eq!(query_param("amqps://mq/%2f", "cacertfile"), None);
+        assert_eq!(
+            query_param("amqps://mq/%2f?cacertfile=/a%2", "cacertfile").as_deref(),
+            Some("/a%2")
+        );
+    }
 }

@@ -16,7 +16,7 @@ pub struct InfraConfig {
         env = "DATABASE_URL",
         hide_env_values = true,
         default_value = "postgres://shop:shop@127.0.0.1:5432/shop",
-        value_parser = parse_postgres_url
+        value_parser = POSTGRES_URL
     )]
     pub database_url: String,
 
@@ -93,7 +93,7 @@ pub struct InfraConfig {
         env = "AMQP_URL",
         hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        value_parser = parse_amqp_url
+        value_parser = AMQP_URL
     )]
     pub amqp_url: String,
 
@@ -126,21 +126,45 @@ impl InfraConfig {
     }
 }
 
-fn parse_postgres_url(s: &str) -> Result<String, String> {
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        Ok(s.to_owned())
-    } else {
-        Err("expected a URL like postgres://user:password@host:5432/database".into())
+/// A connection URL's parser that, unlike a plain function, never repeats the value in its
+/// error: clap's own message would print the whole URL, password included.
+#[derive(Clone, Copy)]
+struct SecretUrl {
+    schemes: &'static [&'static str],
+    example: &'static str,
+}
+
+impl clap::builder::TypedValueParser for SecretUrl {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let url = value.to_str().unwrap_or("");
+        if self.schemes.iter().any(|s| url.starts_with(s)) {
+            return Ok(url.to_owned());
+        }
+        let name = arg.map_or_else(|| "the URL".to_owned(), |a| format!("'{a}'"));
+        let message = format!(
+            "invalid value for {name} (not shown, as it may hold a password): expected a URL like {}\n",
+            self.example
+        );
+        Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd))
     }
 }
 
-fn parse_amqp_url(s: &str) -> Result<String, String> {
-    if s.starts_with("amqp://") || s.starts_with("amqps://") {
-        Ok(s.to_owned())
-    } else {
-        Err("expected a URL like amqp://user:password@host:5672/%2f".into())
-    }
-}
+const POSTGRES_URL: SecretUrl = SecretUrl {
+    schemes: &["postgres://", "postgresql://"],
+    example: "postgres://user:password@host:5432/database",
+};
+
+const AMQP_URL: SecretUrl = SecretUrl {
+    schemes: &["amqp://", "amqps://"],
+    example: "amqp://user:password@host:5672/%2f",
+};
 
 fn parse_brokers(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()

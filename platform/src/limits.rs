@@ -7,11 +7,17 @@
 //! gets 429 with `Retry-After`; past the timeout, 503. A caller is the bearer token's
 //! `role:subject`, so many tokens of one customer share one budget; requests without a valid
 //! token share the `anonymous` budget (the handlers refuse them anyway).
+//!
+//! One caller may also hold only a share of the concurrency limit
+//! (`MAX_CONCURRENT_PER_CALLER`): a request whose body trickles in holds its permit until
+//! the timeout, so without a share a few hundred slow uploads from one token (or from
+//! anonymous clients, who share one budget) would lock every other caller out.
 
 use std::{
+    collections::HashMap,
     num::NonZeroU32,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -45,6 +51,11 @@ pub struct ApiLimits {
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,
+    /// Of those, how many one caller may hold at once (anonymous requests together count as
+    /// one caller); more are refused with 429 and Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_PER_CALLER", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_per_caller: u32,
     /// Requests per second one caller may send to each public API, sustained.
     #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -70,6 +81,7 @@ pub struct Admission {
     api: &'static str,
     auth: Authenticator,
     in_flight: Arc<Semaphore>,
+    per_caller: KeyedSlots,
     limiter: Arc<Limiter>,
     checks: Arc<AtomicU64>,
     timeout: Duration,
@@ -87,6 +99,7 @@ impl Admission {
             api,
             auth,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
+            per_caller: KeyedSlots::new(limits.max_concurrent_per_caller as usize),
             limiter: Arc::new(RateLimiter::keyed(quota)),
             checks: Arc::default(),
             timeout: limits.request_timeout,
@@ -131,6 +144,16 @@ pub async fn admit(State(a): State<Admission>, req: Request, next: Next) -> Resp
             wait,
         );
     }
+    let Some(_slot) = a.per_caller.acquire(&caller) else {
+        metrics::counter!("http_refused_total", "api" => a.api, "reason" => "caller_concurrency")
+            .increment(1);
+        return refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-in-flight",
+            "this caller already has as many requests in flight as it may; retry when one ends",
+            Duration::from_secs(1),
+        );
+    };
     if a.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
         a.limiter.retain_recent();
     }
@@ -147,6 +170,83 @@ pub async fn admit(State(a): State<Admission>, req: Request, next: Next) -> Resp
             )
         }
     }
+}
+
+/// Per-key counters with a cap: how many of something (requests in flight, subscriptions,
+/// sockets) each caller holds. Cloning shares the counters.
+#[derive(Clone, Default)]
+pub struct KeyedSlots {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    max: usize,
+}
+
+/// One held slot; dropping it frees it.
+pub struct Slot {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    who: String,
+}
+
+impl KeyedSlots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    /// A slot for `who`, or `None` when it already holds the maximum.
+    pub fn acquire(&self, who: &str) -> Option<Slot> {
+        let mut open = self.open.lock().expect("slots lock");
+        let n = open.entry(who.to_owned()).or_default();
+        if *n >= self.max {
+            if *n == 0 {
+                open.remove(who);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            open: self.open.clone(),
+            who: who.to_owned(),
+        })
+    }
+
+    /// How many slots `who` holds now.
+    pub fn held(&self, who: &str) -> usize {
+        let open = self.open.lock().expect("slots lock");
+        open.get(who).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("slots lock");
+        if let Some(n) = open.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.who);
+            }
+        }
+    }
+}
+
+/// `stream`, slowed to `per_second` items a second (a burst of as many again is let
+/// through): a fast sender waits, nothing is dropped. For streams a client feeds, such as a
+/// WebSocket's messages, which the request-level limits above do not see.
+pub fn throttle<S: futures::Stream>(
+    stream: S,
+    per_second: u32,
+) -> impl futures::Stream<Item = S::Item> {
+    use futures::StreamExt;
+    let n = NonZeroU32::new(per_second.max(1)).expect("at least 1");
+    let limiter = Arc::new(RateLimiter::direct(Quota::per_second(n)));
+    stream.then(move |item| {
+        let limiter = limiter.clone();
+        async move {
+            limiter.until_ready().await;
+            item
+        }
+    })
 }
 
 /// An `application/problem+json` refusal with `Retry-After` (whole seconds, at least 1).
@@ -262,5 +362,77 @@ mod tests {
         };
         let r = app(limits, &auth).oneshot(request("/", None)).await;
         assert_eq!(r.unwrap().status(), 503);
+    }
+
+    #[tokio::test]
+    async fn one_caller_holds_only_its_share_of_the_concurrency_limit() {
+        let auth = Authenticator::ephemeral();
+        let limits = ApiLimits {
+            max_concurrent_per_caller: 1,
+            ..ApiLimits::default()
+        };
+        let app = app(limits, &auth);
+        let alice = auth
+            .issue("alice", Role::Customer, Duration::from_secs(60))
+            .unwrap();
+        let bob = auth
+            .issue("bob", Role::Customer, Duration::from_secs(60))
+            .unwrap();
+        let slow = tokio::spawn(app.clone().oneshot(request("/", Some(&alice))));
+        let mut refused = None;
+        for _ in 0..200 {
+            let r = app
+                .clone()
+                .oneshot(request("/fast", Some(&alice)))
+                .await
+                .unwrap();
+            if r.status() == 429 {
+                refused = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let refused = refused.expect("alice's second request while her first is in flight");
+        assert_eq!(refused.headers()["retry-after"], "1");
+        let r = app
+            .clone()
+            .oneshot(request("/fast", Some(&bob)))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "bob is not held back by alice's request");
+        assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+        let r = app.oneshot(request("/fast", Some(&alice))).await.unwrap();
+        assert_eq!(r.status(), 200, "her slot is free again");
+    }
+
+    #[tokio::test]
+    async fn a_throttled_stream_holds_back_what_is_over_its_burst_and_loses_nothing() {
+        use futures::{FutureExt, StreamExt};
+        let mut slowed = Box::pin(throttle(futures::stream::iter(0..12), 10));
+        for i in 0..10 {
+            assert_eq!(slowed.next().await, Some(i), "the burst passes at once");
+        }
+        assert!(
+            slowed.next().now_or_never().is_none(),
+            "the 11th waits for the rate"
+        );
+        let rest: Vec<u32> = slowed.collect().await;
+        assert_eq!(rest, vec![10, 11], "nothing is dropped");
+    }
+
+    #[test]
+    fn slots_are_capped_per_key_and_freed_on_drop() {
+        let slots = KeyedSlots::new(2);
+        let a1 = slots.acquire("customer:a").unwrap();
+        let _a2 = slots.acquire("customer:a").unwrap();
+        assert!(slots.acquire("customer:a").is_none());
+        assert!(
+            slots.acquire("customer:b").is_some(),
+            "others are not affected"
+        );
+        assert_eq!(slots.held("customer:b"), 0, "a dropped slot is freed");
+        drop(a1);
+        assert_eq!(slots.held("customer:a"), 1);
+        assert!(slots.acquire("customer:a").is_some());
     }
 }

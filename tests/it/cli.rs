@@ -139,6 +139,16 @@ fn connection_passwords_never_reach_messages_or_logs() {
     let wrong_password_pg = format!("postgres://shop:{PG_SECRET}@127.0.0.1:5432/shop");
     let unreachable_mq = format!("amqp://guest:{MQ_SECRET}@127.0.0.1:1/%2f");
     let mut outputs = Vec::new();
+    // Values that are not URLs at all are refused without being repeated.
+    for (var, value) in [
+        ("DATABASE_URL", format!("shop:{PG_SECRET}@127.0.0.1/shop")),
+        ("AMQP_URL", format!("guest:{MQ_SECRET}@127.0.0.1")),
+    ] {
+        let (code, out) = shop_with(&[(var, &value)], &["migrate"]);
+        assert_eq!(code, Some(2), "{var}: {out}");
+        assert!(out.contains("expected a URL like"), "{out}");
+        outputs.push(out);
+    }
     // One-shot commands that fail.
     for args in [&["migrate"][..], &["catalog", "list"]] {
         for url in [&unreachable_pg, &wrong_password_pg] {

@@ -174,3 +174,62 @@ async fn a_schema_mismatch_stops_shop_run_with_a_non_zero_status() {
     );
     shop.clean_up_brokers().await;
 }
+
+/// TLS to every service, as docs/operations.md configures it: PostgreSQL with
+/// `sslmode=verify-full`, Kafka with `KAFKA_SECURITY_PROTOCOL=ssl` and RabbitMQ with an
+/// `amqps://` URL, each verified against the CA given (the services' self-signed `localhost`
+/// certificate, `scripts/lib.sh`). The brokers' TLS ports speak nothing else, so a checkout
+/// that reaches its end shows every hop used TLS.
+#[tokio::test]
+async fn shop_run_works_over_tls_to_postgres_kafka_and_rabbitmq() {
+    const CA: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let kafka = std::env::var("KAFKA_TLS_BROKERS").unwrap_or_else(|_| "localhost:9094".into());
+    let amqp = std::env::var("AMQP_TLS_URL")
+        .unwrap_or_else(|_| "amqps://guest:guest@localhost:5671/%2f".into());
+    let shop = ShopProcess::start_with(bin(), |db| {
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        let pg = db.url.replacen("@127.0.0.1:", "@localhost:", 1);
+        vec![
+            (
+                "DATABASE_URL".into(),
+                format!("{pg}{sep}sslmode=verify-full&sslrootcert={CA}"),
+            ),
+            ("KAFKA_BROKERS".into(), kafka.clone()),
+            ("KAFKA_SECURITY_PROTOCOL".into(), "ssl".into()),
+            ("KAFKA_SSL_CA_LOCATION".into(), CA.into()),
+            ("AMQP_URL".into(), format!("{amqp}?cacertfile={CA}")),
+        ]
+    })
+    .await;
+    // The process's own connections to PostgreSQL are encrypted.
+    let (tls, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.datname = current_database() AND a.application_name LIKE 'shop:%'",
+    )
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        tls > 0 && plain == 0,
+        "shop run's connections: {tls} TLS, {plain} plain"
+    );
+
+    let token = shop.token("customer", "c-tls");
+    let confirmed = shop.checkout(&token, "SKU-1", "tok_visa").await;
+    let declined = shop.checkout(&token, "SKU-2", "tok_decline").await;
+    for (id, want) in [(confirmed, "CONFIRMED"), (declined, "CANCELLED")] {
+        let mut seen = None;
+        for _ in 0..240 {
+            seen = shop.order_status(&token, id).await;
+            if seen.as_deref() == Some(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(seen.as_deref(), Some(want), "{}", shop.log_tail(40));
+    }
+    let status = shop.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}: {}", shop.log_tail(40));
+    shop.clean_up_brokers().await;
+}

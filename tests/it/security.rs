@@ -451,3 +451,129 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
     let again = shop::retention::prune_once(pool, &cfg).await.unwrap();
     assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");
 }
+
+/// Sockets are a standing cost the request limits do not see: one caller holds at most
+/// `max_sockets_per_caller` (refused at `connection_init`), and past `max_sockets` in all the
+/// upgrade itself is refused with 503; a closed socket frees its place.
+#[tokio::test]
+async fn websocket_connections_are_capped_per_caller_and_in_all() {
+    let api = TestApi::new().await;
+    let (gql, _stop) = graphql(
+        &api,
+        GraphqlLimits {
+            max_sockets: 3,
+            max_sockets_per_caller: 2,
+            ..GraphqlLimits::default()
+        },
+    )
+    .await;
+    let alice = api.customer("alice");
+    let a1 = gql.connect(Some(&alice)).await.expect("alice's first");
+    let _a2 = gql.connect(Some(&alice)).await.expect("alice's second");
+    let third = gql
+        .connect(Some(&alice))
+        .await
+        .expect_err("alice's third is over her share");
+    assert!(third.contains("as many WebSocket connections"), "{third}");
+    let _b1 = gql
+        .connect(Some(&api.customer("bob")))
+        .await
+        .expect("bob is not held back by alice");
+    // Three open: the API is full for everyone.
+    let full = gql
+        .connect(Some(&api.customer("carol")))
+        .await
+        .expect_err("over the total");
+    assert!(full.contains("503"), "{full}");
+    // Alice closes one: carol gets in (the place is freed once the server sees the close).
+    drop(a1);
+    let mut carol = Err(String::new());
+    for _ in 0..100 {
+        carol = gql.connect(Some(&api.customer("carol"))).await;
+        if carol.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    carol.expect("a closed socket frees its place");
+}
+
+/// A request's concurrency permit is held while its body trickles in, so slow uploads must
+/// not lock others out: a client without a valid token is answered 401 before it sends a
+/// byte of its body, and one caller holds only its share of the permits.
+#[tokio::test]
+async fn slow_uploads_cannot_lock_other_callers_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = TestApi::new().await;
+    let limits = platform::limits::ApiLimits {
+        max_concurrent_requests: 8,
+        max_concurrent_per_caller: 2,
+        ..platform::limits::ApiLimits::default()
+    };
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let commands = write_side::http::router(
+        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone()).with_limits(limits),
+        64 * 1024,
+    );
+    let commands = Gql::serve(commands, shutdown.clone()).await;
+    let base = commands.url.trim_end_matches("/graphql").to_owned();
+    let addr = base.trim_start_matches("http://").to_owned();
+    // Headers that promise a body which never comes.
+    let stalled = |token: Option<String>| {
+        let addr = addr.clone();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+            let head = format!(
+                "POST /orders HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+                 Idempotency-Key: {}\r\nContent-Length: 60000\r\n\r\n",
+                uuid::Uuid::new_v4()
+            );
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            tcp
+        }
+    };
+    // Anonymous: the answer comes without the body.
+    let mut anon = stalled(None).await;
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), anon.read(&mut answer))
+        .await
+        .expect("answered before the body was sent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // Alice stalls two uploads: her third request is refused, bob's is served.
+    let alice = api.customer("alice");
+    let _held = [
+        stalled(Some(alice.clone())).await,
+        stalled(Some(alice.clone())).await,
+    ];
+    let checkout = |token: String| {
+        let (http, url) = (api.http.clone(), format!("{base}/orders"));
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+                .json(&shop_tests::checkout_body())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = checkout(alice.clone()).await;
+        if r.status() == 429 {
+            refused = Some(r);
+            break;
+        }
+        // Her stalled requests may not have reached the server yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("alice over her share of in-flight requests");
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/too-many-in-flight", "{problem}");
+    assert_eq!(checkout(api.customer("bob")).await.status(), 202);
+}

@@ -320,6 +320,45 @@ async fn postgres_connections_can_be_tls_and_are_verified() {
     );
 }
 
+/// TLS to RabbitMQ through the product's own connect (`platform::amqp`): an `amqps://` URL
+/// is encrypted and verified (the local broker's TLS listener has the `localhost` snakeoil
+/// certificate, `scripts/rabbitmq.sh`), a certificate for another name is refused, the
+/// `cacertfile` a URL names is read, and the TLS port speaks nothing else.
+#[tokio::test]
+async fn rabbitmq_connections_can_be_tls_and_are_verified() {
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let url = std::env::var("AMQP_TLS_URL")
+        .unwrap_or_else(|_| "amqps://guest:guest@localhost:5671/%2f".into());
+    let connect = |url: String| async move {
+        let conn = platform::amqp::connect(&url, "shop-tls-test").await?;
+        let ch = conn.create_channel().await?;
+        ch.close(200, "done".into()).await?;
+        conn.close(200, "done".into()).await?;
+        Ok::<(), platform::amqp::AmqpError>(())
+    };
+    connect(url.clone()).await.expect("amqps to localhost");
+    connect(format!("{url}?cacertfile={SNAKEOIL}"))
+        .await
+        .expect("amqps with the CA named in the URL");
+    let missing = connect(format!("{url}?cacertfile=/nonexistent/ca.pem"))
+        .await
+        .expect_err("a CA file that is not there");
+    assert!(missing.to_string().contains("cacertfile"), "{missing}");
+    let by_ip = url.replacen("@localhost:", "@127.0.0.1:", 1);
+    assert_ne!(by_ip, url);
+    let refused = connect(by_ip)
+        .await
+        .expect_err("a certificate for another name");
+    assert!(
+        refused.to_string().contains("NotValidForName")
+            || refused.to_string().contains("not valid for name"),
+        "{refused}"
+    );
+    let plain = url.replacen("amqps://", "amqp://", 1);
+    let plain = tokio::time::timeout(Duration::from_secs(30), connect(plain)).await;
+    assert!(!matches!(plain, Ok(Ok(()))), "plain AMQP on the TLS port");
+}
+
 /// Each of `shop run`'s pools has a `statement_timeout`: PostgreSQL itself stops a statement
 /// that runs away, whatever the client does.
 #[tokio::test]

@@ -58,7 +58,7 @@ impl Gql {
         );
         let (mut ws, _) = tokio_tungstenite::connect_async(req)
             .await
-            .expect("websocket");
+            .map_err(|e| format!("upgrade refused: {e}"))?;
         let payload = match token {
             Some(t) => serde_json::json!({"Authorization": format!("Bearer {t}")}),
             None => serde_json::json!({}),

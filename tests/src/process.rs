@@ -45,11 +45,20 @@ impl ShopProcess {
     /// Sets up a fresh database and per-test names, runs `shop setup`, `shop catalog seed`
     /// and `shop inventory seed` (as `scripts/run.sh` does), starts `shop run` and waits for `/readyz`.
     pub async fn start(bin: &Path) -> Self {
+        Self::start_with(bin, |_| Vec::new()).await
+    }
+
+    /// [`Self::start`] with settings of its own (e.g. TLS URLs, made from the test's
+    /// database), which win over the per-test ones for every `shop` command it runs.
+    pub async fn start_with(
+        bin: &Path,
+        settings: impl FnOnce(&TestDb) -> Vec<(String, String)>,
+    ) -> Self {
         let db = TestDb::new().await;
         let prefix = format!("{}.", unique_prefix());
         let (api, graphql, ops) = (free_port(), free_port(), free_port());
         let checkpoints = std::env::temp_dir().join(format!("shop-{prefix}checkpoints"));
-        let env = vec![
+        let mut env: Vec<(String, String)> = vec![
             (
                 "AUDIT_CHECKPOINT_DIR".into(),
                 checkpoints.display().to_string(),
@@ -71,6 +80,7 @@ impl ShopProcess {
                 "info,librdkafka=warn,rdkafka=warn".into(),
             ),
         ];
+        env.extend(settings(&db));
         let log = std::env::temp_dir().join(format!("shop-{}log", prefix));
         let this = Self {
             bin: bin.to_owned(),

@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection},
+    extract::{DefaultBodyLimit, FromRequest, Path, Request, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -98,6 +98,19 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiE
         .auth
         .verify_header(value)
         .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+/// Authenticates a request, then reads its body: a caller without a valid token is refused
+/// before a byte of the body is read, so anonymous clients cannot hold the server up with
+/// slow or large uploads.
+async fn authenticated(
+    state: &AppState,
+    request: Request,
+) -> Result<(Principal, HeaderMap, Result<Bytes, BytesRejection>), ApiError> {
+    let principal = authenticate(state, request.headers())?;
+    let headers = request.headers().clone();
+    let body = Bytes::from_request(request, state).await;
+    Ok((principal, headers, body))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -220,13 +233,9 @@ fn respond(r: CommandResponse, location: Option<String>) -> Response {
     resp
 }
 
-async fn checkout(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+async fn checkout(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     observed("checkout", async {
-        let principal = authenticate(&state, &headers)?;
+        let (principal, headers, body) = authenticated(&state, request).await?;
         let (req, value): (CheckoutRequest, Value) = parse_body(&state, &headers, body)?;
         let customer = match (principal.role, req.customer_id.as_deref()) {
             (Role::Customer, None) => CustomerId::parse(&principal.subject).map_err(|_| {
@@ -272,11 +281,10 @@ async fn checkout(
 async fn cancel(
     State(state): State<AppState>,
     Path(raw_id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     observed("cancel", async {
-        let principal = authenticate(&state, &headers)?;
+        let (principal, headers, body) = authenticated(&state, request).await?;
         let order_id = parse_order_id(&raw_id)?;
         let (req, value): (CancelRequest, Value) = parse_body(&state, &headers, body)?;
         let if_match = match headers.get(header::IF_MATCH) {

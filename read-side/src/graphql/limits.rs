@@ -1,18 +1,14 @@
 //! Bounds on what one caller can make the GraphQL API do, checked before and around
 //! execution: request body size, fields per document (aliases and fragments included), a
 //! complexity that weighs list sizes (on the resolvers), a query timeout, WebSocket message
-//! size, and subscriptions per principal.
+//! size and rate, open sockets (in all and per principal), and subscriptions per principal.
 //!
 //! Why here and not only in the schema: async-graphql limits depth and complexity, but a
 //! document of 2,000 aliased cheap fields stays under both and still runs 2,000 resolvers;
 //! a body is buffered before any of them is checked; and a subscription is a standing cost
 //! that a single token could multiply without end.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_graphql::{
     ErrorExtensions, ServerError, ServerResult, Variables,
@@ -55,6 +51,32 @@ pub struct GraphqlLimits {
         default_value_t = 10
     )]
     pub max_subscriptions: usize,
+    /// Most WebSocket connections the API holds open at once; more are refused with 503.
+    #[arg(
+        id = "graphql_max_sockets",
+        long = "graphql-max-sockets",
+        env = "GRAPHQL_MAX_SOCKETS",
+        default_value_t = 1024
+    )]
+    pub max_sockets: usize,
+    /// Most WebSocket connections one principal may hold open (checked at `connection_init`).
+    #[arg(
+        id = "graphql_max_sockets_per_caller",
+        long = "graphql-max-sockets-per-caller",
+        env = "GRAPHQL_MAX_SOCKETS_PER_CALLER",
+        default_value_t = 8
+    )]
+    pub max_sockets_per_caller: usize,
+    /// Messages per second one WebSocket connection may send, sustained (a burst of as many
+    /// again is allowed); faster clients are slowed down, not dropped.
+    #[arg(
+        id = "graphql_ws_messages_per_second",
+        long = "graphql-ws-messages-per-second",
+        env = "GRAPHQL_WS_MESSAGES_PER_SECOND",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub ws_messages_per_second: u32,
     /// Largest WebSocket message (and frame) accepted, in bytes.
     #[arg(id = "graphql_max_ws_message_bytes", long = "graphql-max-ws-message-bytes", env = "GRAPHQL_MAX_WS_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_ws_message_bytes: usize,
@@ -207,53 +229,8 @@ fn refusal(code: &'static str, message: String) -> ServerError {
         .into_server_error(async_graphql::Pos::default())
 }
 
-/// Open subscriptions per principal, shared by every connection of the API.
-#[derive(Clone, Default)]
-pub struct SubscriptionSlots {
-    open: Arc<Mutex<HashMap<String, usize>>>,
-    max: usize,
-}
-
-/// One open subscription; dropping it (the stream ends or the client goes) frees the slot.
-pub struct Slot {
-    open: Arc<Mutex<HashMap<String, usize>>>,
-    who: String,
-}
-
-impl SubscriptionSlots {
-    pub fn new(max: usize) -> Self {
-        Self {
-            open: Arc::default(),
-            max,
-        }
-    }
-
-    /// A slot for `who`, or `None` when it already holds the maximum.
-    pub fn acquire(&self, who: &str) -> Option<Slot> {
-        let mut open = self.open.lock().expect("slots lock");
-        let n = open.entry(who.to_owned()).or_default();
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            open: self.open.clone(),
-            who: who.to_owned(),
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("slots lock");
-        if let Some(n) = open.get_mut(&self.who) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.who);
-            }
-        }
-    }
-}
+/// Subscriptions held per principal (over all its connections).
+pub type SubscriptionSlots = platform::limits::KeyedSlots;
 
 #[cfg(test)]
 mod tests {
@@ -294,19 +271,5 @@ mod tests {
         // The walk would take days: finishing at all shows it was not walked.
         let n = fields_selected(&parse_query(&q).unwrap());
         assert!(n > 10usize.pow(14), "{n}");
-    }
-
-    #[test]
-    fn subscription_slots_are_per_principal_and_freed_on_drop() {
-        let slots = SubscriptionSlots::new(2);
-        let a1 = slots.acquire("customer:a").unwrap();
-        let _a2 = slots.acquire("customer:a").unwrap();
-        assert!(slots.acquire("customer:a").is_none());
-        assert!(
-            slots.acquire("customer:b").is_some(),
-            "others are not affected"
-        );
-        drop(a1);
-        assert!(slots.acquire("customer:a").is_some());
     }
 }

@@ -16,16 +16,15 @@
 //! - [`audit`] answers `auditTrail`.
 //! - [`operations`] answers `projections` and the mutations (rebuilds, dead letters).
 //! - `access` and `errors` hold the caller and the error codes, shared by the resolvers.
+//! - `socket` serves `/graphql/ws` within its limits.
 
-use async_graphql::{
-    Data, MergedObject, MergedSubscription, Schema, http::ALL_WEBSOCKET_PROTOCOLS,
-};
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql::{MergedObject, MergedSubscription, Schema};
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::{
     Router,
-    extract::{State, WebSocketUpgrade},
+    extract::State,
     http::{HeaderMap, header},
-    response::{Html, IntoResponse, Response},
+    response::{Html, IntoResponse},
     routing::{get, post},
 };
 use platform::{
@@ -33,7 +32,6 @@ use platform::{
     limits::{Admission, ApiLimits},
 };
 use sqlx::PgPool;
-use std::time::Duration;
 
 use crate::{notify::StatusFeed, status::Watermarks};
 
@@ -44,6 +42,7 @@ pub mod limits;
 pub mod operations;
 pub mod orders;
 pub mod sales;
+mod socket;
 
 pub use audit::{AuditEntry, AuditTrail};
 pub use limits::GraphqlLimits;
@@ -119,7 +118,7 @@ impl GraphqlApi {
         };
         let mut api = Router::new()
             .route("/graphql", query)
-            .route("/graphql/ws", get(graphql_ws));
+            .route("/graphql/ws", get(socket::graphql_ws));
         if let Some(limits) = &self.admission {
             let admission = Admission::new("graphql", self.auth.clone(), limits);
             api = api.route_layer(axum::middleware::from_fn_with_state(
@@ -131,6 +130,7 @@ impl GraphqlApi {
             schema: self.schema(),
             auth: self.auth.clone(),
             limits: self.limits.clone(),
+            sockets: socket::Sockets::new(&self.limits),
         })
         // Counted while the body streams in: a larger one is refused with 413 before it
         // is buffered (multipart included).
@@ -146,6 +146,7 @@ struct AppState {
     schema: ShopSchema,
     auth: Authenticator,
     limits: GraphqlLimits,
+    sockets: socket::Sockets,
 }
 
 async fn graphql(
@@ -163,80 +164,12 @@ async fn graphql(
     state.schema.execute(req).await.into()
 }
 
-fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
+pub(crate) fn header_principal(auth: &Authenticator, headers: &HeaderMap) -> Option<Principal> {
     let header = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
     auth.verify_header(header).ok()
 }
-
-/// WebSocket subscriptions. The token comes from the upgrade request's `Authorization` header
-/// or from `connection_init`'s payload (`{"Authorization": "Bearer ..."}`), as browsers cannot
-/// set headers on a WebSocket; without a valid one `connection_init` is refused. The
-/// connection is closed when the token expires (a client reconnects with a fresh one).
-async fn graphql_ws(
-    State(state): State<AppState>,
-    protocol: GraphQLProtocol,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    let from_header = header_principal(&state.auth, &headers);
-    let auth = state.auth.clone();
-    let max = state.limits.max_ws_message_bytes;
-    upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |stream| async move {
-            // When the accepted token expires; set by `connection_init`.
-            let (expiry_tx, mut expiry) = tokio::sync::watch::channel(None::<i64>);
-            let serve = GraphQLWebSocket::new(stream, state.schema.clone(), protocol)
-                .on_connection_init(move |payload| async move {
-                    let token = ["Authorization", "authorization"]
-                        .iter()
-                        .find_map(|k| payload.get(k).and_then(|v| v.as_str()));
-                    let principal = match (token, from_header) {
-                        (Some(t), _) => auth
-                            .verify_header(Some(t))
-                            .map_err(|_| async_graphql::Error::new("invalid bearer token"))?,
-                        (None, Some(p)) => p,
-                        (None, None) => {
-                            return Err(async_graphql::Error::new(
-                                "a bearer token is required in connection_init",
-                            ));
-                        }
-                    };
-                    expiry_tx.send_replace(Some(principal.expires_at));
-                    let mut data = Data::default();
-                    data.insert(principal);
-                    Ok(data)
-                })
-                .serve();
-            let expired = async move {
-                let at = loop {
-                    if let Some(at) = *expiry.borrow_and_update() {
-                        break at;
-                    }
-                    match tokio::time::timeout(INIT_TIMEOUT, expiry.changed()).await {
-                        Ok(Ok(())) => {}
-                        // connection_init was refused: `serve` closes the socket itself.
-                        Ok(Err(_)) => std::future::pending::<()>().await,
-                        // No connection_init in time: an idle socket is closed.
-                        Err(_) => return,
-                    }
-                };
-                let left = at - chrono::Utc::now().timestamp();
-                tokio::time::sleep(Duration::from_secs(left.max(0).unsigned_abs())).await;
-            };
-            tokio::select! {
-                () = serve => {}
-                () = expired => tracing::debug!("websocket closed: its token expired"),
-            }
-        })
-}
-
-/// How long a WebSocket may stay open without a successful `connection_init`.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The query console: one page compiled into the binary, no external script.
 async fn console() -> impl IntoResponse {
