@@ -37,31 +37,9 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
 
 /// The (percent-decoded) value of a URL's query parameter.
 fn query_param(url: &str, name: &str) -> Option<String> {
-    let (_, query) = url.split_once('?')?;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = || std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok();
-        match (bytes[i], hex().and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let url = url::Url::parse(url).ok()?;
+    url.query_pairs()
+        .find_map(|(k, v)| (k == name).then(|| v.into_owned()))
 }
 
 /// Resolves when `conn` is lost: the connection reports an error (a reset socket, the broker

@@ -197,14 +197,11 @@ impl KeyedSlots {
     /// A slot for `who`, or `None` when it already holds the maximum.
     pub fn acquire(&self, who: &str) -> Option<Slot> {
         let mut open = self.open.lock().expect("slots lock");
-        let n = open.entry(who.to_owned()).or_default();
-        if *n >= self.max {
-            if *n == 0 {
-                open.remove(who);
-            }
+        let held = open.get(who).copied().unwrap_or(0);
+        if held >= self.max {
             return None;
         }
-        *n += 1;
+        open.insert(who.to_owned(), held + 1);
         Some(Slot {
             open: self.open.clone(),
             who: who.to_owned(),
@@ -250,7 +247,7 @@ pub fn throttle<S: futures::Stream>(
 }
 
 /// An `application/problem+json` refusal with `Retry-After` (whole seconds, at least 1).
-fn refusal(status: StatusCode, kind: &str, detail: &str, retry_after: Duration) -> Response {
+pub fn refusal(status: StatusCode, kind: &str, detail: &str, retry_after: Duration) -> Response {
     let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
     let body = serde_json::json!({
         "type": format!("/problems/{kind}"),
@@ -298,6 +295,23 @@ mod tests {
         b.body(Body::empty()).unwrap()
     }
 
+    /// Sends fast requests while a slow one is (about to be) in flight, until one is answered
+    /// `status`; `None` if none is within 200 tries.
+    async fn refused_while_slow(
+        app: &Router,
+        token: Option<&str>,
+        status: u16,
+    ) -> Option<Response> {
+        for _ in 0..200 {
+            let r = app.clone().oneshot(request("/fast", token)).await.unwrap();
+            if r.status() == status {
+                return Some(r);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        None
+    }
+
     #[tokio::test]
     async fn a_caller_over_its_rate_gets_429_and_others_do_not() {
         let auth = Authenticator::ephemeral();
@@ -339,20 +353,9 @@ mod tests {
         let one_at_a_time = app(limits, &auth);
         let slow = tokio::spawn(one_at_a_time.clone().oneshot(request("/", None)));
         // Wait until the slow request holds the only permit.
-        let mut refused = None;
-        for _ in 0..200 {
-            let r = one_at_a_time
-                .clone()
-                .oneshot(request("/fast", None))
-                .await
-                .unwrap();
-            if r.status() == 503 {
-                refused = Some(r);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let refused = refused.expect("a second request while one is in flight");
+        let refused = refused_while_slow(&one_at_a_time, None, 503)
+            .await
+            .expect("a second request while one is in flight");
         assert_eq!(refused.headers()["retry-after"], "1");
         assert_eq!(slow.await.unwrap().unwrap().status(), 200);
 
@@ -379,20 +382,9 @@ mod tests {
             .issue("bob", Role::Customer, Duration::from_secs(60))
             .unwrap();
         let slow = tokio::spawn(app.clone().oneshot(request("/", Some(&alice))));
-        let mut refused = None;
-        for _ in 0..200 {
-            let r = app
-                .clone()
-                .oneshot(request("/fast", Some(&alice)))
-                .await
-                .unwrap();
-            if r.status() == 429 {
-                refused = Some(r);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let refused = refused.expect("alice's second request while her first is in flight");
+        let refused = refused_while_slow(&app, Some(&alice), 429)
+            .await
+            .expect("alice's second request while her first is in flight");
         assert_eq!(refused.headers()["retry-after"], "1");
         let r = app
             .clone()

@@ -41,6 +41,33 @@ async fn post(gql: &Gql, token: &str, body: impl Into<reqwest::Body>) -> (u16, V
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The command API over `api`'s database behind admission `limits`, until `shutdown`;
+/// returns its base URL.
+async fn command_api(
+    api: &TestApi,
+    limits: platform::limits::ApiLimits,
+    shutdown: &CancellationToken,
+) -> String {
+    let router = write_side::http::router(
+        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone()).with_limits(limits),
+        64 * 1024,
+    );
+    let served = Gql::serve(router, shutdown.clone()).await;
+    served.url.trim_end_matches("/graphql").to_owned()
+}
+
+/// POST /orders with a fresh idempotency key.
+async fn checkout(api: &TestApi, base: &str, token: &str) -> reqwest::Response {
+    api.http
+        .post(format!("{base}/orders"))
+        .bearer_auth(token)
+        .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+        .json(&shop_tests::checkout_body())
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn graphql_refuses_huge_bodies_alias_floods_costly_lists_and_slow_queries() {
     let api = TestApi::new().await;
@@ -271,13 +298,7 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_on_both_apis() {
     };
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let commands = write_side::http::router(
-        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone())
-            .with_limits(limits.clone()),
-        64 * 1024,
-    );
-    let commands = Gql::serve(commands, shutdown.clone()).await;
-    let base = commands.url.trim_end_matches("/graphql").to_owned();
+    let base = command_api(&api, limits.clone(), &shutdown).await;
     let graphql = GraphqlApi {
         pool: api.db.pool.clone(),
         auth: api.auth.clone(),
@@ -289,27 +310,15 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_on_both_apis() {
     let gql = Gql::serve(graphql, shutdown.clone()).await;
 
     let (alice, bob) = (api.customer("alice"), api.customer("bob"));
-    let checkout = |token: String| {
-        let (http, url) = (api.http.clone(), format!("{base}/orders"));
-        async move {
-            http.post(url)
-                .bearer_auth(token)
-                .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-                .json(&shop_tests::checkout_body())
-                .send()
-                .await
-                .unwrap()
-        }
-    };
     let mut statuses = Vec::new();
     for _ in 0..6 {
-        statuses.push(checkout(alice.clone()).await.status().as_u16());
+        statuses.push(checkout(&api, &base, &alice).await.status().as_u16());
     }
     assert!(
         statuses.contains(&202) && statuses.contains(&429),
         "{statuses:?}"
     );
-    let r = checkout(alice.clone()).await;
+    let r = checkout(&api, &base, &alice).await;
     assert_eq!(r.status(), 429);
     assert!(
         r.headers()["retry-after"]
@@ -322,7 +331,7 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_on_both_apis() {
     let problem: Value = r.json().await.unwrap();
     assert_eq!(problem["type"], "/problems/rate-limited", "{problem}");
     assert_eq!(
-        checkout(bob.clone()).await.status(),
+        checkout(&api, &base, &bob).await.status(),
         202,
         "bob has his own budget"
     );
@@ -512,12 +521,7 @@ async fn slow_uploads_cannot_lock_other_callers_out() {
     };
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let commands = write_side::http::router(
-        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone()).with_limits(limits),
-        64 * 1024,
-    );
-    let commands = Gql::serve(commands, shutdown.clone()).await;
-    let base = commands.url.trim_end_matches("/graphql").to_owned();
+    let base = command_api(&api, limits, &shutdown).await;
     let addr = base.trim_start_matches("http://").to_owned();
     // Headers that promise a body which never comes.
     let stalled = |token: Option<String>| {
@@ -550,21 +554,9 @@ async fn slow_uploads_cannot_lock_other_callers_out() {
         stalled(Some(alice.clone())).await,
         stalled(Some(alice.clone())).await,
     ];
-    let checkout = |token: String| {
-        let (http, url) = (api.http.clone(), format!("{base}/orders"));
-        async move {
-            http.post(url)
-                .bearer_auth(token)
-                .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-                .json(&shop_tests::checkout_body())
-                .send()
-                .await
-                .unwrap()
-        }
-    };
     let mut refused = None;
     for _ in 0..100 {
-        let r = checkout(alice.clone()).await;
+        let r = checkout(&api, &base, &alice).await;
         if r.status() == 429 {
             refused = Some(r);
             break;
@@ -575,5 +567,8 @@ async fn slow_uploads_cannot_lock_other_callers_out() {
     let refused = refused.expect("alice over her share of in-flight requests");
     let problem: Value = refused.json().await.unwrap();
     assert_eq!(problem["type"], "/problems/too-many-in-flight", "{problem}");
-    assert_eq!(checkout(api.customer("bob")).await.status(), 202);
+    assert_eq!(
+        checkout(&api, &base, &api.customer("bob")).await.status(),
+        202
+    );
 }

@@ -13,11 +13,11 @@ use async_graphql::{Data, http::ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::{
     extract::{State, WebSocketUpgrade},
-    http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderMap, StatusCode},
+    response::Response,
 };
 use futures::StreamExt;
-use platform::limits::{KeyedSlots, throttle};
+use platform::limits::{KeyedSlots, refusal, throttle};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{AppState, GraphqlLimits, header_principal};
@@ -59,15 +59,12 @@ pub(super) async fn graphql_ws(
     let Some(permit) = state.sockets.admit() else {
         metrics::counter!("http_refused_total", "api" => "graphql", "reason" => "sockets")
             .increment(1);
-        return (
+        return refusal(
             StatusCode::SERVICE_UNAVAILABLE,
-            [
-                (header::CONTENT_TYPE, "application/problem+json"),
-                (header::RETRY_AFTER, "5"),
-            ],
-            r#"{"type":"/problems/overloaded","title":"Service Unavailable","status":503,"detail":"the GraphQL API holds as many WebSocket connections as it may; retry shortly"}"#,
-        )
-            .into_response();
+            "overloaded",
+            "the GraphQL API holds as many WebSocket connections as it may; retry shortly",
+            Duration::from_secs(5),
+        );
     };
     let from_header = header_principal(&state.auth, &headers);
     let auth = state.auth.clone();
