@@ -10,8 +10,11 @@
 //! - [`order`]: the order aggregate (`decide`/`evolve`), its commands, events and rejections.
 //! - [`saga`]: the checkout saga as a state machine `(SagaState, Input) -> (SagaState, outputs)`.
 //! - [`wire`]: the stored/published form of events: type names, schema versions, upcasters.
+//! - [`activity`]: user activity (telemetry, never in the event store): its wire form, time
+//!   bounds and derived ids.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod order;
 pub mod saga;
 pub mod values;

@@ -62,6 +62,11 @@ pub struct InfraConfig {
           value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub kafka_partitions: i32,
 
+    /// How long the `user-activity` topic keeps events (`retention.ms`, set when the topic
+    /// is created): what a rebuild of the analytics can replay.
+    #[arg(long, env = "ACTIVITY_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub activity_retention: Duration,
+
     /// How Kafka clients talk to the brokers: `plaintext` or `ssl` (TLS).
     #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext",
           value_parser = ["plaintext", "ssl"])]
@@ -223,13 +228,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration; write e.g. 250ms, 5s, 2m or 1h"))?;
+        .map_err(|_| format!("`{s}` is not a duration; write e.g. 250ms, 5s, 2m, 1h or 7d"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" | "" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("unknown unit in `{s}`; use ms, s, m or h")),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("unknown unit in `{s}`; use ms, s, m, h or d")),
     };
     Ok(d)
 }

@@ -151,10 +151,27 @@ pub async fn ensure_topics(
     topics: &[String],
     partitions: i32,
 ) -> Result<(), KafkaSetupError> {
+    let specs: Vec<(String, Vec<(&str, String)>)> =
+        topics.iter().map(|t| (t.clone(), Vec::new())).collect();
+    ensure_topics_with(brokers, &specs, partitions).await
+}
+
+/// [`ensure_topics`] with per-topic settings (e.g. `retention.ms`), applied when a topic is
+/// created; an existing topic keeps its own (change them with `kafka-configs.sh`).
+pub async fn ensure_topics_with(
+    brokers: &str,
+    topics: &[(String, Vec<(&str, String)>)],
+    partitions: i32,
+) -> Result<(), KafkaSetupError> {
     let admin: AdminClient<DefaultClientContext> = base_config(brokers).create()?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|(t, config)| {
+            config.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&new, &opts).await;

@@ -6,12 +6,13 @@
 //! `Retry-After` (queueing would only turn overload into timeouts); over a caller's rate it
 //! gets 429 with `Retry-After`; past the timeout, 503. A caller is the bearer token's
 //! `role:subject`, so many tokens of one customer share one budget; requests without a valid
-//! token share the `anonymous` budget (the handlers refuse them anyway).
+//! token share one budget per client address (`anonymous:<ip>`: only `POST /activity`
+//! serves them, the other handlers refuse them).
 //!
 //! One caller may also hold only a share of the concurrency limit
 //! (`MAX_CONCURRENT_PER_CALLER`): a request whose body trickles in holds its permit until
 //! the timeout, so without a share a few hundred slow uploads from one token (or from
-//! anonymous clients, who share one budget) would lock every other caller out.
+//! anonymous clients of one address, who share one budget) would lock every other caller out.
 
 use std::{
     collections::HashMap,
@@ -51,8 +52,8 @@ pub struct ApiLimits {
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,
-    /// Of those, how many one caller may hold at once (anonymous requests together count as
-    /// one caller); more are refused with 429 and Retry-After.
+    /// Of those, how many one caller may hold at once (anonymous requests from one address
+    /// count as one caller); more are refused with 429 and Retry-After.
     #[arg(long, env = "MAX_CONCURRENT_PER_CALLER", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_per_caller: u32,
@@ -106,7 +107,8 @@ impl Admission {
         }
     }
 
-    /// The caller's budget key: `role:subject` of a valid token, else `anonymous`.
+    /// The caller's budget key: `role:subject` of a valid token, else `anonymous:<address>`
+    /// of the peer (anonymous visitors send activity; one address must not starve the rest).
     fn caller(&self, req: &Request) -> String {
         let header = req
             .headers()
@@ -114,7 +116,13 @@ impl Admission {
             .and_then(|v| v.to_str().ok());
         match self.auth.verify_header(header) {
             Ok(p) => p.actor(),
-            Err(_) => "anonymous".into(),
+            Err(_) => match req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            {
+                Some(peer) => format!("anonymous:{}", peer.0.ip()),
+                None => "anonymous".into(),
+            },
         }
     }
 }

@@ -30,7 +30,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -45,7 +45,13 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             router
                 .clone()
-                .map_request(|req: Request<Incoming>| req.map(Body::new)),
+                // The peer's address, for handlers that record it (`ConnectInfo`).
+                .map_request(move |req: Request<Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req
+                }),
         );
         let stop = shutdown.clone();
         connections.spawn(async move {

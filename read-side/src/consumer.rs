@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    checkpoints,
     dead_letters::{self, DeadLetter, Incoming, Processed},
     envelope::OrderEnvelope,
     projection::{self, Kind},
@@ -176,7 +177,7 @@ impl Projector {
     ) -> anyhow::Result<Handled> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
         let mut tx = self.begin().await?;
-        let next = self.checkpoints(&mut tx, topic, &[partition]).await?;
+        let next = checkpoints::locked(&mut tx, self.kind.name(), topic, &[partition]).await?;
         if next.first().is_some_and(|(_, n)| offset < *n) {
             return Ok(Handled::BehindCheckpoint);
         }
@@ -196,8 +197,7 @@ impl Projector {
                 .await?
             }
         };
-        self.advance(&mut tx, topic, &[(partition, offset + 1)])
-            .await?;
+        checkpoints::advance(&mut tx, self.kind.name(), topic, &[(partition, offset + 1)]).await?;
         tx.commit().await?;
         metrics::counter!("projection_events_total", "projection" => self.kind.name()).increment(1);
         if let Processed::DeadLettered(dl) = &processed {
@@ -413,7 +413,7 @@ impl Projector {
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let stored = self.checkpoints(&mut tx, topic, &partitions).await?;
+        let stored = checkpoints::locked(&mut tx, self.kind.name(), topic, &partitions).await?;
         let next = |p: i32| stored.iter().find(|s| s.0 == p).map_or(0, |s| s.1);
         let mut decoded = Vec::with_capacity(batch.len());
         for m in batch.iter().filter(|m| m.offset() >= next(m.partition())) {
@@ -456,53 +456,13 @@ impl Projector {
                 (*p, last.unwrap_or(0) + 1)
             })
             .collect();
-        self.advance(&mut tx, topic, &ends).await?;
+        checkpoints::advance(&mut tx, self.kind.name(), topic, &ends).await?;
         tx.commit().await?;
         metrics::counter!("projection_events_total", "projection" => self.kind.name())
             .increment(decoded.len() as u64);
         metrics::histogram!("projection_batch_size", "projection" => self.kind.name())
             .record(batch.len() as f64);
         Ok(true)
-    }
-
-    /// The stored next offsets of `partitions` (those that have one), locked.
-    async fn checkpoints(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        topic: &str,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, i64)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT partition, next_offset FROM projection_checkpoints
-             WHERE projection = $1 AND topic = $2 AND partition = ANY($3) ORDER BY partition FOR UPDATE",
-        )
-        .bind(self.kind.name())
-        .bind(topic)
-        .bind(partitions)
-        .fetch_all(&mut *conn)
-        .await
-    }
-
-    /// Moves the checkpoints to the given next offsets (never backwards).
-    async fn advance(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        topic: &str,
-        next: &[(i32, i64)],
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset)
-             SELECT $1, $2, p, o FROM unnest($3::int[], $4::bigint[]) AS x(p, o)
-             ON CONFLICT (projection, topic, partition) DO UPDATE
-                 SET next_offset = GREATEST(projection_checkpoints.next_offset, EXCLUDED.next_offset), updated_at = now()",
-        )
-        .bind(self.kind.name())
-        .bind(topic)
-        .bind(next.iter().map(|e| e.0).collect::<Vec<_>>())
-        .bind(next.iter().map(|e| e.1).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
     }
 
     /// A transaction with the lock timeout set and the projection's write lock taken.

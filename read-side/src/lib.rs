@@ -9,12 +9,15 @@
 //!
 //! # Layout (in data-flow order)
 //! - [`envelope`]: the Kafka message value, parsed and decoded into a domain event.
-//! - [`consumer`]: the projector loop (batches, checkpoints, offsets, retries, shutdown).
+//! - [`consumer`]: the projector loop (batches, checkpoints, offsets, retries, shutdown);
+//!   [`checkpoints`]: the per-partition positions every consumer here keeps in PostgreSQL.
 //! - [`dead_letters`]: poison events: dead letters, parking, replay, discard.
 //! - [`projection`]: what every projection shares: its [`projection::Kind`], the
 //!   [`projection::Projection`] trait, batches and the idempotency rule.
 //! - [`order_summary`], [`sales`]: the projections, each a pure fold and a `repo` module with
 //!   all of its SQL (batched writes, and the reads GraphQL serves).
+//! - [`analytics`]: the `analytics` group: user activity and order events into live
+//!   counters (its own loop over two topics, counted once per event id).
 //! - [`registry`]: which implementation serves each `Kind` (the one place naming every model).
 //! - [`rebuild`]: rebuild by replay and the atomic switch.
 //! - [`status`]: versions, positions, lag and rebuild progress.
@@ -27,7 +30,9 @@
 //! `registry` depends on both; `graphql` sits on top and holds no SQL.
 #![forbid(unsafe_code)]
 
+pub mod analytics;
 pub mod audit;
+pub mod checkpoints;
 pub mod consumer;
 pub mod dead_letters;
 pub mod envelope;

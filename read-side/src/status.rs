@@ -1,4 +1,5 @@
-//! Where each projection is: active version, Kafka position and lag, and any rebuild.
+//! Where each projection is (and the analytics group, last): active version, Kafka position
+//! and lag, and any rebuild.
 //!
 //! The position is the sum of the stored per-partition checkpoints (the next offset to apply);
 //! the lag is what the topic holds beyond them, from the brokers' high watermarks when a
@@ -65,6 +66,16 @@ impl Watermarks {
     /// The topic whose watermarks these are.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The same client on `name` under this topic's prefix (`<prefix>orders.events` →
+    /// `<prefix><name>`).
+    pub fn sibling(&self, name: &str) -> Self {
+        let prefix = self.topic.strip_suffix("orders.events").unwrap_or("");
+        Self {
+            consumer: self.consumer.clone(),
+            topic: format!("{prefix}{name}"),
+        }
     }
 
     /// Per partition: (low, high) watermarks. `None` when the brokers do not answer.
@@ -166,6 +177,8 @@ pub async fn all(
             last_rebuilt_at: r.try_get("last_rebuilt_at")?,
         });
     }
+    let topics = watermarks.map(|w| [w.sibling(crate::analytics::ACTIVITY_TOPIC), w.clone()]);
+    out.push(crate::analytics::status(pool, topics.as_ref().map(|t| &t[..])).await?);
     Ok(out)
 }
 

@@ -176,8 +176,16 @@ pub async fn projections(
             restart,
             batch_size,
         } => {
+            if name == read_side::analytics::NAME {
+                let generation = read_side::analytics::rebuild(&pool).await?;
+                println!(
+                    "analytics reset: the running group replays both topics from offset 0 as generation {generation} (follow it with `shop projections status`)"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let Some(kind) = Kind::parse(&name) else {
-                let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+                let mut known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+                known.push(read_side::analytics::NAME);
                 eprintln!("unknown projection `{name}`; known: {}", known.join(", "));
                 return Ok(ExitCode::FAILURE);
             };

@@ -41,6 +41,8 @@ pub enum Command {
         #[command(flatten)]
         write_side: write_side::WriteSideConfig,
         #[command(flatten)]
+        activity: write_side::activity::ActivityConfig,
+        #[command(flatten)]
         relay: outbox_relay::RelayConfig,
         /// Address of the GraphQL read API (the query console on GET /graphql when enabled).
         #[arg(long, env = "GRAPHQL_ADDR", default_value = "127.0.0.1:8081")]
@@ -203,6 +205,7 @@ pub enum ProjectionsCommand {
     Status,
     /// Rebuilds a projection from the event store into a new version while the current one
     /// keeps serving, then switches atomically. Resumes an interrupted rebuild unless --restart.
+    /// `analytics` is instead reset and replayed from its Kafka topics by the running group.
     Rebuild {
         /// order_summary or sales_by_product
         name: String,
@@ -262,6 +265,7 @@ mod tests {
         let cli = Cli::try_parse_from(["shop", "run"]).unwrap_or_else(|e| panic!("{e}"));
         let Command::Run {
             write_side,
+            activity,
             relay,
             graphql_addr,
             graphql,
@@ -277,6 +281,11 @@ mod tests {
         };
         assert_eq!(graphql.max_fields, 200);
         assert_eq!(api_limits.rate_limit_per_second, 20);
+        assert_eq!(activity.activity_max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(
+            cli.infra.activity_retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
         assert_eq!(
             retention.inbox_retention,
             Duration::from_secs(7 * 24 * 3600)

@@ -48,6 +48,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
         Command::Setup => setup(&cli.infra).await?,
         Command::Run {
             write_side,
+            activity,
             relay,
             graphql_addr,
             graphql,
@@ -60,6 +61,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
         } => {
             let roles = RoleConfigs {
                 write_side: Some(write_side),
+                activity: Some(activity),
                 relay: Some(relay),
                 graphql_addr: Some(graphql_addr),
                 graphql_limits: graphql,

@@ -4,7 +4,8 @@
 //!
 //! Kept: idempotency keys (a retry within `IDEMPOTENCY_KEY_RETENTION` gets the first answer;
 //! after it, a retry is a new command) and the saga's inboxes and command record
-//! (`INBOX_RETENTION`). The outbox's published rows are pruned by the relay
+//! (`INBOX_RETENTION`), the analytics' one-minute windows and presence (a day) and counted
+//! event ids (`ANALYTICS_SEEN_RETENTION`). The outbox's published rows are pruned by the relay
 //! (`RELAY_RETENTION`); events are never deleted.
 
 use std::time::Duration;
@@ -20,6 +21,10 @@ pub struct RetentionConfig {
     /// How long the saga's and participants' inbox rows and sent-command records are kept.
     #[arg(long, env = "INBOX_RETENTION", default_value = "168h", value_parser = platform::config::parse_duration)]
     pub inbox_retention: Duration,
+    /// How long the analytics remember an event id they counted (longer than the topics
+    /// keep events, so nothing still deliverable is counted twice).
+    #[arg(long, env = "ANALYTICS_SEEN_RETENTION", default_value = "8d", value_parser = platform::config::parse_duration)]
+    pub analytics_seen_retention: Duration,
     /// How often retention runs.
     #[arg(long, env = "RETENTION_INTERVAL", default_value = "1m", value_parser = platform::config::parse_duration)]
     pub retention_interval: Duration,
@@ -40,6 +45,9 @@ pub async fn prune_once(
         write_side::commands::prune_idempotency_keys(pool, cfg.idempotency_key_retention).await?;
     let mut pruned = vec![("idempotency_keys", keys)];
     pruned.extend(saga::retention::prune(pool, cfg.inbox_retention).await?);
+    let day = chrono::TimeDelta::hours(24);
+    let seen = chrono::TimeDelta::from_std(cfg.analytics_seen_retention).unwrap_or(day);
+    pruned.extend(read_side::analytics::repo::prune(pool, day, seen).await?);
     for (table, n) in &pruned {
         metrics::counter!("retention_pruned_rows_total", "table" => *table).increment(*n);
         if *n > 0 {

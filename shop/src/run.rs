@@ -17,7 +17,11 @@ use platform::{
 };
 
 /// Topics the project owns (before the configurable prefix).
-pub const TOPICS: &[&str] = &["orders.events", "orders.events.dlq"];
+pub const TOPICS: &[&str] = &[
+    "orders.events",
+    "orders.events.dlq",
+    read_side::analytics::ACTIVITY_TOPIC,
+];
 
 pub async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
     let pool = platform::db::connect(&infra.database_url, 2)
@@ -37,11 +41,27 @@ pub async fn migrate(infra: &InfraConfig) -> anyhow::Result<()> {
 
 pub async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
     migrate(infra).await?;
-    let topics: Vec<String> = TOPICS.iter().map(|t| infra.topic(t)).collect();
+    let topics: Vec<(String, Vec<(&str, String)>)> = TOPICS
+        .iter()
+        .map(|t| {
+            // Activity is kept for ACTIVITY_RETENTION; the order stream for the broker's
+            // default (the event store is its source of truth).
+            let config = if *t == read_side::analytics::ACTIVITY_TOPIC {
+                vec![(
+                    "retention.ms",
+                    infra.activity_retention.as_millis().to_string(),
+                )]
+            } else {
+                Vec::new()
+            };
+            (infra.topic(t), config)
+        })
+        .collect();
     platform::kafka::wait_ready(&infra.kafka_brokers, Duration::from_secs(60)).await?;
-    platform::kafka::ensure_topics(&infra.kafka_brokers, &topics, infra.kafka_partitions)
+    platform::kafka::ensure_topics_with(&infra.kafka_brokers, &topics, infra.kafka_partitions)
         .await
         .context("creating Kafka topics")?;
+    let topics: Vec<&String> = topics.iter().map(|t| &t.0).collect();
     tracing::info!(
         ?topics,
         partitions = infra.kafka_partitions,
@@ -54,6 +74,8 @@ pub async fn setup(infra: &InfraConfig) -> anyhow::Result<()> {
 #[derive(Default)]
 pub struct RoleConfigs {
     pub write_side: Option<write_side::WriteSideConfig>,
+    /// With the command API: `POST /activity` to the `user-activity` topic.
+    pub activity: Option<write_side::activity::ActivityConfig>,
     pub relay: Option<outbox_relay::RelayConfig>,
     pub graphql_addr: Option<std::net::SocketAddr>,
     pub graphql_limits: read_side::graphql::GraphqlLimits,
@@ -90,8 +112,16 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
     if let (Some(cfg), Some(auth)) = (roles.write_side.as_ref(), auth.clone()) {
-        let state = write_side::http::AppState::new(pools.commands.clone(), auth)
+        let mut state = write_side::http::AppState::new(pools.commands.clone(), auth)
             .with_limits(roles.api_limits.clone());
+        if let Some(activity) = &roles.activity {
+            let topic = infra.topic(read_side::analytics::ACTIVITY_TOPIC);
+            state = state.with_activity(write_side::activity::Ingest::new(
+                &infra.kafka_brokers,
+                &topic,
+                activity,
+            )?);
+        }
         let router = write_side::http::router(state, cfg.max_body_bytes);
         let addr = cfg.http_addr;
         sup.spawn("command-api", move |ctx| {
@@ -182,8 +212,8 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     result
 }
 
-/// The read side's roles: a projector per projection, the rebuild worker and the projection
-/// metrics.
+/// The read side's roles: a projector per projection, the analytics group, the rebuild worker
+/// and the projection metrics.
 fn spawn_read_side(
     sup: &mut Supervisor,
     pool: &sqlx::PgPool,
@@ -211,6 +241,22 @@ fn spawn_read_side(
             )
         });
     }
+    let (p, infra) = (pool.clone(), infra.clone());
+    let topics = read_side::analytics::Topics {
+        activity: infra.topic(read_side::analytics::ACTIVITY_TOPIC),
+        orders: topic.to_owned(),
+    };
+    let stuck_after = projector_cfg.stuck_after;
+    sup.spawn("analytics", move |ctx| {
+        read_side::analytics::run_role(
+            p.clone(),
+            infra.kafka_brokers.clone(),
+            topics.clone(),
+            infra.kafka_topic_prefix.clone(),
+            stuck_after,
+            ctx,
+        )
+    });
     let p = pool.clone();
     sup.spawn("rebuilds", move |ctx| {
         read_side::rebuild::run_worker(p.clone(), ctx)

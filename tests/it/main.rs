@@ -18,6 +18,8 @@ mod dead_letters;
 mod projections;
 mod read_side;
 
+mod activity;
+
 mod saga;
 mod saga_kill;
 

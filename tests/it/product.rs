@@ -20,6 +20,7 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         "relay",
         "projector:order_summary",
         "projector:sales_by_product",
+        "analytics",
         "saga:feed",
         "saga:replies",
         "participant:payment",
@@ -70,6 +71,46 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
             shop.log_tail(30)
         );
     }
+    // A visitor's activity reaches the analytics, which count it with the orders.
+    let batch = serde_json::json!({"session_id": "sess-product-1", "events": [
+        {"type": "product_view", "product_sku": "SKU-1",
+         "occurred_at": chrono::Utc::now().to_rfc3339()},
+    ]});
+    let r = shop
+        .http
+        .post(format!("{}/activity", shop.api))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let operator = shop.token("operator", "ops");
+    let query =
+        serde_json::json!({"query": "{ productAnalytics(sku: \"SKU-1\") { views orders } }"});
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..240 {
+        seen = shop
+            .http
+            .post(&shop.graphql)
+            .bearer_auth(&operator)
+            .json(&query)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if seen["data"]["productAnalytics"] == serde_json::json!([{"views": 1, "orders": 1}]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        seen["data"]["productAnalytics"],
+        serde_json::json!([{"views": 1, "orders": 1}]),
+        "{seen}\n{}",
+        shop.log_tail(30)
+    );
     // One pool per kind of work, each named in pg_stat_activity.
     let pools: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT application_name FROM pg_stat_activity

@@ -47,6 +47,21 @@ impl TestApi {
 
     /// Starts an API instance over an existing database (e.g. to show state survives a restart).
     pub async fn with_db(db: TestDb) -> Self {
+        Self::serve(db, None).await
+    }
+
+    /// An API that also ingests user activity into `topic` (`POST /activity`).
+    pub async fn with_activity(db: TestDb, brokers: &str, topic: &str) -> Self {
+        let ingest = write_side::activity::Ingest::new(
+            brokers,
+            topic,
+            &write_side::activity::ActivityConfig::default(),
+        )
+        .expect("activity producer");
+        Self::serve(db, Some(ingest)).await
+    }
+
+    async fn serve(db: TestDb, activity: Option<write_side::activity::Ingest>) -> Self {
         // The development catalog (SKU-1 at 1250, SKU-2 at 499, ... EUR), as scripts/run.sh
         // seeds it: checkouts are priced from it.
         write_side::catalog::seed(&db.pool)
@@ -56,7 +71,11 @@ impl TestApi {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             ..write_side::WriteSideConfig::default()
         };
-        let app = write_side::build(&cfg, db.pool.clone(), test_auth())
+        let mut state = write_side::http::AppState::new(db.pool.clone(), test_auth());
+        if let Some(ingest) = activity {
+            state = state.with_activity(ingest);
+        }
+        let app = write_side::bind(&cfg, state)
             .await
             .expect("bind command api");
         let base = format!("http://{}", app.local_addr());
@@ -144,12 +163,38 @@ pub struct ReadStack {
 
 impl ReadStack {
     pub async fn start(config: read_side::consumer::ProjectorConfig) -> Self {
-        let api = TestApi::new().await;
+        Self::launch(config, false).await
+    }
+
+    /// [`ReadStack::start`] with `POST /activity` on the API and the analytics group running.
+    pub async fn with_analytics() -> Self {
+        Self::launch(read_side::consumer::ProjectorConfig::default(), true).await
+    }
+
+    /// The per-test `user-activity` topic.
+    pub fn activity_topic(&self) -> String {
+        self.kafka.topic(read_side::analytics::ACTIVITY_TOPIC)
+    }
+
+    async fn launch(config: read_side::consumer::ProjectorConfig, analytics: bool) -> Self {
         let mut kafka = TestKafka::new().await;
-        let topic = kafka
-            .create_topics(&["orders.events", "orders.events.dlq"], 3)
-            .await
-            .remove(0);
+        let topics = kafka
+            .create_topics(
+                &[
+                    "orders.events",
+                    "orders.events.dlq",
+                    read_side::analytics::ACTIVITY_TOPIC,
+                ],
+                3,
+            )
+            .await;
+        let (topic, activity) = (topics[0].clone(), topics[2].clone());
+        let db = TestDb::with_pool_size(20).await;
+        let api = if analytics {
+            TestApi::with_activity(db, &kafka.brokers, &activity).await
+        } else {
+            TestApi::with_db(db).await
+        };
         let infra = InfraConfig {
             kafka_topic_prefix: kafka.prefix.clone(),
             ..infra()
@@ -166,6 +211,30 @@ impl ReadStack {
             api.db.url.clone(),
             shutdown.clone(),
         ))];
+        if analytics {
+            let (pool, brokers, prefix, stop) = (
+                api.db.pool.clone(),
+                kafka.brokers.clone(),
+                kafka.prefix.clone(),
+                shutdown.clone(),
+            );
+            let topics = read_side::analytics::Topics {
+                activity,
+                orders: topic.clone(),
+            };
+            tasks.push(tokio::spawn(async move {
+                read_side::analytics::run(
+                    pool,
+                    &brokers,
+                    topics,
+                    &prefix,
+                    config.stuck_after,
+                    &stop,
+                    || {},
+                )
+                .await
+            }));
+        }
         for kind in read_side::projection::Kind::ALL {
             let projector = read_side::consumer::Projector::new(
                 kind,

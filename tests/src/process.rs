@@ -324,7 +324,7 @@ impl ShopProcess {
     /// Deletes the Kafka topics and RabbitMQ queues this process created.
     pub async fn clean_up_brokers(&self) {
         let infra = crate::infra();
-        let topics: Vec<String> = ["orders.events", "orders.events.dlq"]
+        let topics: Vec<String> = ["orders.events", "orders.events.dlq", "user-activity"]
             .iter()
             .map(|t| format!("{}{t}", self.prefix))
             .collect();

@@ -41,10 +41,11 @@ pub const OPENAPI: &str = include_str!("../../schemas/openapi.json");
 
 #[derive(Clone)]
 pub struct AppState {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     auth: Authenticator,
     max_body_bytes: usize,
     limits: Option<ApiLimits>,
+    pub(crate) activity: Option<crate::activity::Ingest>,
 }
 
 impl AppState {
@@ -54,7 +55,14 @@ impl AppState {
             auth,
             max_body_bytes: 64 * 1024,
             limits: None,
+            activity: None,
         }
+    }
+
+    /// Serves `POST /activity` ([`crate::activity`]); without it that route answers 404.
+    pub fn with_activity(mut self, ingest: crate::activity::Ingest) -> Self {
+        self.activity = Some(ingest);
+        self
     }
 
     /// Admission control ([`platform::limits`]) in front of every route but `/healthz`.
@@ -73,6 +81,7 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
     let mut api = Router::new()
         .route("/orders", post(checkout))
         .route("/orders/{id}/cancel", post(cancel))
+        .route("/activity", post(crate::activity::ingest))
         .route("/admin/orders/{id}/audit", get(audit))
         .route(
             "/openapi.json",
@@ -90,7 +99,7 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
 }
 
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
@@ -155,6 +164,21 @@ fn parse_body<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(T, Value), ApiError> {
+    let value = json_body(state, headers, body)?;
+    let parsed = T::deserialize(&value).map_err(|e| ApiError::Validation {
+        field: None,
+        detail: format!("body does not match the schema: {e}"),
+    })?;
+    Ok((parsed, value))
+}
+
+/// A body as JSON: 415 without a JSON content type, 413 over the limit, 400 when it is not
+/// JSON.
+pub(crate) fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -170,13 +194,8 @@ fn parse_body<T: DeserializeOwned>(
             ApiError::MalformedRequest(r.body_text())
         }
     })?;
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::MalformedRequest(format!("body is not valid JSON: {e}")))?;
-    let parsed = T::deserialize(&value).map_err(|e| ApiError::Validation {
-        field: None,
-        detail: format!("body does not match the schema: {e}"),
-    })?;
-    Ok((parsed, value))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::MalformedRequest(format!("body is not valid JSON: {e}")))
 }
 
 fn request_hash(method_path: &str, body: &Value) -> Vec<u8> {

@@ -1,8 +1,9 @@
-//! The command API: `POST /orders` (checkout) and `POST /orders/{id}/cancel`.
+//! The command API: `POST /orders` (checkout), `POST /orders/{id}/cancel`, and the ingestion
+//! of user activity (`POST /activity`).
 //!
 //! A request is authenticated, parsed into domain values, decided by the pure order aggregate,
 //! and its events are appended with their outbox messages and the idempotency record in one
-//! PostgreSQL transaction. Nothing on this path talks to a broker.
+//! PostgreSQL transaction. Nothing on the command path talks to a broker.
 //!
 //! # Layout
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
@@ -10,9 +11,12 @@
 //! - [`catalog`]: the shop's products and prices (a checkout names products, never prices).
 //! - [`commands`]: the transaction: idempotency, then the order stream's load, decide and
 //!   append ([`orders`]), then the idempotency record.
+//! - [`activity`]: `POST /activity`, user activity produced straight to Kafka (telemetry
+//!   decides nothing, so it skips the event store).
 //! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod catalog;
 pub mod commands;
 pub mod dto;
@@ -70,6 +74,11 @@ pub async fn build(
     pool: PgPool,
     auth: Authenticator,
 ) -> std::io::Result<App> {
+    bind(cfg, http::AppState::new(pool, auth)).await
+}
+
+/// Binds the command API over a prepared state (e.g. with activity ingestion).
+pub async fn bind(cfg: &WriteSideConfig, state: http::AppState) -> std::io::Result<App> {
     let listener = tokio::net::TcpListener::bind(cfg.http_addr)
         .await
         .map_err(|e| {
@@ -78,7 +87,6 @@ pub async fn build(
                 format!("binding the command api to {}: {e}", cfg.http_addr),
             )
         })?;
-    let state = http::AppState::new(pool, auth);
     Ok(App {
         listener,
         router: http::router(state, cfg.max_body_bytes),

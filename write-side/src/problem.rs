@@ -37,8 +37,12 @@ pub enum ApiError {
     Rejected(String),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    #[error("{} event(s) of the batch are invalid; nothing of it was recorded", .0.len())]
+    InvalidEvents(Vec<EventError>),
     #[error("a dependency is unavailable, retry later")]
     Unavailable(#[source] sqlx::Error),
+    #[error("the event broker did not acknowledge in time; resend the batch")]
+    BrokerUnavailable,
     #[error("internal error")]
     Internal(String),
 }
@@ -86,6 +90,16 @@ impl ApiError {
                 "idempotency-key-reused",
                 "Idempotency key reused",
             ),
+            InvalidEvents(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-activity",
+                "Invalid activity events",
+            ),
+            BrokerUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker-unavailable",
+                "Service unavailable",
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service-unavailable",
@@ -108,6 +122,39 @@ impl ApiError {
         Self::Validation {
             field: Some(field.into()),
             detail: detail.into(),
+        }
+    }
+}
+
+/// One problem with one event of an activity batch: its index in `events` (`None` for the
+/// batch itself), the JSON pointer of the offending value and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventError {
+    pub index: Option<usize>,
+    pub pointer: String,
+    pub detail: String,
+}
+
+impl EventError {
+    /// From a JSON pointer into the batch (`/events/3/type`).
+    pub fn at(pointer: &str, detail: String) -> Self {
+        let index = pointer
+            .strip_prefix("/events/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|i| i.parse().ok());
+        Self {
+            index,
+            pointer: pointer.to_owned(),
+            detail,
+        }
+    }
+
+    /// About event `index` as a whole.
+    pub fn index(index: usize, detail: String) -> Self {
+        Self {
+            index: Some(index),
+            pointer: format!("/events/{index}"),
+            detail,
         }
     }
 }
@@ -155,6 +202,9 @@ impl IntoResponse for ApiError {
         });
         if let ApiError::Validation { field: Some(f), .. } = &self {
             body["field"] = json!(f);
+        }
+        if let ApiError::InvalidEvents(errors) = &self {
+            body["errors"] = json!(errors);
         }
         let mut resp = (status, body.to_string()).into_response();
         let h = resp.headers_mut();
@@ -237,6 +287,16 @@ mod tests {
                 ApiError::Rejected("cancelled".into()),
                 422,
                 "/problems/command-rejected",
+            ),
+            (
+                ApiError::InvalidEvents(vec![EventError::at("/events/2/type", "bad".into())]),
+                422,
+                "/problems/invalid-activity",
+            ),
+            (
+                ApiError::BrokerUnavailable,
+                503,
+                "/problems/broker-unavailable",
             ),
         ];
         for (e, status, kind) in cases {

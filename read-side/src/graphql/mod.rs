@@ -4,7 +4,7 @@
 //! Same bearer tokens as the command API (on WebSocket: `Authorization` in the upgrade request
 //! or in the `connection_init` payload). A customer sees only their own orders (another
 //! customer's order is `null`, so existence does not leak); operators see all, and only they
-//! may read the audit trail, sales and projections or call mutations. Errors carry a stable
+//! may read the audit trail, sales, analytics and projections or call mutations. Errors carry a stable
 //! `extensions.code`: `UNAUTHENTICATED`, `FORBIDDEN`, `BAD_USER_INPUT`, `CONFLICT`, `INTERNAL`.
 //!
 //! This module assembles the schema from one root per model and serves it; each model's
@@ -13,6 +13,8 @@
 //! # Layout
 //! - [`orders`] answers `order`, `orders`, `checkoutProgress` and `orderStatusChanged`.
 //! - [`sales`] answers `salesByProduct`.
+//! - [`analytics`] answers `productAnalytics`, `activityWindows` and `liveAnalytics` (query
+//!   and subscription).
 //! - [`audit`] answers `auditTrail`.
 //! - [`operations`] answers `projections` and the mutations (rebuilds, dead letters).
 //! - `access` and `errors` hold the caller and the error codes, shared by the resolvers.
@@ -36,6 +38,7 @@ use sqlx::PgPool;
 use crate::{notify::StatusFeed, status::Watermarks};
 
 mod access;
+pub mod analytics;
 pub mod audit;
 mod errors;
 pub mod limits;
@@ -61,6 +64,7 @@ pub struct QueryRoot(
     orders::OrdersQuery,
     audit::AuditQuery,
     sales::SalesQuery,
+    analytics::AnalyticsQuery,
     operations::OperationsQuery,
 );
 
@@ -68,9 +72,9 @@ pub struct QueryRoot(
 #[derive(MergedObject, Default)]
 pub struct MutationRoot(operations::OperationsMutation);
 
-// Every model's subscriptions (only orders has any).
+// Every model's subscriptions.
 #[derive(MergedSubscription, Default)]
-pub struct SubscriptionRoot(orders::OrdersSubscription);
+pub struct SubscriptionRoot(orders::OrdersSubscription, analytics::AnalyticsSubscription);
 
 /// What the GraphQL API needs: the read models' pool, the token verifier, its limits and,
 /// for `lag`, a Kafka client on the order-events topic.

@@ -128,6 +128,7 @@ pub struct OperationsMutation;
 impl OperationsMutation {
     /// Starts rebuilding a projection from the event store in the background (or resumes an
     /// interrupted rebuild) and returns its status; progress shows in `projections`.
+    /// `analytics` is rebuilt by replaying its Kafka topics from offset 0 instead.
     /// `CONFLICT` if a rebuild of it is already running. Operators only.
     async fn rebuild_projection(
         &self,
@@ -135,8 +136,18 @@ impl OperationsMutation {
         name: String,
     ) -> async_graphql::Result<Projection> {
         operator(ctx, "rebuilding")?;
+        if name == crate::analytics::NAME {
+            // Replayed from Kafka, not the event store: reset, then the group replays.
+            crate::analytics::rebuild(ctx.data::<PgPool>()?)
+                .await
+                .map_err(internal)?;
+            return projection_status(ctx, crate::analytics::NAME)
+                .await?
+                .ok_or_else(|| error("INTERNAL", "analytics has no status row"));
+        }
         let kind = Kind::parse(&name).ok_or_else(|| {
-            let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            let mut known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            known.push(crate::analytics::NAME);
             error(
                 "BAD_USER_INPUT",
                 format!("unknown projection `{name}`; known: {}", known.join(", ")),
