@@ -30,7 +30,11 @@ struct SagaStack {
 
 impl SagaStack {
     async fn start(config: SagaConfig) -> Self {
-        let api = TestApi::new().await;
+        Self::start_on(TestApi::new().await, config).await
+    }
+
+    /// The stack over an API (and database) prepared by the test.
+    async fn start_on(api: TestApi, config: SagaConfig) -> Self {
         let rabbit = TestRabbit::new().await;
         // Test stacks may inject faults (tok_flaky_N, tok_slow, the switches).
         let config = SagaConfig {
@@ -975,5 +979,57 @@ async fn a_checkouts_spans_share_the_trace_id_of_its_request() {
     let other = stack.checkout(body("tok_visa", 1)).await;
     assert_eq!(stack.outcome(other).await.0, "OrderConfirmed");
     assert_eq!(shop_tests::spans::in_trace(&trace_id), expected);
+    stack.stop().await;
+}
+
+/// Replay discipline: deploying the saga onto a store that already holds orders (its feed
+/// position never moved) starts no saga for them: no command is sent, no stock reserved.
+/// Orders placed after it run as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_deployment_onto_a_store_with_orders_runs_no_saga_for_them() {
+    // A store as it was before the saga's position was fixed: orders, a position at (0, 0).
+    let db = shop_tests::TestDb::with_pool_size(20).await;
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 12")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE saga_feed_position SET cursor_tx = '0', cursor_pos = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let api = TestApi::with_db(db).await;
+    let token = api.customer("alice");
+    let mut historical = Vec::new();
+    for i in 0..3 {
+        let r: Value = api
+            .post("/orders", &token, &format!("old-{i}"), &checkout_body())
+            .await
+            .json()
+            .await
+            .unwrap();
+        historical.push(r["order_id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    // The upgrade: the migration moves the unused position to the head.
+    platform::db::migrate(&api.db.pool).await.unwrap();
+    let stack = SagaStack::start_on(api, SagaConfig::default()).await;
+    let new = stack.checkout(body("tok_visa", 1)).await;
+    assert_eq!(stack.outcome(new).await.0, "OrderConfirmed");
+    let commands: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM saga_commands WHERE order_id = ANY($1)")
+            .bind(&historical)
+            .fetch_one(stack.pool())
+            .await
+            .unwrap();
+    assert_eq!(commands, 0, "a saga ran for a historical order");
+    for id in &historical {
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")
+            .bind(id)
+            .fetch_one(stack.pool())
+            .await
+            .unwrap();
+        assert_eq!(events, 1, "order {id} moved on from OrderPlaced");
+        assert_eq!(stack.payment(*id).await, None, "a payment for {id}");
+    }
+    assert_eq!(stack.payment(new).await.as_deref(), Some("authorized"));
     stack.stop().await;
 }
