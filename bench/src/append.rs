@@ -41,7 +41,7 @@ pub struct BenchArgs {
     pub concurrency: usize,
 }
 
-struct Stats {
+pub(crate) struct Stats {
     name: &'static str,
     ops: usize,
     elapsed: Duration,
@@ -49,7 +49,7 @@ struct Stats {
 }
 
 impl Stats {
-    fn per_sec(&self) -> f64 {
+    pub(crate) fn per_sec(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
@@ -58,7 +58,7 @@ impl Stats {
         self.latencies[i]
     }
 
-    fn row(&self, baseline: Option<&Stats>) -> String {
+    pub(crate) fn row(&self, baseline: Option<&Stats>) -> String {
         let ratio = baseline.map_or("-".to_owned(), |b| {
             format!("{:.0}%", 100.0 * self.per_sec() / b.per_sec())
         });
@@ -75,7 +75,7 @@ impl Stats {
 }
 
 /// Runs `op(i)` for i in 0..n with `concurrency` workers; collects per-op latency.
-async fn load<F, Fut>(
+pub(crate) async fn load<F, Fut>(
     name: &'static str,
     n: usize,
     concurrency: usize,
@@ -367,6 +367,17 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     shutdown.cancel();
     let _ = server.await;
 
+    print_header();
+    println!("{}", baseline.row(None));
+    println!("{}", appended.row(Some(&baseline)));
+    println!("{}", http.row(Some(&baseline)));
+
+    pool.close().await;
+    drop_db(database_url, &name).await
+}
+
+/// The header of the table [`Stats::row`] fills.
+pub(crate) fn print_header() {
     println!(
         "| {:<36} | {:>7} | {:>10} | {:>8} | {:>8} | {:>10} |",
         "phase", "ops", "ops/s", "p50 ms", "p99 ms", "vs baseline"
@@ -375,12 +386,6 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
         "|{:-<38}|{:-<9}|{:-<12}|{:-<10}|{:-<10}|{:-<13}|",
         "", "", "", "", "", ""
     );
-    println!("{}", baseline.row(None));
-    println!("{}", appended.row(Some(&baseline)));
-    println!("{}", http.row(Some(&baseline)));
-
-    pool.close().await;
-    drop_db(database_url, &name).await
 }
 
 /// Drops a scratch database, retrying a few times: after large writes an autovacuum worker

@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 use platform::config::InfraConfig;
 
+mod activity;
 mod append;
 mod read_side;
 mod relay;
@@ -32,6 +33,8 @@ enum Command {
     Relay(relay::RelayBenchArgs),
     /// Read side: rebuild throughput beside a feed-read baseline, and live projection lag.
     ReadSide(read_side::ReadBenchArgs),
+    /// User activity: POST /activity beside a raw producer, and the analytics' catch-up.
+    Activity(activity::ActivityBenchArgs),
     /// Checkout saga: sagas/s and placed -> confirmed latency beside a transport baseline.
     Saga(saga::SagaBenchArgs),
 }
@@ -50,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Relay(args) => relay::relay(&cli.infra, &args).await,
         Command::ReadSide(args) => read_side::read_side(&cli.infra, &args).await,
         Command::Saga(args) => saga::saga(&cli.infra, &args).await,
+        Command::Activity(args) => activity::activity(&cli.infra, &args).await,
     }
 }
 

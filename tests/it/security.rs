@@ -404,8 +404,8 @@ async fn tokens_of_another_issuer_audience_or_beyond_the_lifetime_cap_are_refuse
     }
 }
 
-/// Idempotency keys, inbox rows and sent-command records go after their retention; younger
-/// ones stay.
+/// Idempotency keys, inbox rows, sent-command records and the analytics' windows, presence
+/// and counted ids go after their retention; younger ones stay.
 #[tokio::test]
 async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
     let db = shop_tests::TestDb::new().await;
@@ -425,6 +425,13 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
             format!(
                 "INSERT INTO saga_commands (message_id, order_id, step, sent_at) VALUES (gen_random_uuid(), gen_random_uuid(), 'payment', {at})"
             ),
+            format!("INSERT INTO analytics_minutes (minute) VALUES (date_trunc('minute', {at}))"),
+            format!(
+                "INSERT INTO analytics_presence (kind, id, last_seen) VALUES ('session', gen_random_uuid()::text, {at})"
+            ),
+            format!(
+                "INSERT INTO analytics_seen (event_id, seen_at) VALUES (gen_random_uuid(), {at})"
+            ),
         ] {
             sqlx::query(&sql).execute(pool).await.unwrap();
         }
@@ -441,7 +448,10 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
             ("idempotency_keys", 1),
             ("saga_inbox", 1),
             ("participant_inbox", 1),
-            ("saga_commands", 1)
+            ("saga_commands", 1),
+            ("analytics_minutes", 1),
+            ("analytics_presence", 1),
+            ("analytics_seen", 1)
         ]
     );
     for table in [
@@ -449,6 +459,9 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
         "saga_inbox",
         "participant_inbox",
         "saga_commands",
+        "analytics_minutes",
+        "analytics_presence",
+        "analytics_seen",
     ] {
         let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(pool)
