@@ -285,6 +285,51 @@ impl ShippingAddress {
     }
 }
 
+/// An email address as the shop accepts it: 3 to 254 characters, one `@` with a non-empty
+/// local part and a dotted domain, no spaces, quotes, angle brackets or control characters
+/// (so it cannot smuggle a header or a second recipient into a message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EmailAddress(String);
+
+impl EmailAddress {
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        let bad = || ValueError::new("email", "must be an address like name@example.com");
+        if !(3..=254).contains(&s.len())
+            || s.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "<>\",;:()[]\\".contains(c))
+        {
+            return Err(bad());
+        }
+        let (local, domain) = s.split_once('@').ok_or_else(bad)?;
+        let labels_ok = domain.split('.').count() >= 2
+            && domain
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        if local.is_empty() || local.len() > 64 || domain.contains('@') || !labels_ok {
+            return Err(bad());
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EmailAddress {
+    type Error = ValueError;
+    fn try_from(s: String) -> Result<Self, ValueError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<EmailAddress> for String {
+    fn from(e: EmailAddress) -> String {
+        e.0
+    }
+}
+
 /// An opaque payment-method token from the payment provider (never card data).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -334,6 +379,20 @@ impl Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn email_addresses_are_plain_and_cannot_carry_headers_or_more_recipients() {
+        for ok in ["ada@example.com", "a.b+shop@mail.example.co.uk", "x@y.de"] {
+            assert!(EmailAddress::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "ada", "@example.com", "ada@", "ada@example", "ada@@example.com",
+            "ada@example.com\r\nBcc: eve@example.com", "ada@example.com, eve@example.com",
+            "Ada <ada@example.com>", "ada @example.com", "ada@exa_mple.com", "ada@.com",
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn free_text_refuses_control_characters() {

@@ -47,6 +47,18 @@ pub struct AddressDto {
     pub country: String,
 }
 
+impl AddressDto {
+    pub fn parse(&self) -> Result<ShippingAddress, ValueError> {
+        ShippingAddress::parse(
+            &self.name,
+            &self.line1,
+            &self.city,
+            &self.postal_code,
+            &self.country,
+        )
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
@@ -115,9 +127,7 @@ impl CheckoutRequest {
             }
             (Some(c), _) => c,
         };
-        let a = &self.shipping_address;
-        let shipping_address =
-            ShippingAddress::parse(&a.name, &a.line1, &a.city, &a.postal_code, &a.country)?;
+        let shipping_address = self.shipping_address.parse()?;
         let payment_token = PaymentToken::parse(&self.payment_token)?;
         Ok(PlaceOrder {
             order_id,

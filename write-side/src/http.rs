@@ -82,6 +82,10 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
         .route("/orders", post(checkout))
         .route("/orders/{id}/cancel", post(cancel))
         .route("/activity", post(crate::activity::ingest))
+        .route(
+            "/customers/{id}",
+            get(crate::customers::get).put(crate::customers::put),
+        )
         .route("/admin/orders/{id}/audit", get(audit))
         .route(
             "/openapi.json",
@@ -112,7 +116,7 @@ pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Prin
 /// Authenticates a request, then reads its body: a caller without a valid token is refused
 /// before a byte of the body is read, so anonymous clients cannot hold the server up with
 /// slow or large uploads.
-async fn authenticated(
+pub(crate) async fn authenticated(
     state: &AppState,
     request: Request,
 ) -> Result<(Principal, HeaderMap, Result<Bytes, BytesRejection>), ApiError> {
@@ -159,7 +163,7 @@ fn traceparent(headers: &HeaderMap) -> String {
 
 /// Parses a JSON body: 415 without a JSON content type, 413 over the limit, 400 for broken
 /// JSON, 422 for JSON of the wrong shape. Returns the body value too (for the request hash).
-fn parse_body<T: DeserializeOwned>(
+pub(crate) fn parse_body<T: DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -9,6 +9,7 @@
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
 //! - [`dto`]: request bodies and their conversion into domain commands.
 //! - [`catalog`]: the shop's products and prices (a checkout names products, never prices).
+//! - [`customers`]: customer profiles (`PUT|GET /customers/{id}`): where notifications go.
 //! - [`commands`]: the transaction: idempotency, then the order stream's load, decide and
 //!   append ([`orders`]), then the idempotency record.
 //! - [`activity`]: `POST /activity`, user activity produced straight to Kafka (telemetry
@@ -19,6 +20,7 @@
 pub mod activity;
 pub mod catalog;
 pub mod commands;
+pub mod customers;
 pub mod dto;
 pub mod http;
 pub mod problem;

@@ -1,0 +1,140 @@
+//! Customer profiles: name, email and default address, the one place notifications find a
+//! customer's address (no event carries it).
+//!
+//! `PUT /customers/{id}` creates or replaces a profile (a customer her own, an operator any),
+//! `GET /customers/{id}` reads it. Every SQL statement on `customers` is here.
+
+use axum::{
+    Json,
+    extract::{Path, Request, State},
+    response::{IntoResponse, Response},
+};
+use domain::values::{CustomerId, EmailAddress, ShippingAddress};
+use platform::auth::{Principal, Role};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::{dto::AddressDto, http::AppState, problem::ApiError};
+
+/// A customer's profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub customer_id: CustomerId,
+    pub name: String,
+    pub email: EmailAddress,
+    pub default_address: Option<ShippingAddress>,
+}
+
+impl Profile {
+    fn to_json(&self) -> Value {
+        json!({
+            "customer_id": self.customer_id.as_str(),
+            "name": self.name,
+            "email": self.email.as_str(),
+            "default_address": self.default_address,
+        })
+    }
+}
+
+/// The body of `PUT /customers/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileRequest {
+    pub name: String,
+    pub email: String,
+    #[serde(default)]
+    pub default_address: Option<AddressDto>,
+}
+
+/// Creates or replaces a profile.
+pub async fn save(pool: &PgPool, p: &Profile) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO customers (customer_id, name, email, default_address) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer_id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email,
+             default_address = EXCLUDED.default_address, updated_at = now()",
+    )
+    .bind(p.customer_id.as_str())
+    .bind(&p.name)
+    .bind(p.email.as_str())
+    .bind(p.default_address.as_ref().map(|a| json!(a)))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The profile of `id`, if there is one (a stored row that no longer parses is an error).
+pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Profile>, sqlx::Error> {
+    let row: Option<(String, String, String, Option<Value>)> = sqlx::query_as(
+        "SELECT customer_id, name, email, default_address FROM customers WHERE customer_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((id, name, email, address)) = row else {
+        return Ok(None);
+    };
+    let decode = |e: domain::values::ValueError| sqlx::Error::Decode(Box::new(e));
+    Ok(Some(Profile {
+        customer_id: CustomerId::parse(&id).map_err(decode)?,
+        name,
+        email: EmailAddress::parse(&email).map_err(decode)?,
+        default_address: address
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+    }))
+}
+
+/// Whose profile `principal` may touch: her own, or any for an operator.
+fn allowed(principal: &Principal, id: &str) -> Result<CustomerId, ApiError> {
+    let id = CustomerId::parse(id)?;
+    match principal.role {
+        Role::Operator => Ok(id),
+        Role::Customer if principal.subject == id.as_str() => Ok(id),
+        Role::Customer => Err(ApiError::Forbidden(
+            "customers may only see and change their own profile".into(),
+        )),
+    }
+}
+
+/// `PUT /customers/{id}`.
+pub async fn put(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (principal, headers, body) = crate::http::authenticated(&state, request).await?;
+    let customer_id = allowed(&principal, &raw_id)?;
+    let (req, _): (ProfileRequest, Value) = crate::http::parse_body(&state, &headers, body)?;
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::validation(
+            "name",
+            "name: must be 1 to 200 printable characters",
+        ));
+    }
+    let default_address = req.default_address.map(|a| a.parse()).transpose()?;
+    let profile = Profile {
+        customer_id,
+        name: name.to_owned(),
+        email: EmailAddress::parse(&req.email)?,
+        default_address,
+    };
+    save(&state.pool, &profile).await?;
+    Ok(Json(profile.to_json()).into_response())
+}
+
+/// `GET /customers/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let principal = crate::http::authenticate(&state, request.headers())?;
+    let customer_id = allowed(&principal, &raw_id)?;
+    match find(&state.pool, customer_id.as_str()).await? {
+        Some(p) => Ok(Json(p.to_json()).into_response()),
+        None => Err(ApiError::NotFound("no profile for this customer".into())),
+    }
+}
