@@ -17,6 +17,10 @@ export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 # `snakeoil` certificate for `localhost`; tests/it/services.rs runs the product over them.
 export KAFKA_TLS_BROKERS="${KAFKA_TLS_BROKERS:-localhost:9094}"
 export AMQP_TLS_URL="${AMQP_TLS_URL:-amqps://guest:guest@localhost:5671/%2f}"
+# The SMTP server the email group sends through (scripts/smtp.sh: OpenSMTPD, every message
+# into one Maildir).
+export SMTP_URL="${SMTP_URL:-smtp://127.0.0.1:2525}"
+export SMTP_MAILDIR="${SMTP_MAILDIR:-$LOCAL/smtp/mail}"
 DEV_TLS_CERT=/etc/ssl/certs/ssl-cert-snakeoil.pem
 DEV_TLS_KEY=/etc/ssl/private/ssl-cert-snakeoil.key
 

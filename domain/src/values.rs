@@ -386,9 +386,18 @@ mod tests {
             assert!(EmailAddress::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "ada", "@example.com", "ada@", "ada@example", "ada@@example.com",
-            "ada@example.com\r\nBcc: eve@example.com", "ada@example.com, eve@example.com",
-            "Ada <ada@example.com>", "ada @example.com", "ada@exa_mple.com", "ada@.com",
+            "",
+            "ada",
+            "@example.com",
+            "ada@",
+            "ada@example",
+            "ada@@example.com",
+            "ada@example.com\r\nBcc: eve@example.com",
+            "ada@example.com, eve@example.com",
+            "Ada <ada@example.com>",
+            "ada @example.com",
+            "ada@exa_mple.com",
+            "ada@.com",
         ] {
             assert!(EmailAddress::parse(bad).is_err(), "{bad:?}");
         }

@@ -60,6 +60,8 @@ pub enum Command {
         #[command(flatten)]
         saga: saga::SagaConfig,
         #[command(flatten)]
+        email: notifications::MailerConfig,
+        #[command(flatten)]
         ops: OpsConfig,
     },
     /// Runs only the checkout saga (orchestrator, and the stand-in participants unless
@@ -274,6 +276,7 @@ mod tests {
             checkpoints,
             projector,
             saga,
+            email,
             ops,
         } = cli.command
         else {
@@ -282,6 +285,7 @@ mod tests {
         assert_eq!(graphql.max_fields, 200);
         assert_eq!(api_limits.rate_limit_per_second, 20);
         assert_eq!(activity.activity_max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(email.smtp_url, "smtp://127.0.0.1:2525");
         assert_eq!(
             cli.infra.activity_retention,
             Duration::from_secs(7 * 24 * 3600)

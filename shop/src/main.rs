@@ -57,6 +57,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             checkpoints,
             projector,
             saga,
+            email,
             ops,
         } => {
             let roles = RoleConfigs {
@@ -70,6 +71,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 checkpoints: Some(checkpoints),
                 projector: Some(projector),
                 saga: Some(saga),
+                email: Some(email),
             };
             run(&cli.infra, roles, ops).await?
         }

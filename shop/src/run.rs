@@ -84,6 +84,8 @@ pub struct RoleConfigs {
     pub checkpoints: Option<crate::audit::CheckpointConfig>,
     pub projector: Option<read_side::consumer::ProjectorConfig>,
     pub saga: Option<saga::SagaConfig>,
+    /// The email group (order outcomes to customers over SMTP).
+    pub email: Option<notifications::MailerConfig>,
 }
 
 /// Sets up the database and topics, then runs the chosen roles under one supervisor with the
@@ -101,7 +103,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     }
     let shutdown = platform::shutdown::token();
     // The saga alone needs no Kafka topics.
-    let with_topics = roles.relay.is_some() || roles.projector.is_some();
+    let with_topics = roles.relay.is_some() || roles.projector.is_some() || roles.email.is_some();
     if !setup_with_retries(infra, &shutdown, with_topics).await? {
         return Ok(());
     }
@@ -189,6 +191,21 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             "AUDIT_CHECKPOINT_DIR is not set: no audit checkpoints are written outside the database"
         ),
         None => {}
+    }
+    if let Some(cfg) = roles.email {
+        // Checked before anything runs: a bad SMTP_URL or EMAIL_FROM is a start-up error.
+        notifications::mailer::Mailer::new(&cfg).context("email settings")?;
+        let (p, infra, topic) = (pool.clone(), infra.clone(), topic.clone());
+        sup.spawn("email", move |ctx| {
+            notifications::run_role(
+                p.clone(),
+                infra.kafka_brokers.clone(),
+                topic.clone(),
+                infra.kafka_topic_prefix.clone(),
+                cfg.clone(),
+                ctx,
+            )
+        });
     }
     if let Some(saga_cfg) = roles.saga {
         saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);

@@ -19,6 +19,7 @@ mod projections;
 mod read_side;
 
 mod activity;
+mod email;
 
 mod saga;
 mod saga_kill;

@@ -21,6 +21,7 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         "projector:order_summary",
         "projector:sales_by_product",
         "analytics",
+        "email",
         "saga:feed",
         "saga:replies",
         "participant:payment",
