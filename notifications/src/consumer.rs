@@ -28,8 +28,8 @@ use domain::{
     wire,
 };
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    Message,
+    consumer::{Consumer, StreamConsumer},
     message::OwnedMessage,
 };
 use read_side::{checkpoints, envelope::OrderEnvelope as _, status::Watermarks};
@@ -185,16 +185,7 @@ impl EmailGroup {
                     }
                 }
             }
-            let mut offsets = TopicPartitionList::new();
-            offsets.add_partition_offset(
-                msg.topic(),
-                msg.partition(),
-                Offset::Offset(msg.offset() + 1),
-            )?;
-            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
-                // The checkpoint in PostgreSQL already covers it; a redelivery is skipped.
-                tracing::debug!(error = %e, "kafka offset commit failed");
-            }
+            checkpoints::commit_offsets(&self.consumer, [&msg])?;
         }
     }
 

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use platform::errors::{ErrorClass, classify};
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    Message,
+    consumer::{Consumer, StreamConsumer},
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -278,7 +278,6 @@ impl Projector {
 
     async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         use anyhow::Context;
-        use futures::FutureExt;
         let name = self.kind.name();
         loop {
             let first = tokio::select! {
@@ -292,33 +291,14 @@ impl Projector {
                 },
             };
             // Whatever else has already arrived joins the batch; nothing waits for more.
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.consumer.recv().now_or_never() {
-                    Some(m) => batch.push(
-                        m.with_context(|| format!("projector {name}: consuming from Kafka"))?
-                            .detach(),
-                    ),
-                    None => break,
-                }
-            }
+            let batch = checkpoints::with_arrived(&self.consumer, first, MAX_BATCH)
+                .with_context(|| format!("projector {name}: consuming from Kafka"))?;
             if !self.handle_batch_with_retries(&batch, shutdown).await {
                 break;
             }
-            let mut offsets = TopicPartitionList::new();
-            for m in &batch {
-                offsets.add_partition_offset(
-                    m.topic(),
-                    m.partition(),
-                    Offset::Offset(m.offset() + 1),
-                )?;
-            }
             metrics::gauge!("projection_last_progress_timestamp_seconds", "projection" => name)
                 .set(chrono::Utc::now().timestamp() as f64);
-            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
-                // The checkpoints in PostgreSQL already cover them; a redelivery is skipped.
-                tracing::debug!(error = %e, "kafka offset commit failed");
-            }
+            checkpoints::commit_offsets(&self.consumer, &batch)?;
         }
         tracing::info!(projection = self.kind.name(), "projector stopped");
         Ok(())

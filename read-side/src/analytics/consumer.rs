@@ -16,10 +16,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use domain::activity::UserActivity;
-use futures::FutureExt as _;
 use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    Message,
+    consumer::{Consumer, StreamConsumer},
     message::OwnedMessage,
 };
 use sqlx::PgPool;
@@ -123,28 +122,12 @@ impl AnalyticsConsumer {
                 },
             };
             idle = Duration::ZERO;
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.consumer.recv().now_or_never() {
-                    Some(m) => batch.push(m.context("analytics: consuming from Kafka")?.detach()),
-                    None => break,
-                }
-            }
+            let batch = checkpoints::with_arrived(&self.consumer, first, MAX_BATCH)
+                .context("analytics: consuming from Kafka")?;
             if !self.count(&batch).await? {
                 return Ok(Ended::Rebuilt);
             }
-            let mut offsets = TopicPartitionList::new();
-            for m in &batch {
-                offsets.add_partition_offset(
-                    m.topic(),
-                    m.partition(),
-                    Offset::Offset(m.offset() + 1),
-                )?;
-            }
-            if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
-                // The checkpoints in PostgreSQL already cover them; a redelivery is skipped.
-                tracing::debug!(error = %e, "kafka offset commit failed");
-            }
+            checkpoints::commit_offsets(&self.consumer, &batch)?;
         }
     }
 

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use super::{
     access::operator,
     errors::{error, internal},
-    limits::SubscriptionSlots,
+    limits::subscription_slot,
 };
 use crate::analytics::repo;
 
@@ -210,15 +210,7 @@ impl AnalyticsSubscription {
         ctx: &Context<'_>,
     ) -> async_graphql::Result<impl Stream<Item = LiveAnalytics> + use<>> {
         let who = operator(ctx, "analytics")?.clone();
-        let slot = ctx
-            .data::<SubscriptionSlots>()?
-            .acquire(&who.actor())
-            .ok_or_else(|| {
-                error(
-                    "LIMITED",
-                    "this caller holds the most subscriptions allowed (GRAPHQL_MAX_SUBSCRIPTIONS)",
-                )
-            })?;
+        let slot = subscription_slot(ctx, &who)?;
         let pool = ctx.data::<PgPool>()?.clone();
         let ticks = tokio_stream_interval(Duration::from_secs(1));
         use futures::StreamExt;

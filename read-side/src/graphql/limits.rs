@@ -232,6 +232,22 @@ fn refusal(code: &'static str, message: String) -> ServerError {
 /// Subscriptions held per principal (over all its connections).
 pub type SubscriptionSlots = platform::limits::KeyedSlots;
 
+/// One of `who`'s subscription slots, held by the subscription's stream (freed when it ends
+/// or its connection goes); `LIMITED` when she holds the most allowed.
+pub(super) fn subscription_slot(
+    ctx: &async_graphql::Context<'_>,
+    who: &platform::auth::Principal,
+) -> async_graphql::Result<platform::limits::Slot> {
+    ctx.data::<SubscriptionSlots>()?
+        .acquire(&who.actor())
+        .ok_or_else(|| {
+            super::errors::error(
+                "LIMITED",
+                "this caller holds the most subscriptions allowed (GRAPHQL_MAX_SUBSCRIPTIONS)",
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use async_graphql::parser::parse_query;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{
     access::principal,
     errors::{error, internal, parse_id},
-    limits::SubscriptionSlots,
+    limits::subscription_slot,
 };
 use crate::{
     notify::StatusFeed,
@@ -222,16 +222,7 @@ impl OrdersSubscription {
     ) -> async_graphql::Result<impl Stream<Item = Order> + use<>> {
         let who = principal(ctx)?.clone();
         let id = parse_id(&order_id)?;
-        // Held by the stream: freed when the subscription ends or its connection goes.
-        let slot = ctx
-            .data::<SubscriptionSlots>()?
-            .acquire(&who.actor())
-            .ok_or_else(|| {
-                error(
-                    "LIMITED",
-                    "this caller holds the most subscriptions allowed (GRAPHQL_MAX_SUBSCRIPTIONS)",
-                )
-            })?;
+        let slot = subscription_slot(ctx, &who)?;
         let pool = ctx.data::<PgPool>()?.clone();
         let feed = ctx.data::<StatusFeed>()?;
         // Listen before reading the current state, so no change falls between the two.
