@@ -7,6 +7,9 @@
 #   scripts/run.sh [ARGS...]      runs `shop run ARGS...` in the foreground
 #   scripts/run.sh --check        the same up to readiness (/readyz on OPS_ADDR answers 200),
 #                                 then SIGTERM; exits 0 only if it got ready and stopped cleanly
+#
+# SHOP_BUILD_PROFILE=dev builds the same binary in the dev profile instead of release (CI does,
+# so the check shares its compiled dependencies with the test build that follows).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 check=""
@@ -20,21 +23,23 @@ export GRAPHQL_CONSOLE="${GRAPHQL_CONSOLE:-true}"
 # Signed audit checkpoints, outside the database (docs/security.md).
 export AUDIT_CHECKPOINT_DIR="${AUDIT_CHECKPOINT_DIR:-$LOCAL/audit-checkpoints}"
 cd "$here/.."
-cargo run --release -q -p shop -- setup
+profile=(--release)
+[[ "${SHOP_BUILD_PROFILE:-release}" == dev ]] && profile=()
+cargo run "${profile[@]}" -q -p shop -- setup
 # Development seed: the catalog's products and prices (checkouts carry no prices) and their
 # stock in the stand-in inventory; existing products and stock are kept.
-cargo run --release -q -p shop -- catalog seed
-cargo run --release -q -p shop -- inventory seed
+cargo run "${profile[@]}" -q -p shop -- catalog seed
+cargo run "${profile[@]}" -q -p shop -- inventory seed
 if [[ -z "$check" ]]; then
   log "bearer-token keys: $JWT_KEYS_FILE; mint a token with"
   log "  JWT_KEYS_FILE=$JWT_KEYS_FILE cargo run -q -p shop -- token --role customer --customer-id alice"
-  exec cargo run --release -p shop -- run "$@"
+  exec cargo run "${profile[@]}" -p shop -- run "$@"
 fi
 
 SERVICE=run-check
 ops="${OPS_ADDR:-127.0.0.1:9090}"
 out="$LOCAL/logs/run-check.log"
-cargo run --release -q -p shop -- run "$@" >"$out" 2>&1 &
+cargo run "${profile[@]}" -q -p shop -- run "$@" >"$out" 2>&1 &
 pid=$!
 deadline=$((SECONDS + 180))
 until curl -sf "http://$ops/readyz" >/dev/null 2>&1; do
