@@ -9,4 +9,4 @@
 UPDATE saga_feed_position AS f
 SET cursor_tx = h.tx_id, cursor_pos = h.position
 FROM (SELECT tx_id, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1) AS h
-WHERE f.id = 2 AND f.cursor_tx = '0'::xid8 AND f.cursor_pos = 0;
+WHERE f.id = 1 AND f.cursor_tx = '0'::xid8 AND f.cursor_pos = 0;

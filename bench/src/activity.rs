@@ -124,10 +124,14 @@ pub async fn activity(
         http_addr: "127.0.0.1:0".parse()?,
         ..write_side::WriteSideConfig::default()
     };
+    // One client address drives it all: lift its per-caller event budget.
     let ingest = write_side::activity::Ingest::new(
         &brokers,
         &activity_topic,
-        &write_side::activity::ActivityConfig::default(),
+        &write_side::activity::ActivityConfig {
+            activity_events_per_second: 10_000_000,
+            ..write_side::activity::ActivityConfig::default()
+        },
     )?;
     let state = write_side::http::AppState::new(
         scratch.pool.clone(),

@@ -79,6 +79,33 @@ impl UserActivity {
     pub fn key(&self) -> String {
         visitor_key(self.user_id.as_deref(), &self.session_id)
     }
+
+    /// Whether a message read from the topic is one ingestion could have written: readers
+    /// check it, since anyone who can produce to the topic could write anything.
+    pub fn check(&self) -> Result<(), String> {
+        let session_ok = (8..=64).contains(&self.session_id.len())
+            && self
+                .session_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !session_ok {
+            return Err("session_id is not a session id".into());
+        }
+        if let Some(u) = &self.user_id {
+            crate::values::CustomerId::parse(u).map_err(|e| e.to_string())?;
+        }
+        if let Some(sku) = &self.product_sku {
+            crate::values::Sku::parse(sku).map_err(|e| e.to_string())?;
+        }
+        if self.kind.needs_product() && self.product_sku.is_none() {
+            return Err("a product event without a product".into());
+        }
+        let sane = |t: DateTime<Utc>| (2000..=2999).contains(&chrono::Datelike::year(&t));
+        if !sane(self.occurred_at) || !sane(self.received_at) {
+            return Err("a time outside the years 2000 to 2999".into());
+        }
+        Ok(())
+    }
 }
 
 /// `user:<id>` for a signed-in customer, `session:<id>` for an anonymous visitor.
@@ -239,6 +266,46 @@ mod tests {
             refused(&view(None, "2026-12-04T10:00:00Z")),
             EventRefused::NeedsProduct(ActivityKind::ProductView)
         );
+    }
+
+    #[test]
+    fn messages_ingestion_could_not_have_written_are_refused_by_readers() {
+        let now = at("2026-12-04T10:00:00Z");
+        let ok = accept(
+            &view(Some("SKU-1"), "2026-12-04T09:59:00Z"),
+            "sess-0001",
+            Some("alice"),
+            "::1",
+            now,
+            bounds(),
+        )
+        .unwrap();
+        assert_eq!(ok.check(), Ok(()));
+        let bad = [
+            UserActivity {
+                session_id: "a\u{0}bcdefgh".into(),
+                ..ok.clone()
+            },
+            UserActivity {
+                user_id: Some("x\u{0}".into()),
+                ..ok.clone()
+            },
+            UserActivity {
+                product_sku: Some("SKU 1".into()),
+                ..ok.clone()
+            },
+            UserActivity {
+                product_sku: None,
+                ..ok.clone()
+            },
+            UserActivity {
+                occurred_at: at("1500-01-01T00:00:00Z"),
+                ..ok.clone()
+            },
+        ];
+        for b in bad {
+            assert!(b.check().is_err(), "{b:?}");
+        }
     }
 
     #[test]

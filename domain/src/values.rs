@@ -285,7 +285,7 @@ impl ShippingAddress {
     }
 }
 
-/// An email address as the shop accepts it: 3 to 254 characters, one `@` with a non-empty
+/// An email address as the shop accepts it: 3 to 254 ASCII characters, one `@` with a non-empty
 /// local part and a dotted domain, no spaces, quotes, angle brackets or control characters
 /// (so it cannot smuggle a header or a second recipient into a message).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,7 +295,10 @@ pub struct EmailAddress(String);
 impl EmailAddress {
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         let bad = || ValueError::new("email", "must be an address like name@example.com");
+        // ASCII only: an internationalised address needs SMTPUTF8, which not every relay
+        // offers, and one unsendable address must not stall the email group.
         if !(3..=254).contains(&s.len())
+            || !s.is_ascii()
             || s.chars()
                 .any(|c| c.is_control() || c.is_whitespace() || "<>\",;:()[]\\".contains(c))
         {

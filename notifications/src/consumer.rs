@@ -13,12 +13,19 @@
 //! about the past; afterwards it goes by its checkpoints and inbox, so a Kafka offset reset
 //! or a redelivery sends nothing twice.
 //!
-//! Failures: a transient SMTP failure retries the same email with backoff; after
-//! `EMAIL_BREAKER_AFTER` in a row the circuit opens: the role reports itself down (`/readyz`),
-//! `email_circuit_open` is 1, and one attempt is made per `EMAIL_BREAKER_COOLDOWN` until the
-//! server answers. Nothing is skipped meanwhile. A permanent refusal records the email as
-//! dead (`email_inbox.outcome = 'dead'`, with the server's answer) and moves on. A database
-//! error ends the run for the supervisor to restart it.
+//! What is emailed is read from the event store, not from the message: the stored event with
+//! the message's event id decides the kind and the cancellation reason, so a forged message
+//! cannot write to a customer. One handler per event at a time, across processes (an advisory
+//! lock on the event id, held while it sends; the inbox is checked again under it).
+//!
+//! Failures ([`crate::mailer`] classifies them): the server unavailable retries the same email
+//! with backoff; after `EMAIL_BREAKER_AFTER` in a row the circuit opens: the role reports
+//! itself down (`/readyz`), `email_circuit_open` is 1, and one attempt is made per
+//! `EMAIL_BREAKER_COOLDOWN` until the server answers. Nothing is skipped meanwhile. A message
+//! the server defers (4xx) is retried up to `EMAIL_MAX_DEFERRALS` times, then recorded dead; a
+//! permanent refusal or unusable data (an event not in the store, an unreadable profile) is
+//! recorded dead at once (`email_inbox.outcome = 'dead'`, with the SMTP code) and the group
+//! moves on. A database error ends the run for the supervisor to restart it.
 
 use std::time::Duration;
 
@@ -32,7 +39,7 @@ use rdkafka::{
     consumer::{Consumer, StreamConsumer},
     message::OwnedMessage,
 };
-use read_side::{checkpoints, envelope::OrderEnvelope as _, status::Watermarks};
+use read_side::{checkpoints, status::Watermarks};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -64,7 +71,10 @@ pub struct EmailGroup {
 
 /// Why one message could not be handled yet.
 enum NotYet {
+    /// The server is unavailable.
     Smtp(String),
+    /// The server deferred this message (4xx).
+    Deferred(String),
     Other(anyhow::Error),
 }
 
@@ -156,8 +166,9 @@ impl EmailGroup {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = self.consumer.recv() => m.context("email: consuming from Kafka")?.detach(),
             };
+            let mut deferrals = 0u32;
             loop {
-                match self.handle(&msg).await {
+                match self.handle(&msg, &mut deferrals).await {
                     Ok(()) => {
                         if breaker.is_open() {
                             tracing::info!("email: the SMTP server answers again; circuit closed");
@@ -168,6 +179,19 @@ impl EmailGroup {
                         break;
                     }
                     Err(NotYet::Other(e)) => return Err(e),
+                    Err(NotYet::Deferred(error)) => {
+                        // The server answers: not an outage, so the breaker is left alone.
+                        let wait = self
+                            .config
+                            .email_retry_base
+                            .saturating_mul(2u32.saturating_pow(deferrals.min(16)))
+                            .min(Duration::from_secs(30));
+                        tracing::warn!(error, deferrals, retry_in = ?wait, "email: deferred by the server; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
                     Err(NotYet::Smtp(error)) => {
                         metrics::counter!("email_send_failures_total").increment(1);
                         let wait = breaker.failure(self.config.email_retry_base);
@@ -190,67 +214,100 @@ impl EmailGroup {
     }
 
     /// Handles one message: skipped, recorded, or (on a transient SMTP failure) not yet.
-    async fn handle(&self, msg: &OwnedMessage) -> Result<(), NotYet> {
+    async fn handle(&self, msg: &OwnedMessage, deferrals: &mut u32) -> Result<(), NotYet> {
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
-        let done = |outcome: Option<(Uuid, Uuid, Kind, Outcome)>| async move {
+        {
             let mut tx = self.pool.begin().await?;
-            if let Some((event_id, order_id, kind, outcome)) = &outcome {
-                inbox::record(&mut tx, *event_id, *order_id, *kind, outcome).await?;
+            let next = checkpoints::locked(&mut tx, NAME, topic, &[partition]).await?;
+            if next.first().is_some_and(|(_, n)| offset < *n) {
+                return Ok(());
             }
-            checkpoints::advance(&mut tx, NAME, topic, &[(partition, offset + 1)]).await?;
-            tx.commit().await?;
-            Ok::<_, NotYet>(())
-        };
-        let mut tx = self.pool.begin().await?;
-        let next = checkpoints::locked(&mut tx, NAME, topic, &[partition]).await?;
-        if next.first().is_some_and(|(_, n)| offset < *n) {
-            return Ok(());
         }
         let env = match read_side::envelope::parse(msg.payload().unwrap_or_default()) {
             Ok(env) => env,
             Err(e) => {
                 metrics::counter!("email_skipped_total").increment(1);
                 tracing::warn!(partition, offset, error = %e, "email: a message that is not an order event was skipped");
-                drop(tx);
-                return done(None).await;
+                return self.done(msg, None).await;
             }
         };
-        let (kind, cancelled) = match env.event() {
-            Ok(OrderEvent::Confirmed(_)) => (Kind::OrderConfirmed, None),
-            Ok(OrderEvent::Cancelled(c)) => (Kind::OrderCancelled, Some(c)),
-            _ => {
-                drop(tx);
-                return done(None).await;
-            }
-        };
-        let (event_id, order_id) = (env.event_id, env.stream_id);
-        if inbox::handled(&mut tx, event_id).await? {
-            drop(tx);
-            return done(None).await;
+        // Only the types that are emailed go further; what they say is read from the store.
+        if ![wire::ORDER_CONFIRMED, wire::ORDER_CANCELLED].contains(&env.event_type.as_str()) {
+            return self.done(msg, None).await;
         }
-        let placed = placed(&mut tx, order_id).await?;
-        drop(tx);
-        let Some(profile) =
-            write_side::customers::find(&self.pool, placed.customer_id.as_str()).await?
-        else {
-            metrics::counter!("email_no_address_total").increment(1);
-            return done(Some((event_id, order_id, kind, Outcome::NoAddress))).await;
-        };
-        let outcome = self
-            .send(kind, event_id, &profile, &placed, cancelled.as_ref())
+        // One handler per event at a time, across processes (a rebalance or an eviction during
+        // an SMTP outage can hand the partition to another instance while this one retries):
+        // the winner sends and records; the other then finds the record.
+        let mut lock = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 7))")
+            .bind(env.event_id)
+            .execute(&mut *lock)
             .await?;
-        done(Some((event_id, order_id, kind, outcome))).await
+        // What the message claims, only to file a poison message under a kind.
+        let claimed = if env.event_type == wire::ORDER_CANCELLED {
+            Kind::OrderCancelled
+        } else {
+            Kind::OrderConfirmed
+        };
+        let result = self
+            .handle_locked(
+                &mut lock,
+                msg,
+                (env.event_id, env.stream_id, claimed),
+                deferrals,
+            )
+            .await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 7))")
+            .bind(env.event_id)
+            .execute(&mut *lock)
+            .await;
+        if unlocked.is_err() {
+            // Closing the session releases the lock; it must not go back to the pool holding it.
+            drop(lock.detach());
+        }
+        result
     }
 
-    async fn send(
+    async fn handle_locked(
         &self,
-        kind: Kind,
-        event_id: Uuid,
-        profile: &write_side::customers::Profile,
-        placed: &OrderPlaced,
-        cancelled: Option<&OrderCancelled>,
-    ) -> Result<Outcome, NotYet> {
-        let rendered = templates::render(kind, &profile.name, placed, cancelled)?;
+        conn: &mut sqlx::PgConnection,
+        msg: &OwnedMessage,
+        (event_id, order_id, claimed): (Uuid, Uuid, Kind),
+        deferrals: &mut u32,
+    ) -> Result<(), NotYet> {
+        if inbox::handled(conn, event_id).await? {
+            return self.done(msg, None).await;
+        }
+        // The event as stored, not as the message says: a forged message cannot choose whom
+        // to write or what. Data that cannot be used now never can: recorded as dead, never
+        // retried (a poison message must not hold the group).
+        let stored = match stored(conn, order_id, event_id).await? {
+            Ok(s) => s,
+            Err(error) => return self.dead(msg, event_id, order_id, claimed, error).await,
+        };
+        let (kind, placed, cancelled) = stored;
+        let profile =
+            match write_side::customers::find(&self.pool, placed.customer_id.as_str()).await {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    metrics::counter!("email_no_address_total").increment(1);
+                    return self
+                        .done(msg, Some((event_id, order_id, kind, Outcome::NoAddress)))
+                        .await;
+                }
+                Err(sqlx::Error::Decode(_)) => {
+                    let error = "the customer's profile is unreadable".to_owned();
+                    return self.dead(msg, event_id, order_id, kind, error).await;
+                }
+                Err(e) => return Err(e.into()),
+            };
+        let rendered = match templates::render(kind, &profile.name, &placed, cancelled.as_ref()) {
+            Ok(r) => r,
+            Err(e) => {
+                let error = format!("the template did not render: {e}");
+                return self.dead(msg, event_id, order_id, kind, error).await;
+            }
+        };
         let to = profile.email.as_str().to_owned();
         let sent = self
             .mailer
@@ -262,31 +319,119 @@ impl EmailGroup {
                 body: rendered.body,
             })
             .await;
-        match sent {
+        let outcome = match sent {
             Ok(()) => {
                 metrics::counter!("email_sent_total", "kind" => kind.as_str()).increment(1);
-                Ok(Outcome::Sent { to })
+                Outcome::Sent { to }
             }
             Err(SendError::Permanent(error)) => {
                 metrics::counter!("email_dead_total", "kind" => kind.as_str()).increment(1);
                 tracing::warn!(%event_id, error, "email: refused for good; recorded as dead");
-                Ok(Outcome::Dead { to, error })
+                Outcome::Dead {
+                    to: Some(to),
+                    error,
+                }
             }
-            Err(SendError::Transient(e)) => Err(NotYet::Smtp(e)),
+            Err(SendError::Deferred(error))
+                if *deferrals + 1 >= self.config.email_max_deferrals =>
+            {
+                metrics::counter!("email_dead_total", "kind" => kind.as_str()).increment(1);
+                tracing::warn!(%event_id, error, deferrals = *deferrals + 1, "email: deferred too often; recorded as dead");
+                let error = format!("deferred {} times, last: {error}", *deferrals + 1);
+                Outcome::Dead {
+                    to: Some(to),
+                    error,
+                }
+            }
+            Err(SendError::Deferred(error)) => {
+                *deferrals += 1;
+                return Err(NotYet::Deferred(error));
+            }
+            Err(SendError::Unavailable(error)) => return Err(NotYet::Smtp(error)),
+        };
+        self.done(msg, Some((event_id, order_id, kind, outcome)))
+            .await
+    }
+
+    /// Records `error` as the event's dead outcome and moves on.
+    async fn dead(
+        &self,
+        msg: &OwnedMessage,
+        event_id: Uuid,
+        order_id: Uuid,
+        kind: Kind,
+        error: String,
+    ) -> Result<(), NotYet> {
+        metrics::counter!("email_dead_total", "kind" => kind.as_str()).increment(1);
+        tracing::warn!(%event_id, %order_id, error, "email: cannot be written; recorded as dead");
+        let outcome = Outcome::Dead { to: None, error };
+        self.done(msg, Some((event_id, order_id, kind, outcome)))
+            .await
+    }
+
+    /// Records the outcome (if any) and moves the checkpoint past `msg`, in one transaction.
+    async fn done(
+        &self,
+        msg: &OwnedMessage,
+        outcome: Option<(Uuid, Uuid, Kind, Outcome)>,
+    ) -> Result<(), NotYet> {
+        let mut tx = self.pool.begin().await?;
+        if let Some((event_id, order_id, kind, outcome)) = &outcome {
+            inbox::record(&mut tx, *event_id, *order_id, *kind, outcome).await?;
         }
+        checkpoints::advance(
+            &mut tx,
+            NAME,
+            msg.topic(),
+            &[(msg.partition(), msg.offset() + 1)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 
-/// The order's `OrderPlaced` (its lines, totals and customer), from the event store.
-async fn placed(conn: &mut sqlx::PgConnection, order_id: Uuid) -> anyhow::Result<OrderPlaced> {
+/// What to email, from the event store: the event `event_id` of order `order_id` (its
+/// kind, and the cancellation), and the order's `OrderPlaced` (lines, totals, customer). The
+/// inner error when the store cannot give them (a poison message, never retried).
+#[allow(clippy::type_complexity)]
+async fn stored(
+    conn: &mut sqlx::PgConnection,
+    order_id: Uuid,
+    event_id: Uuid,
+) -> Result<Result<(Kind, OrderPlaced, Option<OrderCancelled>), String>, sqlx::Error> {
     let (events, _) = event_store::load_stream(conn, order_id).await?;
-    let first = events
-        .first()
-        .with_context(|| format!("order {order_id} has no events"))?;
-    match wire::decode(&first.event_type, first.schema_version, &first.payload)? {
-        OrderEvent::Placed(p) => Ok(p),
-        other => anyhow::bail!("order {order_id} starts with {other:?}, not OrderPlaced"),
-    }
+    let decode =
+        |e: &event_store::StoredEvent| wire::decode(&e.event_type, e.schema_version, &e.payload);
+    let Some(first) = events.first() else {
+        return Ok(Err(format!("order {order_id} has no events")));
+    };
+    let placed = match decode(first) {
+        Ok(OrderEvent::Placed(p)) => p,
+        Ok(_) => {
+            return Ok(Err(format!(
+                "order {order_id} does not start with OrderPlaced"
+            )));
+        }
+        Err(e) => {
+            return Ok(Err(format!(
+                "order {order_id}'s OrderPlaced is unreadable: {e}"
+            )));
+        }
+    };
+    let Some(this) = events.iter().find(|e| e.event_id == event_id) else {
+        return Ok(Err(format!(
+            "event {event_id} is not in order {order_id}'s stream"
+        )));
+    };
+    Ok(match decode(this) {
+        Ok(OrderEvent::Confirmed(_)) => Ok((Kind::OrderConfirmed, placed, None)),
+        Ok(OrderEvent::Cancelled(c)) => Ok((Kind::OrderCancelled, placed, Some(c))),
+        Ok(_) => Err(format!(
+            "event {event_id} is neither a confirmation nor a cancellation"
+        )),
+        Err(e) => Err(format!("event {event_id} is unreadable: {e}")),
+    })
 }
 
 /// The group as a supervised role: waits for a broker, takes its start position on the

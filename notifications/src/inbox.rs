@@ -13,9 +13,10 @@ pub enum Outcome {
     },
     /// The customer has no profile (no address to write to).
     NoAddress,
-    /// The server refused it for good.
+    /// Refused for good by the server (`to` is set), or unusable data (the order's events or
+    /// the profile could not be read, the template could not render it).
     Dead {
-        to: String,
+        to: Option<String>,
         error: String,
     },
 }
@@ -39,7 +40,7 @@ pub async fn record(
     let (name, to, error) = match outcome {
         Outcome::Sent { to } => ("sent", Some(to.as_str()), None),
         Outcome::NoAddress => ("no_address", None, None),
-        Outcome::Dead { to, error } => ("dead", Some(to.as_str()), Some(error.as_str())),
+        Outcome::Dead { to, error } => ("dead", to.as_deref(), Some(error.as_str())),
     };
     sqlx::query(
         "INSERT INTO email_inbox (event_id, order_id, kind, outcome, recipient, error)

@@ -1,10 +1,18 @@
 //! Sending one email through SMTP (lettre), with each failure classified, and the circuit
 //! breaker that pauses the group during an SMTP outage instead of failing every email.
 //!
-//! Classification: the server refusing for good (5xx, e.g. an unknown mailbox) or an address
-//! lettre cannot use is [`SendError::Permanent`]: that email is dead-lettered. Anything else
-//! (connection refused, a timeout, 4xx) is [`SendError::Transient`]: the same email is tried
-//! again after a backoff, never skipped.
+//! Classification:
+//! - [`SendError::Permanent`]: the server refused for good (5xx, e.g. an unknown mailbox) or
+//!   the message cannot be sent at all (an address lettre cannot use, a feature the server
+//!   lacks): that email is recorded dead.
+//! - [`SendError::Deferred`]: the server answered 4xx for this message (a full mailbox,
+//!   greylisting): retried with backoff a few times, then recorded dead, so one recipient
+//!   cannot hold the others.
+//! - [`SendError::Unavailable`]: no answer (connection refused, a timeout): the server is
+//!   down; the same email is tried again, never skipped, and the circuit breaker counts it.
+//!
+//! Error texts keep the SMTP code and drop the server's words, which usually repeat the
+//! recipient's address (personal data) into logs and `/readyz`.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +36,9 @@ pub struct MailerConfig {
     /// First retry delay of a transient failure; doubles up to 30 s.
     #[arg(long, env = "EMAIL_RETRY_BASE", default_value = "500ms", value_parser = platform::config::parse_duration)]
     pub email_retry_base: Duration,
+    /// Times one email may be deferred by the server (4xx) before it is recorded dead.
+    #[arg(long, env = "EMAIL_MAX_DEFERRALS", default_value_t = 8)]
+    pub email_max_deferrals: u32,
     /// Consecutive transient failures that open the circuit (pause the group).
     #[arg(long, env = "EMAIL_BREAKER_AFTER", default_value_t = 5)]
     pub email_breaker_after: u32,
@@ -46,8 +57,20 @@ impl Default for MailerConfig {
 pub enum SendError {
     #[error("refused for good: {0}")]
     Permanent(String),
-    #[error("not sent, will retry: {0}")]
-    Transient(String),
+    #[error("deferred by the server: {0}")]
+    Deferred(String),
+    #[error("the server is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What is safe to record of an SMTP failure: its code and class, not the server's text.
+fn describe(e: &lettre::transport::smtp::Error) -> String {
+    match e.status() {
+        Some(code) => format!("SMTP {code}"),
+        None if e.is_timeout() => "timed out".into(),
+        None if e.is_client() => "not sendable to this server".into(),
+        None => "no connection to the SMTP server".into(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +118,7 @@ impl Mailer {
     pub async fn send(&self, email: Email<'_>) -> Result<(), SendError> {
         let to: Mailbox = match email.to.parse::<lettre::Address>() {
             Ok(a) => Mailbox::new(Some(email.to_name.to_owned()), a),
-            Err(e) => return Err(SendError::Permanent(format!("unusable address: {e}"))),
+            Err(_) => return Err(SendError::Permanent("unusable address".into())),
         };
         let message = Message::builder()
             .from(self.from.clone())
@@ -107,8 +130,9 @@ impl Mailer {
             .map_err(|e| SendError::Permanent(format!("cannot build the message: {e}")))?;
         match self.transport.send(message).await {
             Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
-            Err(e) => Err(SendError::Transient(e.to_string())),
+            Err(e) if e.is_permanent() || e.is_client() => Err(SendError::Permanent(describe(&e))),
+            Err(e) if e.is_transient() => Err(SendError::Deferred(describe(&e))),
+            Err(e) => Err(SendError::Unavailable(describe(&e))),
         }
     }
 }

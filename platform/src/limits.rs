@@ -6,8 +6,9 @@
 //! `Retry-After` (queueing would only turn overload into timeouts); over a caller's rate it
 //! gets 429 with `Retry-After`; past the timeout, 503. A caller is the bearer token's
 //! `role:subject`, so many tokens of one customer share one budget; requests without a valid
-//! token share one budget per client address (`anonymous:<ip>`: only `POST /activity`
-//! serves them, the other handlers refuse them).
+//! token share one budget per client address (`anonymous:<ip>`, an IPv6 address by its /64:
+//! only `POST /activity` serves them, the other handlers refuse them), and all anonymous
+//! callers together hold at most `MAX_CONCURRENT_ANONYMOUS` permits.
 //!
 //! One caller may also hold only a share of the concurrency limit
 //! (`MAX_CONCURRENT_PER_CALLER`): a request whose body trickles in holds its permit until
@@ -57,6 +58,11 @@ pub struct ApiLimits {
     #[arg(long, env = "MAX_CONCURRENT_PER_CALLER", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_per_caller: u32,
+    /// Of those, how many all anonymous callers together may hold at once (so slow uploads
+    /// from many addresses cannot hold every permit); more are refused with 429.
+    #[arg(long, env = "MAX_CONCURRENT_ANONYMOUS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_anonymous: u32,
     /// Requests per second one caller may send to each public API, sustained.
     #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -83,6 +89,8 @@ pub struct Admission {
     auth: Authenticator,
     in_flight: Arc<Semaphore>,
     per_caller: KeyedSlots,
+    /// All anonymous callers together (one key).
+    anonymous: KeyedSlots,
     limiter: Arc<Limiter>,
     checks: Arc<AtomicU64>,
     timeout: Duration,
@@ -101,6 +109,7 @@ impl Admission {
             auth,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent_requests as usize)),
             per_caller: KeyedSlots::new(limits.max_concurrent_per_caller as usize),
+            anonymous: KeyedSlots::new(limits.max_concurrent_anonymous as usize),
             limiter: Arc::new(RateLimiter::keyed(quota)),
             checks: Arc::default(),
             timeout: limits.request_timeout,
@@ -120,7 +129,7 @@ impl Admission {
                 .extensions()
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             {
-                Some(peer) => format!("anonymous:{}", peer.0.ip()),
+                Some(peer) => format!("anonymous:{}", network(peer.0.ip())),
                 None => "anonymous".into(),
             },
         }
@@ -162,6 +171,22 @@ pub async fn admit(State(a): State<Admission>, req: Request, next: Next) -> Resp
             Duration::from_secs(1),
         );
     };
+    let _anonymous = match caller.starts_with("anonymous") {
+        true => match a.anonymous.acquire("anonymous") {
+            Some(slot) => Some(slot),
+            None => {
+                metrics::counter!("http_refused_total", "api" => a.api, "reason" => "anonymous_concurrency")
+                    .increment(1);
+                return refusal(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-in-flight",
+                    "anonymous callers already have as many requests in flight as they may; retry shortly",
+                    Duration::from_secs(1),
+                );
+            }
+        },
+        false => None,
+    };
     if a.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
         a.limiter.retain_recent();
     }
@@ -177,6 +202,19 @@ pub async fn admit(State(a): State<Admission>, req: Request, next: Next) -> Resp
                 Duration::from_secs(1),
             )
         }
+    }
+}
+
+/// The budget key of an address: itself for IPv4, its /64 for IPv6 (one subscriber usually
+/// holds a whole /64, and could otherwise use a new address per request).
+pub fn network(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")),
+        v4 => v4,
     }
 }
 
@@ -281,6 +319,16 @@ mod tests {
     use super::*;
     use crate::auth::Role;
 
+    #[test]
+    fn anonymous_budgets_are_per_ipv4_address_and_per_ipv6_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(network(ip("203.0.113.7")), ip("203.0.113.7"));
+        assert_eq!(network(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(network(ip("2001:db8:1:2:bbbb::9")), ip("2001:db8:1:2::"));
+        assert_ne!(network(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(network(ip("::ffff:203.0.113.7")), ip("203.0.113.7"));
+    }
+
     fn app(limits: ApiLimits, auth: &Authenticator) -> Router {
         let admission = Admission::new("test", auth.clone(), &limits);
         Router::new()
@@ -349,6 +397,54 @@ mod tests {
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let r = app.oneshot(request("/fast", Some(&bob))).await.unwrap();
         assert_eq!(r.status(), 200, "another caller has its own budget");
+    }
+
+    #[tokio::test]
+    async fn anonymous_callers_from_many_addresses_share_one_cap_and_callers_with_tokens_do_not() {
+        let auth = Authenticator::ephemeral();
+        let limits = ApiLimits {
+            max_concurrent_anonymous: 2,
+            ..ApiLimits::default()
+        };
+        let app = app(limits, &auth);
+        let from = |ip: &str, path: &str, token: Option<&str>| {
+            let mut r = request(path, token);
+            let peer: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+            r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            r
+        };
+        // Two slow anonymous requests from two addresses hold the anonymous share...
+        let slow: Vec<_> = ["198.51.100.1", "198.51.100.2"]
+            .into_iter()
+            .map(|ip| tokio::spawn(app.clone().oneshot(from(ip, "/", None))))
+            .collect();
+        let mut refused = None;
+        for _ in 0..200 {
+            let r = app
+                .clone()
+                .oneshot(from("198.51.100.3", "/fast", None))
+                .await
+                .unwrap();
+            if r.status() == 429 {
+                refused = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ... so a third address is refused, while a caller with a token is served.
+        assert!(refused.is_some(), "a third anonymous address was let in");
+        let alice = auth
+            .issue("alice", Role::Customer, Duration::from_secs(60))
+            .unwrap();
+        let r = app
+            .clone()
+            .oneshot(from("198.51.100.4", "/fast", Some(&alice)))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        for s in slow {
+            assert_eq!(s.await.unwrap().unwrap().status(), 200);
+        }
     }
 
     #[tokio::test]

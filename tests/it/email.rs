@@ -351,7 +351,7 @@ async fn order_outcomes_are_emailed_once_each_with_the_event_id_as_message_id() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_address_is_recorded_dead_and_the_group_moves_on() {
+async fn a_refused_address_or_an_unusable_event_is_recorded_dead_and_the_group_moves_on() {
     let mut stack = EmailStack::start().await;
     stack.start_group(&stack.kafka.prefix.clone()).await;
     // The server refuses `bounce*` recipients with 550, as it would an unknown mailbox.
@@ -360,9 +360,35 @@ async fn a_refused_address_is_recorded_dead_and_the_group_moves_on() {
     stack.profile("carol", &carol).await;
     let d = stack.place("dora").await;
     let dead = stack.confirm(d).await;
+    // A confirmation of an order the store does not hold (a poison message) cannot be
+    // written: recorded as dead, and it does not hold the group.
+    let (ghost_event, ghost_order) = (Uuid::now_v7(), Uuid::now_v7());
+    let ghost = json!({
+        "event_id": ghost_event, "event_type": "OrderConfirmed", "schema_version": 1,
+        "stream_id": ghost_order, "stream_type": "order", "stream_version": 4,
+        "recorded_at": "2026-12-04T10:00:00.000000Z", "metadata": {},
+        "payload": {"order_id": ghost_order, "shipment_id": "s-1", "total_minor": 100, "currency": "EUR"}
+    });
+    platform::kafka::producer(&stack.kafka.brokers)
+        .unwrap()
+        .send(
+            rdkafka::producer::FutureRecord::to(&stack.topic)
+                .key(&ghost_order.to_string())
+                .payload(&ghost.to_string()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     let c = stack.place("carol").await;
     let sent = stack.confirm(c).await;
-    let handled = stack.handled(2).await;
+    let handled = stack.handled(3).await;
+    let (_, outcome, error) = handled
+        .iter()
+        .find(|h| h.0 == ghost_event)
+        .cloned()
+        .unwrap();
+    assert_eq!(outcome, "dead");
+    assert!(error.unwrap_or_default().contains("has no events"));
     let row = |id: Uuid| handled.iter().find(|h| h.0 == id).cloned().unwrap();
     let (_, outcome, error) = row(dead);
     assert_eq!(outcome, "dead");

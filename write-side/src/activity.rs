@@ -44,6 +44,11 @@ pub struct ActivityConfig {
     /// How old an activity event may be when it arrives.
     #[arg(long, env = "ACTIVITY_MAX_AGE", default_value = "24h", value_parser = platform::config::parse_duration)]
     pub activity_max_age: Duration,
+    /// Activity events one caller (a customer, or an anonymous address) may send per
+    /// second, sustained; a burst of ten seconds' worth is allowed. Over it: 429.
+    #[arg(long, env = "ACTIVITY_EVENTS_PER_SECOND", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub activity_events_per_second: u32,
     /// How long a batch waits for the broker's acknowledgement before it is answered 503.
     #[arg(long, env = "ACTIVITY_PRODUCE_TIMEOUT", default_value = "5s", value_parser = platform::config::parse_duration)]
     pub activity_produce_timeout: Duration,
@@ -55,10 +60,18 @@ impl Default for ActivityConfig {
     }
 }
 
-/// What ingestion needs: a producer on the topic, the compiled schema and the bounds.
+type EventLimiter = governor::RateLimiter<
+    String,
+    governor::state::keyed::DefaultKeyedStateStore<String>,
+    governor::clock::DefaultClock,
+>;
+
+/// What ingestion needs: a producer on the topic, the compiled schema, the bounds and the
+/// per-caller event budget.
 #[derive(Clone)]
 pub struct Ingest {
     producer: FutureProducer,
+    events: Arc<EventLimiter>,
     topic: String,
     schema: Arc<jsonschema::Validator>,
     bounds: TimeBounds,
@@ -67,9 +80,27 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(brokers: &str, topic: &str, cfg: &ActivityConfig) -> anyhow::Result<Self> {
-        let delta = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+        // At most a year: a huge setting must not overflow the time arithmetic.
+        let delta = |d: Duration| {
+            TimeDelta::from_std(d.min(Duration::from_secs(366 * 86_400))).unwrap_or(TimeDelta::MAX)
+        };
+        // Delivery gives up at the timeout (librdkafka's default would wait 5 minutes),
+        // and the queue stays small: a broker outage answers 503 instead of buffering.
+        let producer = platform::kafka::producer_config(brokers)
+            .set(
+                "message.timeout.ms",
+                cfg.activity_produce_timeout.as_millis().max(1).to_string(),
+            )
+            .set("queue.buffering.max.kbytes", "65536")
+            .create()?;
+        let per_second =
+            std::num::NonZeroU32::new(cfg.activity_events_per_second.max(1)).expect("at least 1");
+        let burst = per_second.saturating_mul(std::num::NonZeroU32::new(10).expect("10"));
         Ok(Self {
-            producer: platform::kafka::producer(brokers)?,
+            producer,
+            events: Arc::new(governor::RateLimiter::keyed(
+                governor::Quota::per_second(per_second).allow_burst(burst),
+            )),
             topic: topic.to_owned(),
             schema: Arc::new(schema()),
             bounds: TimeBounds {
@@ -123,14 +154,18 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
             Some(principal.subject)
         }
     };
-    let client_ip = client_ip(&request);
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let client_ip = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     let headers: HeaderMap = request.headers().clone();
     let body = Bytes::from_request(request, state).await;
     let value = json_body(state, &headers, body)?;
     let mut errors: Vec<EventError> = ingest
         .schema
         .iter_errors(&value)
-        .map(|e| EventError::at(e.instance_path().as_str(), e.masked().to_string()))
+        .map(|e| schema_error(e.instance_path().as_str(), e.kind().keyword()))
         .collect();
     if !errors.is_empty() {
         errors.sort_by_key(|e| e.index);
@@ -140,6 +175,24 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
         field: None,
         detail: format!("body does not match the schema: {e}"),
     })?;
+    // Events, not requests, are what cost: one caller's budget counts them.
+    let caller = match (&user, peer) {
+        (Some(u), _) => format!("user:{u}"),
+        (None, Some(ip)) => format!("anonymous:{}", platform::limits::network(ip)),
+        (None, None) => "anonymous".to_owned(),
+    };
+    let n = std::num::NonZeroU32::new(u32::try_from(batch.events.len()).unwrap_or(u32::MAX))
+        .unwrap_or(std::num::NonZeroU32::MIN);
+    match ingest.events.check_key_n(&caller, n) {
+        Ok(Ok(())) => {}
+        Ok(Err(not_until)) => {
+            use governor::clock::{Clock, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            metrics::counter!("activity_refused_total", "reason" => "rate_limited").increment(1);
+            return Err(ApiError::TooManyEvents(wait));
+        }
+        Err(_) => return Err(ApiError::TooManyEvents(Duration::from_secs(1))),
+    }
     let events = accept_all(state, ingest, &batch, user.as_deref(), &client_ip).await?;
     produce(ingest, &events).await?;
     metrics::counter!("activity_events_total").increment(events.len() as u64);
@@ -151,14 +204,41 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
         .into_response())
 }
 
-/// The peer's address, as the listener saw it (a proxy in front is the peer; see
-/// docs/security.md).
-fn client_ip(request: &Request) -> String {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+/// A schema failure described without repeating anything the client sent: the pointer keeps
+/// only the batch's own field names (`/events/3/type`; a property name the client chose is
+/// cut off) and the detail names the rule that failed.
+fn schema_error(pointer: &str, keyword: &str) -> EventError {
+    const FIELDS: [&str; 7] = [
+        "session_id",
+        "events",
+        "event_id",
+        "type",
+        "occurred_at",
+        "product_sku",
+        "properties",
+    ];
+    let mut kept = String::new();
+    for (i, part) in pointer.split('/').skip(1).enumerate() {
+        let known = FIELDS.contains(&part) || (i == 1 && part.bytes().all(|b| b.is_ascii_digit()));
+        if !known {
+            break;
+        }
+        kept.push('/');
+        kept.push_str(part);
+    }
+    let rule = match keyword {
+        "required" => "a required field is missing",
+        "additionalProperties" => "a field that is not in the schema",
+        "enum" => "not one of the allowed values",
+        "format" | "pattern" => "not in the required format",
+        "maxLength" | "minLength" => "too long or too short",
+        "maxItems" | "minItems" => "too many or too few events",
+        "maxProperties" => "too many properties",
+        "propertyNames" => "a property name that is not allowed",
+        "type" | "anyOf" => "a value of the wrong type",
+        _ => "does not match the schema",
+    };
+    EventError::at(&kept, format!("{rule} (schema rule `{keyword}`)"))
 }
 
 /// Every event of the batch checked by the domain's rules and against the catalog; all
@@ -191,7 +271,10 @@ async fn accept_all(
     let mut skus: Vec<_> = named.iter().map(|(_, s)| s.clone()).collect();
     skus.sort();
     skus.dedup();
-    let known = catalog::prices(&state.pool, &skus).await?;
+    let known = match skus.is_empty() {
+        true => Default::default(),
+        false => catalog::prices(&state.pool, &skus).await?,
+    };
     for (i, sku) in named.iter().filter(|(_, s)| !known.contains_key(s)) {
         errors.push(EventError::index(
             *i,
@@ -224,11 +307,61 @@ async fn produce(ingest: &Ingest, events: &[UserActivity]) -> Result<(), ApiErro
                 .map_err(|(e, _)| e)
         }
     });
-    let results = futures::future::join_all(sends).await;
-    if let Some(e) = results.into_iter().find_map(Result::err) {
-        tracing::warn!(error = %e, "producing activity failed");
+    let acked = tokio::time::timeout(ingest.timeout, futures::future::join_all(sends)).await;
+    let failure = match acked {
+        Ok(results) => results
+            .into_iter()
+            .find_map(Result::err)
+            .map(|e| e.to_string()),
+        Err(_) => Some(format!("no acknowledgement within {:?}", ingest.timeout)),
+    };
+    if let Some(error) = failure {
+        tracing::warn!(error, "producing activity failed");
         metrics::counter!("activity_produce_failures_total").increment(1);
         return Err(ApiError::BrokerUnavailable);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn problems(body: Value) -> Vec<(Option<usize>, String, String)> {
+        let schema = schema();
+        let mut out: Vec<_> = schema
+            .iter_errors(&body)
+            .map(|e| schema_error(e.instance_path().as_str(), e.kind().keyword()))
+            .map(|e| (e.index, e.pointer, e.detail))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn schema_problems_name_the_event_and_never_repeat_what_the_client_sent() {
+        let at = "2026-12-04T10:00:00Z";
+        let found = problems(json!({"session_id": "sess-0001", "events": [
+            {"type": "page_view", "occurred_at": at},
+            {"type": "<script>", "occurred_at": at},
+            {"type": "page_view", "occurred_at": at, "properties": {"Secret-Key<x>": "v"}},
+            {"type": "page_view", "occurred_at": at, "evil_field": 1},
+        ]}));
+        let text = format!("{found:?}");
+        for secret in ["<script>", "Secret-Key", "evil_field"] {
+            assert!(!text.contains(secret), "{secret} repeated in {text}");
+        }
+        let indexes: Vec<_> = found.iter().map(|f| f.0).collect();
+        assert!(
+            indexes.contains(&Some(1)) && indexes.contains(&Some(2)) && indexes.contains(&Some(3)),
+            "{found:?}"
+        );
+        assert!(found.iter().any(|f| f.1 == "/events/1/type"), "{found:?}");
+        assert!(
+            found.iter().any(|f| f.1 == "/events/2/properties"),
+            "{found:?}"
+        );
+    }
 }

@@ -43,6 +43,8 @@ pub enum ApiError {
     Unavailable(#[source] sqlx::Error),
     #[error("the event broker did not acknowledge in time; resend the batch")]
     BrokerUnavailable,
+    #[error("too many activity events from this caller; retry after the delay in Retry-After")]
+    TooManyEvents(std::time::Duration),
     #[error("internal error")]
     Internal(String),
 }
@@ -99,6 +101,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker-unavailable",
                 "Service unavailable",
+            ),
+            TooManyEvents(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
             ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -217,6 +224,10 @@ impl IntoResponse for ApiError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::TooManyEvents(wait) = &self {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         resp
     }

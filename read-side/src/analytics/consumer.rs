@@ -197,6 +197,8 @@ impl AnalyticsConsumer {
         let payload = m.payload().unwrap_or_default();
         if m.topic() == self.topics.activity {
             let a: UserActivity = serde_json::from_slice(payload)?;
+            a.check()
+                .map_err(|e| anyhow::anyhow!("not an activity event: {e}"))?;
             Ok((a.event_id, Fact::Activity(a)))
         } else {
             let env = crate::envelope::parse(payload)?;

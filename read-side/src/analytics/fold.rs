@@ -2,9 +2,9 @@
 //! counters, in memory, with no clock but the facts' own times.
 //!
 //! Windows are tumbling minutes in event time (`occurred_at` for activity, `recorded_at`
-//! for orders). An activity event that reached the server more than [`LATENESS`] after it
-//! happened no longer changes its window (a window is final [`LATENESS`] after it ends); it
-//! is counted in `late_events` of the minute it arrived, and still in its product's totals.
+//! for orders). A window is final [`LATENESS`] after it ends: an activity event that reached
+//! the server (`received_at`) after that no longer changes it; it is counted in `late_events`
+//! of the minute it arrived, and still in its product's totals.
 //! Nothing here reads the wall clock, so replaying the same facts gives the same rows.
 
 use std::collections::BTreeMap;
@@ -108,7 +108,8 @@ impl Changes {
         if let (Some(c), Some(sku)) = (product_column, &a.product_sku) {
             self.product(sku, c, 1);
         }
-        if a.received_at - a.occurred_at > LATENESS {
+        // Its window is final LATENESS after the window ends.
+        if a.received_at > minute_of(a.occurred_at) + TimeDelta::minutes(1) + LATENESS {
             self.minute(a.received_at, 9, 1);
         } else {
             self.minute(a.occurred_at, window_column, 1);
@@ -201,15 +202,29 @@ mod tests {
     #[test]
     fn a_late_event_leaves_its_closed_window_alone_but_counts_for_its_product() {
         let mut c = Changes::default();
-        c.add(&activity(
+        // The 10:00 window ends at 10:01 and is final at 10:11.
+        let late = activity(
+            ActivityKind::ProductView,
+            Some("SKU-2"),
+            "2026-12-04T10:00:59Z",
+            "2026-12-04T10:11:01Z",
+        );
+        c.add(&late);
+        assert!(!c.minutes.contains_key(&at("2026-12-04T10:00:00Z")));
+        assert_eq!(c.minutes[&at("2026-12-04T10:11:00Z")][9], 1, "late_events");
+        assert_eq!(c.products["SKU-2"][0], 1);
+        let in_time = activity(
             ActivityKind::ProductView,
             Some("SKU-2"),
             "2026-12-04T10:00:00Z",
-            "2026-12-04T10:10:01Z",
-        ));
-        assert!(!c.minutes.contains_key(&at("2026-12-04T10:00:00Z")));
-        assert_eq!(c.minutes[&at("2026-12-04T10:10:00Z")][9], 1, "late_events");
-        assert_eq!(c.products["SKU-2"][0], 1);
+            "2026-12-04T10:10:59Z",
+        );
+        c.add(&in_time);
+        assert_eq!(
+            c.minutes[&at("2026-12-04T10:00:00Z")][1],
+            1,
+            "still within the bound"
+        );
     }
 
     #[test]

@@ -142,14 +142,23 @@ pub async fn prune(
         .execute(pool)
         .await?
         .rows_affected();
-    let ids = sqlx::query(
-        "DELETE FROM analytics_seen WHERE event_id IN (
-             SELECT event_id FROM analytics_seen WHERE seen_at < $1 LIMIT 10000)",
-    )
-    .bind(now - seen)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    // In batches until none is left (at most a million rows a pass), so pruning keeps up
+    // with any ingestion rate without one long transaction.
+    let mut ids = 0;
+    for _ in 0..100 {
+        let n = sqlx::query(
+            "DELETE FROM analytics_seen WHERE event_id IN (
+                 SELECT event_id FROM analytics_seen WHERE seen_at < $1 LIMIT 10000)",
+        )
+        .bind(now - seen)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        ids += n;
+        if n < 10_000 {
+            break;
+        }
+    }
     Ok(vec![
         ("analytics_minutes", minutes),
         ("analytics_presence", presence),
@@ -230,9 +239,10 @@ pub async fn minutes(
 
 /// Users and sessions active (in event time) since `since`.
 pub async fn active_since(pool: &PgPool, since: DateTime<Utc>) -> Result<(i64, i64), sqlx::Error> {
+    // One count per kind, each an index range on (kind, last_seen).
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE kind = 'user'), count(*) FILTER (WHERE kind = 'session')
-         FROM analytics_presence WHERE last_seen >= $1",
+        "SELECT (SELECT count(*) FROM analytics_presence WHERE kind = 'user' AND last_seen >= $1),
+                (SELECT count(*) FROM analytics_presence WHERE kind = 'session' AND last_seen >= $1)",
     )
     .bind(since)
     .fetch_one(pool)

@@ -64,8 +64,8 @@ pub struct ActivityWindow {
     pub orders_placed: i64,
     pub orders_confirmed: i64,
     pub orders_cancelled: i64,
-    /// Activity that arrived in this minute more than 10 minutes after it happened (not in
-    /// its own, already final, window).
+    /// Activity that arrived in this minute after its own window was final (10 minutes
+    /// after that window ended), so it is counted here instead.
     pub late_events: i64,
 }
 
