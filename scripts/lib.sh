@@ -26,7 +26,8 @@ DEV_TLS_KEY=/etc/ssl/private/ssl-cert-snakeoil.key
 
 # Development key material (docs/security.md: one `kid=secret` per line, outside the
 # database, the first key signing): made once per checkout, readable by its owner only.
-# Set JWT_KEYS / JWT_KEYS_FILE or AUDIT_KEYS / AUDIT_KEYS_FILE yourself to use other keys.
+# Set JWT_KEYS / JWT_KEYS_FILE, AUDIT_KEYS / AUDIT_KEYS_FILE or MASTER_KEYS / MASTER_KEYS_FILE
+# yourself to use other keys.
 dev_keys() {
   local file="$LOCAL/keys/$1.keys"
   if [[ ! -s "$file" ]]; then
@@ -42,6 +43,12 @@ fi
 if [[ -z "${AUDIT_KEYS:-}" && -z "${AUDIT_KEYS_FILE:-}" ]]; then
   AUDIT_KEYS_FILE="$(dev_keys audit)"
   export AUDIT_KEYS_FILE
+fi
+# The master key wraps customers' data keys (docs/security.md, Erasure): losing it loses every
+# customer's sealed personal data, so outside development keep it like a database backup key.
+if [[ -z "${MASTER_KEYS:-}" && -z "${MASTER_KEYS_FILE:-}" ]]; then
+  MASTER_KEYS_FILE="$(dev_keys master)"
+  export MASTER_KEYS_FILE
 fi
 
 log() { printf '\033[1m[%s]\033[0m %s\n' "${SERVICE:-shop}" "$*" >&2; }

@@ -136,6 +136,7 @@ pub async fn activity(
     let state = write_side::http::AppState::new(
         scratch.pool.clone(),
         platform::auth::Authenticator::ephemeral(),
+        platform::vault::ephemeral(),
     )
     .with_activity(ingest);
     let app = write_side::bind(&cfg, state).await?;

@@ -21,9 +21,7 @@ use std::{
 use anyhow::Context;
 use domain::{
     order::{self, NewLine, Order, OrderCommand, PlaceOrder},
-    values::{
-        Currency, CustomerId, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress, Sku,
-    },
+    values::{Currency, CustomerId, MinorUnits, OrderId, Quantity, ShippingAddress, Sku},
 };
 use event_store::{Expected, Metadata};
 use orders::{ORDER_STREAM, order_records};
@@ -120,8 +118,9 @@ where
 }
 
 fn place_command(i: usize) -> PlaceOrder {
+    let order_id = OrderId(Uuid::now_v7());
     PlaceOrder {
-        order_id: OrderId(Uuid::now_v7()),
+        order_id,
         customer_id: CustomerId::parse(&format!("bench-{}", i % 1000)).unwrap(),
         currency: Currency::parse("EUR").unwrap(),
         lines: vec![
@@ -136,16 +135,20 @@ fn place_command(i: usize) -> PlaceOrder {
                 unit_price_minor: MinorUnits::parse(499).unwrap(),
             },
         ],
-        shipping_address: ShippingAddress::parse(
-            "Ada Lovelace",
-            "1 Main St",
-            "Berlin",
-            "10115",
-            "DE",
-        )
-        .unwrap(),
-        payment_token: PaymentToken::parse("tok_visa").unwrap(),
+        shipping_address: SEALING_KEY.with(|key| {
+            key.seal(
+                &domain::personal::shipping_address_context(order_id),
+                &ShippingAddress::parse("Ada Lovelace", "1 Main St", "Berlin", "10115", "DE")
+                    .unwrap(),
+            )
+        }),
+        payment_ref: domain::personal::PaymentRef(Uuid::now_v7()),
     }
+}
+
+thread_local! {
+    /// The in-process baseline seals like the command API does, with a key never stored.
+    static SEALING_KEY: platform::vault::DataKey = platform::vault::DataKey::ephemeral();
 }
 
 fn bench_metadata(order_id: OrderId) -> Metadata {
@@ -320,7 +323,13 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
         ..write_side::WriteSideConfig::default()
     };
     let auth = Authenticator::ephemeral();
-    let app = write_side::build(&cfg, pool.clone(), auth.clone()).await?;
+    let app = write_side::build(
+        &cfg,
+        pool.clone(),
+        auth.clone(),
+        platform::vault::ephemeral(),
+    )
+    .await?;
     let url = format!("http://{}/orders", app.local_addr());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));

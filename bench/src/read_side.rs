@@ -203,6 +203,7 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
         },
         pool.clone(),
         auth.clone(),
+        platform::vault::ephemeral(),
     )
     .await?;
     let base = format!("http://{}", api.local_addr());

@@ -170,10 +170,13 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
     let names = saga::topology::Names::new(&prefix);
     let retry_delays = saga_cfg.retry_delays();
     saga::topology::declare(&conn, &names, &retry_delays).await?;
+    // One vault for both: the shipping participant opens what the command API sealed.
+    let vault = platform::vault::ephemeral();
     let saga_task = tokio::spawn(saga::run(
         pool.clone(),
         infra.amqp_url.clone(),
         saga_cfg,
+        vault.clone(),
         shutdown.clone(),
     ));
     let auth = Authenticator::ephemeral();
@@ -184,6 +187,7 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
         },
         pool.clone(),
         auth.clone(),
+        vault,
     )
     .await?;
     let base = format!("http://{}", api.local_addr());

@@ -9,6 +9,8 @@
 //!   ids, address) so invalid values cannot reach the rules.
 //! - [`order`]: the order aggregate (`decide`/`evolve`), its commands, events and rejections.
 //! - [`saga`]: the checkout saga as a state machine `(SagaState, Input) -> (SagaState, outputs)`.
+//! - [`personal`]: personal data as events carry it: sealed boxes and payment references
+//!   (crypto-shredding; the cryptography is in `platform::vault`).
 //! - [`wire`]: the stored/published form of events: type names, schema versions, upcasters.
 //! - [`activity`]: user activity (telemetry, never in the event store): its wire form, time
 //!   bounds and derived ids.
@@ -16,6 +18,7 @@
 
 pub mod activity;
 pub mod order;
+pub mod personal;
 pub mod saga;
 pub mod values;
 pub mod wire;

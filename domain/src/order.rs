@@ -8,8 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::values::{
-    Currency, CustomerId, MinorUnits, OrderId, PaymentToken, Quantity, Reason, ShippingAddress, Sku,
+use crate::{
+    personal::{Payment, PaymentRef, Protected, Sealed},
+    values::{Currency, CustomerId, MinorUnits, OrderId, Quantity, Reason, ShippingAddress, Sku},
 };
 
 /// Most lines one order may have.
@@ -77,8 +78,10 @@ pub struct PlaceOrder {
     pub customer_id: CustomerId,
     pub currency: Currency,
     pub lines: Vec<NewLine>,
-    pub shipping_address: ShippingAddress,
-    pub payment_token: PaymentToken,
+    /// Sealed by the write side with the customer's data key (`crate::personal`).
+    pub shipping_address: Sealed,
+    /// The write side keeps the token itself; the event carries only this reference.
+    pub payment_ref: PaymentRef,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +109,8 @@ pub struct OrderPlaced {
     pub currency: Currency,
     pub lines: Vec<OrderLine>,
     pub total_minor: MinorUnits,
-    pub shipping_address: ShippingAddress,
-    pub payment_token: PaymentToken,
+    pub shipping_address: Protected<ShippingAddress>,
+    pub payment: Payment,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,8 +353,8 @@ fn place(cmd: PlaceOrder) -> Result<Vec<OrderEvent>, OrderRejected> {
         currency: cmd.currency,
         lines,
         total_minor: total,
-        shipping_address: cmd.shipping_address,
-        payment_token: cmd.payment_token,
+        shipping_address: Protected::Sealed(cmd.shipping_address),
+        payment: Payment::Ref(cmd.payment_ref),
     })])
 }
 
@@ -373,9 +376,12 @@ pub(crate) mod tests {
             customer_id: CustomerId::parse("cust-1").unwrap(),
             currency: Currency::parse("EUR").unwrap(),
             lines,
-            shipping_address: ShippingAddress::parse("Ada", "1 Main St", "Berlin", "10115", "DE")
-                .unwrap(),
-            payment_token: PaymentToken::parse("tok_visa").unwrap(),
+            shipping_address: Sealed {
+                key_id: uuid::Uuid::nil(),
+                nonce: "AAAAAAAAAAAAAAAA".into(),
+                ciphertext: "c2VhbGVkIGFkZHJlc3MgYnl0ZXMgaGVyZQ==".into(),
+            },
+            payment_ref: PaymentRef(uuid::Uuid::nil()),
         }
     }
 

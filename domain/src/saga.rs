@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     order::OrderLine,
-    values::{Currency, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress, Sku},
+    personal::{Payment, Protected},
+    values::{Currency, MinorUnits, OrderId, Quantity, ShippingAddress, Sku},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,8 +44,10 @@ pub struct SagaOrder {
     pub lines: Vec<(Sku, Quantity)>,
     pub amount_minor: MinorUnits,
     pub currency: Currency,
-    pub payment_token: PaymentToken,
-    pub shipping_address: ShippingAddress,
+    /// Saga state recorded before sealing named it `payment_token` and held the token.
+    #[serde(alias = "payment_token")]
+    pub payment: Payment,
+    pub shipping_address: Protected<ShippingAddress>,
 }
 
 impl SagaOrder {
@@ -53,15 +56,15 @@ impl SagaOrder {
         lines: &[OrderLine],
         amount_minor: MinorUnits,
         currency: Currency,
-        payment_token: PaymentToken,
-        shipping_address: ShippingAddress,
+        payment: Payment,
+        shipping_address: Protected<ShippingAddress>,
     ) -> Self {
         Self {
             order_id,
             lines: lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect(),
             amount_minor,
             currency,
-            payment_token,
+            payment,
             shipping_address,
         }
     }
@@ -150,14 +153,16 @@ pub enum SagaCommand {
         order_id: OrderId,
         amount_minor: MinorUnits,
         currency: Currency,
-        payment_token: PaymentToken,
+        /// Commands sent before sealing named it `payment_token` and carried the token.
+        #[serde(alias = "payment_token")]
+        payment: Payment,
     },
     VoidPayment {
         order_id: OrderId,
     },
     CreateShipment {
         order_id: OrderId,
-        address: ShippingAddress,
+        address: Protected<ShippingAddress>,
     },
     // to the order aggregate
     MarkInventoryReserved {
@@ -508,7 +513,7 @@ impl Decision {
                 order_id: o.order_id,
                 amount_minor: o.amount_minor,
                 currency: o.currency,
-                payment_token: o.payment_token.clone(),
+                payment: o.payment.clone(),
             },
             Step::Shipment => SagaCommand::CreateShipment {
                 order_id: o.order_id,
@@ -577,8 +582,12 @@ mod tests {
             lines: vec![(Sku::parse("A").unwrap(), Quantity::parse(2).unwrap())],
             amount_minor: MinorUnits::parse(500).unwrap(),
             currency: Currency::parse("EUR").unwrap(),
-            payment_token: PaymentToken::parse("tok").unwrap(),
-            shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+            payment: Payment::Ref(crate::personal::PaymentRef(uuid::Uuid::from_u128(9))),
+            shipping_address: Protected::Sealed(crate::personal::Sealed {
+                key_id: uuid::Uuid::from_u128(3),
+                nonce: "AAAAAAAAAAAAAAAA".into(),
+                ciphertext: "c2VhbGVkIGFkZHJlc3MgYnl0ZXMgaGVyZQ==".into(),
+            }),
         }
     }
 

@@ -333,10 +333,17 @@ impl From<EmailAddress> for String {
     }
 }
 
-/// An opaque payment-method token from the payment provider (never card data).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An opaque payment-method token from the payment provider (never card data). It never
+/// enters an event, a message or a log: its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PaymentToken(String);
+
+impl std::fmt::Debug for PaymentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PaymentToken(<redacted>)")
+    }
+}
 
 impl PaymentToken {
     pub fn parse(s: &str) -> Result<Self, ValueError> {

@@ -9,6 +9,11 @@
 //! Versions so far:
 //! - `OrderPlaced` v1 carried lines without totals; v2 adds `line_total_minor` per line and
 //!   `total_minor` (computed by the upcaster, with overflow checked).
+//! - `OrderPlaced` v3 seals the shipping address with the customer's data key and replaces the
+//!   payment token by a reference (`crate::personal`). Its upcaster cannot seal (the domain
+//!   holds no keys): it wraps the v2 clear values as `{"clear": ..}` and
+//!   `{"legacy_token": ..}`, which readers show as they are and erasure cannot reach
+//!   (docs/security.md).
 //! - every other type is at v1.
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -24,7 +29,7 @@ pub const ORDER_CANCELLED: &str = "OrderCancelled";
 
 /// Every event type with its current (written) schema version.
 pub const CURRENT_VERSIONS: &[(&str, i32)] = &[
-    (ORDER_PLACED, 2),
+    (ORDER_PLACED, 3),
     (INVENTORY_RESERVED, 1),
     (PAYMENT_AUTHORIZED, 1),
     (ORDER_CONFIRMED, 1),
@@ -35,6 +40,7 @@ pub const CURRENT_VERSIONS: &[(&str, i32)] = &[
 pub const ALL_VERSIONS: &[(&str, i32)] = &[
     (ORDER_PLACED, 1),
     (ORDER_PLACED, 2),
+    (ORDER_PLACED, 3),
     (INVENTORY_RESERVED, 1),
     (PAYMENT_AUTHORIZED, 1),
     (ORDER_CONFIRMED, 1),
@@ -128,6 +134,7 @@ fn upcast(event_type: &str, mut version: i32, mut payload: Value) -> Result<Valu
     while version < current_version(event_type).unwrap_or(version) {
         payload = match (event_type, version) {
             (ORDER_PLACED, 1) => order_placed_v1_to_v2(payload)?,
+            (ORDER_PLACED, 2) => order_placed_v2_to_v3(payload)?,
             _ => return Err(format!("no upcaster from v{version}")),
         };
         version += 1;
@@ -166,6 +173,21 @@ fn order_placed_v1_to_v2(mut payload: Value) -> Result<Value, String> {
     Ok(payload)
 }
 
+/// v3 seals the address and references the payment token; a v2 event's clear values are
+/// carried as the legacy variants (nothing can seal them after the fact).
+fn order_placed_v2_to_v3(mut payload: Value) -> Result<Value, String> {
+    let object = payload.as_object_mut().ok_or("payload is not an object")?;
+    let address = object
+        .remove("shipping_address")
+        .ok_or("`shipping_address` is missing")?;
+    let token = object
+        .remove("payment_token")
+        .ok_or("`payment_token` is missing")?;
+    object.insert("shipping_address".into(), json!({ "clear": address }));
+    object.insert("payment".into(), json!({ "legacy_token": token }));
+    Ok(payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +195,7 @@ mod tests {
         self, CancelledBy, Order, OrderCommand,
         tests::{line, place_cmd},
     };
+    use crate::personal::{Payment, Protected};
     use crate::values::Reason;
     use std::path::PathBuf;
 
@@ -288,8 +311,43 @@ mod tests {
         };
         assert_eq!(p.total_minor.get(), 399);
         assert_eq!(p.lines[0].line_total_minor.get(), 300);
-        // And the upcast payload is a valid v2.
-        assert!(schema(ORDER_PLACED, 2).is_valid(&encode(&OrderEvent::Placed(p)).payload));
+    }
+
+    #[test]
+    fn order_placed_v2_is_upcast_to_v3_with_its_clear_values_as_legacy_variants() {
+        let v2 = json!({
+            "order_id": "0190f3c4-7d2a-7c4e-9a51-3f1d2e3c4b5a",
+            "customer_id": "cust-1",
+            "currency": "EUR",
+            "lines": [{"sku": "A", "quantity": 2, "unit_price_minor": 150, "line_total_minor": 300}],
+            "total_minor": 300,
+            "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
+            "payment_token": "tok_visa"
+        });
+        assert!(schema(ORDER_PLACED, 2).is_valid(&v2));
+        let OrderEvent::Placed(p) = decode(ORDER_PLACED, 2, &v2).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(&p.shipping_address, Protected::Clear(a) if a.line1 == "1 Main St"));
+        assert_eq!(
+            p.payment,
+            Payment::LegacyToken(crate::values::PaymentToken::parse("tok_visa").unwrap())
+        );
+        // What v3 writes is sealed: the legacy shape is not a valid v3 payload.
+        assert!(!schema(ORDER_PLACED, 3).is_valid(&encode(&OrderEvent::Placed(p)).payload));
+    }
+
+    #[test]
+    fn a_v3_payload_carries_no_clear_address_and_no_token() {
+        let enc = encode(&every_event()[0]);
+        assert_eq!(enc.schema_version, 3);
+        let text = enc.payload.to_string();
+        assert!(
+            !text.contains("1 Main St") && !text.contains("tok_visa"),
+            "{text}"
+        );
+        assert!(enc.payload["shipping_address"]["sealed"]["ciphertext"].is_string());
+        assert!(enc.payload["payment"]["ref"].is_string());
     }
 
     #[test]
@@ -299,8 +357,8 @@ mod tests {
             Err(DecodeError::UnknownType("Nope".into()))
         );
         assert!(matches!(
-            decode(ORDER_PLACED, 3, &json!({})),
-            Err(DecodeError::UnsupportedVersion { newest: 2, .. })
+            decode(ORDER_PLACED, 4, &json!({})),
+            Err(DecodeError::UnsupportedVersion { newest: 3, .. })
         ));
         assert!(matches!(
             decode(ORDER_CANCELLED, 1, &json!({"x": 1})),

@@ -37,20 +37,27 @@ pub async fn record(
     kind: Kind,
     outcome: &Outcome,
 ) -> Result<(), sqlx::Error> {
-    let (name, to, error) = match outcome {
-        Outcome::Sent { to } => ("sent", Some(to.as_str()), None),
-        Outcome::NoAddress => ("no_address", None, None),
-        Outcome::Dead { to, error } => ("dead", to.as_deref(), Some(error.as_str())),
+    // The recipient is personal data: the inbox keeps neither it nor a server's text quoting
+    // it (the address is the profile's, which erasure deletes).
+    let (name, error) = match outcome {
+        Outcome::Sent { .. } => ("sent", None),
+        Outcome::NoAddress => ("no_address", None),
+        Outcome::Dead { to, error } => (
+            "dead",
+            Some(match to {
+                Some(to) => error.replace(to.as_str(), "<recipient>"),
+                None => error.clone(),
+            }),
+        ),
     };
     sqlx::query(
-        "INSERT INTO email_inbox (event_id, order_id, kind, outcome, recipient, error)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
+        "INSERT INTO email_inbox (event_id, order_id, kind, outcome, error)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(event_id)
     .bind(order_id)
     .bind(kind.as_str())
     .bind(name)
-    .bind(to)
     .bind(error)
     .execute(&mut *conn)
     .await?;

@@ -11,9 +11,12 @@
 //! # Layout
 //! - [`records`]: order events -> stored events + outbox messages (the wire envelope).
 //! - [`stream`]: loading an order, appending its events.
+//! - [`payment_tokens`]: checkouts' payment tokens, held out of events until the payment
+//!   participant takes them.
 //! - [`execute`] / [`decide_and_append`]: load (or take a loaded state), decide, append.
 #![forbid(unsafe_code)]
 
+pub mod payment_tokens;
 pub mod records;
 pub mod stream;
 

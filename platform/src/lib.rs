@@ -11,6 +11,8 @@
 //! - [`auth`]: bearer JWTs (HS256) with a role, shared by the command API and GraphQL.
 //! - [`keys`]: the one convention for key material: named keys from the environment or a
 //!   file outside the database, the first one signing, never a default.
+//! - [`vault`]: per-customer data keys wrapped by the master key; sealing, opening and
+//!   forgetting personal data (crypto-shredding).
 //! - [`errors`]: the one classification of failures (transient, permanent, poison).
 //! - [`supervisor`]: named roles restarted with backoff on transient failures; a permanent
 //!   one stops the process non-zero. `/readyz` reports every role.
@@ -35,3 +37,4 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;
 pub mod trace;
+pub mod vault;

@@ -167,10 +167,11 @@ pub async fn run(
     pool: PgPool,
     amqp_url: String,
     config: SagaConfig,
+    vault: platform::vault::Vault,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut supervisor = Supervisor::new(shutdown);
-    roles(&mut supervisor, pool, amqp_url, config);
+    roles(&mut supervisor, pool, amqp_url, config, vault);
     supervisor.wait().await
 }
 
@@ -182,7 +183,13 @@ pub async fn run(
 /// - `saga:replies`: consumes participants' replies;
 /// - `saga:dlq-depth`: exports the dead-letter queues' depth;
 /// - `participant:inventory|payment|shipping`: the stand-ins, when configured.
-pub fn roles(supervisor: &mut Supervisor, pool: PgPool, amqp_url: String, config: SagaConfig) {
+pub fn roles(
+    supervisor: &mut Supervisor,
+    pool: PgPool,
+    amqp_url: String,
+    config: SagaConfig,
+    vault: platform::vault::Vault,
+) {
     let orchestrator = orchestrator::Orchestrator::new(pool.clone(), config.clone());
     let o = orchestrator.clone();
     supervisor.spawn("saga:feed", move |ctx| o.clone().run_feed(ctx));
@@ -211,12 +218,14 @@ pub fn roles(supervisor: &mut Supervisor, pool: PgPool, amqp_url: String, config
         return;
     }
     for p in participants::Participant::ALL {
-        let (pool, config) = (pool.clone(), config.clone());
+        let (pool, config, vault) = (pool.clone(), config.clone(), vault.clone());
         amqp.spawn(
             supervisor,
             &format!("participant:{}", p.name()),
             &format!("participant-{}", p.name()),
-            move |conn, stop| participants::run(p, pool.clone(), conn, config.clone(), stop),
+            move |conn, stop| {
+                participants::run(p, pool.clone(), conn, config.clone(), vault.clone(), stop)
+            },
         );
     }
 }

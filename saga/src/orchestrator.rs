@@ -536,7 +536,7 @@ impl Orchestrator {
                         &p.lines,
                         p.total_minor,
                         p.currency,
-                        p.payment_token,
+                        p.payment,
                         p.shipping_address,
                     ),
                 },

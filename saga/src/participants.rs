@@ -6,6 +6,12 @@
 //! into the outbox in the same transaction as the effect, so it is sent at least once and
 //! never for an effect that did not commit.
 //!
+//! Personal data: the payment participant resolves the order's payment reference once
+//! (`orders::payment_tokens::take`, in the transaction that records the authorization; a
+//! re-sent step finds the recorded answer, a missing token is a decline), and the shipping
+//! participant opens the sealed address with the customer's data key
+//! (`platform::vault`): an erased address fails the shipment, and the saga compensates.
+//!
 //! Test inputs, like a real payment provider's test cards: payment token `tok_decline` is
 //! declined, and a line beyond stock is out of stock. These are business outcomes, always on.
 //!
@@ -17,10 +23,12 @@
 //! Without it those tokens are ordinary tokens.
 
 use domain::{
+    personal::{self, Payment, Protected},
     saga::{SagaCommand, SagaInput},
-    values::{OrderId, Quantity, Sku},
+    values::{OrderId, PaymentToken, Quantity, ShippingAddress, Sku},
 };
 use event_store::{Destination, OutboxMessage};
+use platform::vault::{Vault, VaultError};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +66,7 @@ pub async fn run(
     pool: PgPool,
     conn: std::sync::Arc<lapin::Connection>,
     config: SagaConfig,
+    vault: Vault,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names::new(&config.queue_prefix);
@@ -74,7 +83,8 @@ pub async fn run(
     let poison = injected(&config.poison_replies_from);
     let refuse = injected(&config.refuse_commands_at);
     consumer::consume(conn, options, shutdown, |m| {
-        let (pool, names, config) = (pool.clone(), names.clone(), config.clone());
+        let (pool, names, config, vault) =
+            (pool.clone(), names.clone(), config.clone(), vault.clone());
         async move {
             if refuse {
                 return Err(Failure::poison(
@@ -93,7 +103,7 @@ pub async fn run(
                 span_id = tracing::field::Empty,
             );
             platform::trace::follow(&span, m.traceparent.as_deref());
-            handle(participant, &pool, &names, &config, poison, m)
+            handle(participant, &pool, &vault, &names, &config, poison, m)
                 .instrument(span)
                 .await
         }
@@ -106,6 +116,7 @@ pub async fn run(
 async fn handle(
     participant: Participant,
     pool: &PgPool,
+    vault: &Vault,
     names: &Names,
     config: &SagaConfig,
     poison_replies: bool,
@@ -113,7 +124,7 @@ async fn handle(
 ) -> Result<(), Failure> {
     let command: SagaCommand = serde_json::from_slice(&m.body)
         .map_err(|e| Failure::poison("malformed_command", e.to_string()))?;
-    injected_faults(&command, config, m.delivery).await?;
+    injected_faults(&command, pool, config, m.delivery).await?;
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO participant_inbox (participant, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -127,7 +138,7 @@ async fn handle(
     if !fresh {
         return Ok(());
     }
-    if let Some((order_id, input)) = effect(&mut tx, participant, command).await? {
+    if let Some((order_id, input)) = effect(&mut tx, vault, participant, command).await? {
         let payload = if poison_replies {
             b"{\"not\": \"a reply\"}".to_vec()
         } else {
@@ -159,16 +170,36 @@ async fn handle(
 /// gives up first), `tok_flaky_N` fails transiently N deliveries.
 async fn injected_faults(
     command: &SagaCommand,
+    pool: &PgPool,
     config: &SagaConfig,
     delivery: u32,
 ) -> Result<(), Failure> {
-    let SagaCommand::AuthorizePayment { payment_token, .. } = command else {
+    let SagaCommand::AuthorizePayment { payment, .. } = command else {
         return Ok(());
     };
     if !config.fault_injection {
         return Ok(());
     }
-    match payment_token.as_str() {
+    let token = match payment {
+        Payment::LegacyToken(t) => Some(t.clone()),
+        Payment::Ref(r) => orders::payment_tokens::peek(pool, *r).await?,
+    };
+    match token {
+        Some(token) => token_faults(&token, config, delivery).await,
+        None => Ok(()),
+    }
+}
+
+/// The faults a development token asks for (none unless `config.fault_injection`).
+async fn token_faults(
+    token: &PaymentToken,
+    config: &SagaConfig,
+    delivery: u32,
+) -> Result<(), Failure> {
+    if !config.fault_injection {
+        return Ok(());
+    }
+    match token.as_str() {
         "tok_slow" => {
             let attempts = f64::from(config.step_attempts) + 0.5;
             tokio::time::sleep(config.step_timeout.mul_f64(attempts)).await;
@@ -190,6 +221,7 @@ async fn injected_faults(
 /// compensations).
 async fn effect(
     tx: &mut PgConnection,
+    vault: &Vault,
     participant: Participant,
     command: SagaCommand,
 ) -> Result<Option<(OrderId, SagaInput)>, Failure> {
@@ -207,15 +239,20 @@ async fn effect(
                 order_id,
                 amount_minor,
                 currency,
-                payment_token,
+                payment,
             },
         ) => {
-            let input = if payment_token.as_str() == "tok_decline" {
-                SagaInput::PaymentDeclined {
+            let input = match payment_token(tx, order_id, payment).await? {
+                Resolved::Recorded(input) => input,
+                Resolved::Missing => SagaInput::PaymentDeclined {
+                    reason: "the payment token expired, was used or was erased".into(),
+                },
+                Resolved::Token(t) if t.as_str() == "tok_decline" => SagaInput::PaymentDeclined {
                     reason: "card declined".into(),
+                },
+                Resolved::Token(_) => {
+                    authorize(tx, order_id, amount_minor.get(), currency.as_str()).await?
                 }
-            } else {
-                authorize(tx, order_id, amount_minor.get(), currency.as_str()).await?
             };
             Some((order_id, input))
         }
@@ -228,7 +265,21 @@ async fn effect(
             .await?;
             None
         }
-        (Participant::Shipping, SagaCommand::CreateShipment { order_id, .. }) => {
+        (Participant::Shipping, SagaCommand::CreateShipment { order_id, address }) => {
+            if let Some(shipment_id) = recorded_shipment(tx, order_id).await? {
+                return Ok(Some((order_id, SagaInput::ShipmentCreated { shipment_id })));
+            }
+            if label_address(tx, vault, order_id, &address)
+                .await?
+                .is_none()
+            {
+                return Ok(Some((
+                    order_id,
+                    SagaInput::ShipmentFailed {
+                        reason: "the shipping address was erased".into(),
+                    },
+                )));
+            }
             let shipment_id: String = sqlx::query_scalar(
                 "INSERT INTO shipments (order_id, shipment_id) VALUES ($1, $2)
                  ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id RETURNING shipment_id",
@@ -246,6 +297,73 @@ async fn effect(
             ));
         }
     })
+}
+
+/// What the payment participant found for an order's payment method.
+enum Resolved {
+    /// A re-sent step: the answer recorded the first time.
+    Recorded(SagaInput),
+    Token(PaymentToken),
+    /// Taken already, expired or erased, and nothing recorded.
+    Missing,
+}
+
+/// The order's recorded payment answer, or its token (taken: used once).
+async fn payment_token(
+    tx: &mut PgConnection,
+    order_id: OrderId,
+    payment: Payment,
+) -> Result<Resolved, sqlx::Error> {
+    let recorded: Option<(String, String)> =
+        sqlx::query_as("SELECT authorization_id, status FROM payments WHERE order_id = $1")
+            .bind(order_id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some((authorization_id, status)) = recorded {
+        return Ok(Resolved::Recorded(if status == "authorized" {
+            SagaInput::PaymentAuthorized { authorization_id }
+        } else {
+            SagaInput::PaymentDeclined {
+                reason: "the authorization was already voided".into(),
+            }
+        }));
+    }
+    let token = match payment {
+        Payment::LegacyToken(t) => Some(t),
+        Payment::Ref(r) => orders::payment_tokens::take(tx, r, order_id).await?,
+    };
+    Ok(token.map_or(Resolved::Missing, Resolved::Token))
+}
+
+async fn recorded_shipment(
+    tx: &mut PgConnection,
+    order_id: OrderId,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT shipment_id FROM shipments WHERE order_id = $1")
+        .bind(order_id.0)
+        .fetch_optional(&mut *tx)
+        .await
+}
+
+/// The address to print on the label: opened with the customer's data key, `None` once the
+/// customer was forgotten. A box that does not open under this order is poison.
+async fn label_address(
+    tx: &mut PgConnection,
+    vault: &Vault,
+    order_id: OrderId,
+    address: &Protected<ShippingAddress>,
+) -> Result<Option<ShippingAddress>, Failure> {
+    match address {
+        Protected::Clear(a) => Ok(Some(a.clone())),
+        Protected::Sealed(s) => {
+            let context = personal::shipping_address_context(order_id);
+            match vault.open(tx, &context, s).await {
+                Ok(a) => Ok(a),
+                Err(VaultError::Database(e)) => Err(e.into()),
+                Err(other) => Err(Failure::poison("unreadable_address", other.to_string())),
+            }
+        }
+    }
 }
 
 /// Reserves every line or nothing; the same order asking again gets the same answer.
@@ -404,17 +522,12 @@ pub enum StockError {
 
 #[cfg(test)]
 mod tests {
-    use domain::values::{Currency, MinorUnits, PaymentToken};
+    use domain::values::PaymentToken;
 
     use super::*;
 
-    fn authorize(token: &str) -> SagaCommand {
-        SagaCommand::AuthorizePayment {
-            order_id: OrderId(Uuid::new_v4()),
-            amount_minor: MinorUnits::parse(100).unwrap(),
-            currency: Currency::parse("EUR").unwrap(),
-            payment_token: PaymentToken::parse(token).unwrap(),
-        }
+    fn authorize(token: &str) -> PaymentToken {
+        PaymentToken::parse(token).unwrap()
     }
 
     #[tokio::test]
@@ -422,7 +535,7 @@ mod tests {
         let off = SagaConfig::default();
         assert!(!off.fault_injection, "off by default");
         assert!(
-            injected_faults(&authorize("tok_flaky_9"), &off, 1)
+            token_faults(&authorize("tok_flaky_9"), &off, 1)
                 .await
                 .is_ok()
         );
@@ -430,19 +543,19 @@ mod tests {
             fault_injection: true,
             ..SagaConfig::default()
         };
-        let failure = injected_faults(&authorize("tok_flaky_9"), &on, 1)
+        let failure = token_faults(&authorize("tok_flaky_9"), &on, 1)
             .await
             .unwrap_err();
         assert_eq!(failure.class, platform::errors::ErrorClass::Transient);
         assert!(
-            injected_faults(&authorize("tok_flaky_9"), &on, 10)
+            token_faults(&authorize("tok_flaky_9"), &on, 10)
                 .await
                 .is_ok()
         );
         // A slow token would sleep past every deadline: without the switch it does not.
         let quick = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            injected_faults(&authorize("tok_slow"), &off, 1),
+            token_faults(&authorize("tok_slow"), &off, 1),
         )
         .await;
         assert!(matches!(quick, Ok(Ok(()))));

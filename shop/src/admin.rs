@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use platform::config::InfraConfig;
 
 use crate::cli::{
-    CatalogCommand, DeadLetterId, DlqCommand, InventoryCommand, OutboxCommand, ProjectionsCommand,
+    CatalogCommand, CustomersCommand, DeadLetterId, DlqCommand, InventoryCommand, OutboxCommand,
+    ProjectionsCommand,
 };
 
 // Long on purpose: one arm per `shop dlq` subcommand, each a few lines of printing over a
@@ -75,7 +76,7 @@ pub async fn dlq(
             );
             println!("first failure: {}", d.first_failed_at.to_rfc3339());
             println!("error: {}", d.error_message);
-            println!("message: {}", String::from_utf8_lossy(&d.payload));
+            println!("message: {}", shown(&pool, &d.payload).await?);
         }
         DlqCommand::Show {
             id: DeadLetterId::Saga(id),
@@ -96,7 +97,7 @@ pub async fn dlq(
                 d.first_failure.map_or("-".into(), |t| t.to_rfc3339())
             );
             println!("error: {}", d.error_message);
-            println!("message: {}", String::from_utf8_lossy(&d.body));
+            println!("message: {}", shown(&pool, &d.body).await?);
         }
         DlqCommand::Replay { id } | DlqCommand::Discard { id } => {
             let replay = matches!(command, DlqCommand::Replay { .. });
@@ -278,6 +279,36 @@ pub async fn catalog(infra: &InfraConfig, command: CatalogCommand) -> anyhow::Re
         CatalogCommand::Seed => {
             let added = catalog::seed(&pool).await?;
             println!("development catalog written where unset ({added} added, SKU-1 .. SKU-5)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A dead message as an operator sees it: JSON with the sealed values of forgotten customers
+/// shown as `"erased"` (`platform::vault::mark_erased`), anything else as text.
+async fn shown(pool: &sqlx::PgPool, body: &[u8]) -> anyhow::Result<String> {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(String::from_utf8_lossy(body).into_owned());
+    };
+    let mut conn = pool.acquire().await?;
+    platform::vault::mark_erased(&mut conn, &mut value).await?;
+    Ok(value.to_string())
+}
+
+pub async fn customers(infra: &InfraConfig, command: CustomersCommand) -> anyhow::Result<ExitCode> {
+    let pool = platform::db::connect(&infra.database_url, 2).await?;
+    match command {
+        CustomersCommand::Forget { customer_id } => {
+            let id = domain::values::CustomerId::parse(&customer_id)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let e = write_side::customers::forget(&pool, &id).await?;
+            println!(
+                "{}: forgotten (data keys deleted: {}, profile deleted: {}, payment tokens deleted: {})",
+                id.as_str(),
+                e.keys_deleted,
+                e.profile_deleted,
+                e.payment_tokens_deleted
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -23,6 +23,8 @@ pub struct Cli {
     pub infra: InfraConfig,
     #[command(flatten)]
     pub audit_keys: crate::audit::AuditKeys,
+    #[command(flatten)]
+    pub master_keys: MasterKeys,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,6 +90,11 @@ pub enum Command {
         relay: outbox_relay::RelayConfig,
         #[command(flatten)]
         ops: OpsConfig,
+    },
+    /// Customers' personal data: erasure.
+    Customers {
+        #[command(subcommand)]
+        command: CustomersCommand,
     },
     /// Read-side projections: status, and rebuild by replay of the event store.
     Projections {
@@ -348,4 +355,39 @@ mod tests {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
     }
+}
+
+/// The master keys that wrap customers' data keys (`platform::vault`).
+#[derive(Clone, clap::Args)]
+pub struct MasterKeys {
+    /// Master keys inline: `kid=secret` entries separated by commas, the first one wrapping
+    /// new data keys, all unwrapping (docs/security.md). Prefer MASTER_KEYS_FILE.
+    #[arg(long, env = "MASTER_KEYS", hide_env_values = true, global = true)]
+    pub master_keys: Option<String>,
+    /// File of master keys, one `kid=secret` per line. Keep it outside the database and its
+    /// backups: whoever holds it and a backup can read personal data not yet forgotten.
+    #[arg(long, env = "MASTER_KEYS_FILE", global = true)]
+    pub master_keys_file: Option<std::path::PathBuf>,
+}
+
+impl MasterKeys {
+    /// The vault over the configured master keys; an error when none is configured.
+    pub fn vault(&self) -> anyhow::Result<platform::vault::Vault> {
+        let master = platform::vault::MasterKeys::configured(
+            self.master_keys.as_deref(),
+            self.master_keys_file.as_deref(),
+        )?;
+        Ok(platform::vault::Vault::new(master))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum CustomersCommand {
+    /// Forgets a customer: deletes their data keys (every sealed copy of their personal data,
+    /// in the event store, Kafka, RabbitMQ, dead letters and saga state, becomes unreadable),
+    /// their profile and any payment token still held. Idempotent.
+    Forget {
+        /// The customer id (the token subject).
+        customer_id: String,
+    },
 }

@@ -72,12 +72,14 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 projector: Some(projector),
                 saga: Some(saga),
                 email: Some(email),
+                vault: Some(cli.master_keys.vault().context("master keys")?),
             };
             run(&cli.infra, roles, ops).await?
         }
         Command::Saga { saga, ops } => {
             let roles = RoleConfigs {
                 saga: Some(saga),
+                vault: Some(cli.master_keys.vault().context("master keys")?),
                 ..RoleConfigs::default()
             };
             run(&cli.infra, roles, ops).await?
@@ -97,6 +99,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             command,
         } => return dlq(&cli.infra, &queue_prefix, command).await,
         Command::Projections { command } => return projections(&cli.infra, command).await,
+        Command::Customers { command } => return customers(&cli.infra, command).await,
         Command::Token {
             role,
             subject,

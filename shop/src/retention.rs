@@ -25,6 +25,10 @@ pub struct RetentionConfig {
     /// keep events, so nothing still deliverable is counted twice).
     #[arg(long, env = "ANALYTICS_SEEN_RETENTION", default_value = "8d", value_parser = platform::config::parse_duration)]
     pub analytics_seen_retention: Duration,
+    /// How long a checkout's payment token waits for the payment participant before it is
+    /// deleted unused (the payment then declines: "token expired").
+    #[arg(long, env = "PAYMENT_TOKEN_TTL", default_value = "1h", value_parser = platform::config::parse_duration)]
+    pub payment_token_ttl: Duration,
     /// How often retention runs.
     #[arg(long, env = "RETENTION_INTERVAL", default_value = "1m", value_parser = platform::config::parse_duration)]
     pub retention_interval: Duration,
@@ -43,7 +47,8 @@ pub async fn prune_once(
 ) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
     let keys =
         write_side::commands::prune_idempotency_keys(pool, cfg.idempotency_key_retention).await?;
-    let mut pruned = vec![("idempotency_keys", keys)];
+    let tokens = orders::payment_tokens::prune(pool, cfg.payment_token_ttl).await?;
+    let mut pruned = vec![("idempotency_keys", keys), ("payment_tokens", tokens)];
     pruned.extend(saga::retention::prune(pool, cfg.inbox_retention).await?);
     let day = chrono::TimeDelta::hours(24);
     let seen = chrono::TimeDelta::from_std(cfg.analytics_seen_retention).unwrap_or(day);

@@ -86,6 +86,8 @@ pub struct RoleConfigs {
     pub saga: Option<saga::SagaConfig>,
     /// The email group (order outcomes to customers over SMTP).
     pub email: Option<notifications::MailerConfig>,
+    /// Customers' data keys: the command API seals with them, the shipping participant opens.
+    pub vault: Option<platform::vault::Vault>,
 }
 
 /// Sets up the database and topics, then runs the chosen roles under one supervisor with the
@@ -113,8 +115,14 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let mut sup = Supervisor::new(shutdown);
     let mut readiness = platform::ops::Readiness::new().postgres(pool.clone());
     let topic = infra.topic("orders.events");
+    let vault = || {
+        roles
+            .vault
+            .clone()
+            .context("MASTER_KEYS or MASTER_KEYS_FILE: the command API and the saga need it")
+    };
     if let (Some(cfg), Some(auth)) = (roles.write_side.as_ref(), auth.clone()) {
-        let mut state = write_side::http::AppState::new(pools.commands.clone(), auth)
+        let mut state = write_side::http::AppState::new(pools.commands.clone(), auth, vault()?)
             .with_limits(roles.api_limits.clone());
         if let Some(activity) = &roles.activity {
             let topic = infra.topic(read_side::analytics::ACTIVITY_TOPIC);
@@ -208,7 +216,13 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         });
     }
     if let Some(saga_cfg) = roles.saga {
-        saga::roles(&mut sup, pool.clone(), infra.amqp_url.clone(), saga_cfg);
+        saga::roles(
+            &mut sup,
+            pool.clone(),
+            infra.amqp_url.clone(),
+            saga_cfg,
+            vault()?,
+        );
     }
     let readiness = readiness.roles(sup.roles(), ops.ready_grace);
     let ops_router = platform::ops::router(readiness);

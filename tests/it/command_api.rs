@@ -62,6 +62,19 @@ async fn checkout_appends_the_event_and_its_outbox_message_with_full_metadata() 
     assert_eq!(metadata["traceparent"], tp);
     assert_eq!(metadata["command_id"], "k-1");
     assert_eq!(metadata["correlation_id"], id);
+    // Personal data is sealed and the payment token is held apart (migration 0014).
+    let text = payload.to_string();
+    assert!(
+        !text.contains("Ada Lovelace") && !text.contains("Main St") && !text.contains("tok_visa"),
+        "{text}"
+    );
+    let held: String =
+        sqlx::query_scalar("SELECT token FROM payment_tokens WHERE payment_ref = $1")
+            .bind(Uuid::parse_str(payload["payment"]["ref"].as_str().unwrap()).unwrap())
+            .fetch_one(&api.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, "tok_visa");
 
     let (message_id, target, routing_key, headers, envelope): (
         Uuid,
@@ -78,7 +91,7 @@ async fn checkout_appends_the_event_and_its_outbox_message_with_full_metadata() 
         (event_id, "orders.events", id)
     );
     assert_eq!(headers["event_type"], "OrderPlaced");
-    assert_eq!(headers["schema_version"], "2");
+    assert_eq!(headers["schema_version"], "3");
     assert_eq!(headers["traceparent"], tp);
     let envelope: Value = serde_json::from_slice(&envelope).unwrap();
     let schema: Value =

@@ -20,6 +20,7 @@ mod read_side;
 
 mod activity;
 mod email;
+mod erasure;
 
 mod saga;
 mod saga_kill;

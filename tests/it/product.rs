@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use shop_tests::process::ShopProcess;
 
-fn bin() -> &'static Path {
+pub(crate) fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_shop"))
 }
 

@@ -81,6 +81,7 @@ impl SagaStack {
                 pool,
                 rabbit.url.clone(),
                 config,
+                shop_tests::test_vault(),
                 saga_stop.clone(),
             )),
         ];
@@ -113,8 +114,17 @@ impl SagaStack {
 
     /// Stops the saga runtime (gracefully) and starts it again with `config`.
     async fn restart_saga(&mut self, config: SagaConfig) {
+        self.stop_saga().await;
+        self.start_saga(config);
+    }
+
+    /// Stops the saga runtime (gracefully); [`Self::start_saga`] starts it again.
+    async fn stop_saga(&mut self) {
         self.saga_stop.cancel();
         self.tasks.pop().unwrap().await.unwrap().unwrap();
+    }
+
+    fn start_saga(&mut self, config: SagaConfig) {
         self.saga_stop = self.shutdown.child_token();
         let config = SagaConfig {
             queue_prefix: self.rabbit.prefix.clone(),
@@ -125,6 +135,7 @@ impl SagaStack {
             self.api.db.pool.clone(),
             self.rabbit.url.clone(),
             config,
+            shop_tests::test_vault(),
             self.saga_stop.clone(),
         )));
     }
@@ -853,6 +864,7 @@ async fn a_step_failing_transiently_past_its_retries_is_dead_lettered_and_compen
 #[tokio::test]
 async fn a_saga_recorded_as_inputs_loads_and_carries_on_with_decisions() {
     use domain::{
+        personal::{Payment, Protected},
         saga::{Phase, SagaInput, SagaOrder, Step},
         values::{Currency, MinorUnits, OrderId, PaymentToken, Quantity, ShippingAddress},
     };
@@ -863,8 +875,10 @@ async fn a_saga_recorded_as_inputs_loads_and_carries_on_with_decisions() {
         lines: vec![(Sku::parse("SKU-1").unwrap(), Quantity::parse(1).unwrap())],
         amount_minor: MinorUnits::parse(500).unwrap(),
         currency: Currency::parse("EUR").unwrap(),
-        payment_token: PaymentToken::parse("tok_visa").unwrap(),
-        shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+        payment: Payment::LegacyToken(PaymentToken::parse("tok_visa").unwrap()),
+        shipping_address: Protected::Clear(
+            ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+        ),
     };
     let meta = event_store::Metadata {
         correlation_id: order_id.0,
@@ -1032,4 +1046,43 @@ async fn a_first_deployment_onto_a_store_with_orders_runs_no_saga_for_them() {
     }
     assert_eq!(stack.payment(new).await.as_deref(), Some("authorized"));
     stack.stop().await;
+}
+
+/// A customer forgotten while her checkout waits: the payment participant finds no token
+/// (forgetting deleted it with her keys), so the payment declines and the saga releases the
+/// stock; nothing is charged for an order whose customer asked to be forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_customer_mid_checkout_declines_the_payment_and_releases_the_stock() {
+    let mut stack = SagaStack::start(SagaConfig::default()).await;
+    stack.stop_saga().await;
+    let order = stack.checkout(body("tok_visa", 1)).await;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM payment_tokens WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(stack.pool())
+        .await
+        .unwrap();
+    assert_eq!(held, 1);
+    let alice = domain::values::CustomerId::parse("alice").unwrap();
+    let erased = write_side::customers::forget(stack.pool(), &alice)
+        .await
+        .unwrap();
+    assert_eq!((erased.keys_deleted, erased.payment_tokens_deleted), (1, 1));
+    stack.start_saga(SagaConfig::default());
+    let (outcome, reason) = stack.outcome(order).await;
+    assert_eq!(outcome, "OrderCancelled");
+    assert!(
+        reason.as_deref().unwrap_or("").contains("erased"),
+        "{reason:?}"
+    );
+    stack
+        .eventually("the stock is released", || async {
+            (stack.reserved("SKU-1").await, stack.reserved("SKU-2").await) == (0, 0)
+        })
+        .await;
+    let authorized: i64 = sqlx::query_scalar("SELECT count(*) FROM payments WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(stack.pool())
+        .await
+        .unwrap();
+    assert_eq!(authorized, 0);
 }

@@ -49,7 +49,12 @@ async fn command_api(
     shutdown: &CancellationToken,
 ) -> String {
     let router = write_side::http::router(
-        write_side::http::AppState::new(api.db.pool.clone(), api.auth.clone()).with_limits(limits),
+        write_side::http::AppState::new(
+            api.db.pool.clone(),
+            api.auth.clone(),
+            shop_tests::test_vault(),
+        )
+        .with_limits(limits),
         64 * 1024,
     );
     let served = Gql::serve(router, shutdown.clone()).await;

@@ -24,6 +24,17 @@ pub const TEST_JWT_KEYS: &str = "test-1=test-secret-0123456789-0123456789";
 /// The audit keys of in-process appends and of `shop` children (`AUDIT_KEYS`).
 pub const TEST_AUDIT_KEYS: &str = "audit-test-1=audit-secret-0123456789-0123456789";
 
+/// The master keys of in-process APIs and sagas and of `shop` children (`MASTER_KEYS`): one
+/// set, so a data key one of them stored unwraps in all of them.
+pub const TEST_MASTER_KEYS: &str = "master-test-1=master-secret-0123456789-0123456789";
+
+/// A vault over [`TEST_MASTER_KEYS`].
+pub fn test_vault() -> platform::vault::Vault {
+    let master = platform::vault::MasterKeys::configured(Some(TEST_MASTER_KEYS), None)
+        .expect("the test master keys parse");
+    platform::vault::Vault::new(master)
+}
+
 /// Installs [`TEST_AUDIT_KEYS`] for this test process (idempotent): every in-process append
 /// keys its chain with them, as `shop run` does with its own.
 pub fn install_test_audit_keys() {
@@ -71,7 +82,7 @@ impl TestApi {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             ..write_side::WriteSideConfig::default()
         };
-        let mut state = write_side::http::AppState::new(db.pool.clone(), test_auth());
+        let mut state = write_side::http::AppState::new(db.pool.clone(), test_auth(), test_vault());
         if let Some(ingest) = activity {
             state = state.with_activity(ingest);
         }

@@ -116,8 +116,11 @@ pub async fn append_orders(pool: &PgPool, n_orders: usize, concurrency: usize) -
                             quantity: Quantity::parse(1).unwrap(),
                             unit_price_minor: MinorUnits::parse(100).unwrap(),
                         }],
-                        shipping_address: ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
-                        payment_token: PaymentToken::parse("tok").unwrap(),
+                        shipping_address: platform::vault::DataKey::ephemeral().seal(
+                            &domain::personal::shipping_address_context(id),
+                            &ShippingAddress::parse("A", "B", "C", "D", "DE").unwrap(),
+                        ),
+                        payment_ref: domain::personal::PaymentRef(uuid::Uuid::now_v7()),
                     });
                     let cancel = OrderCommand::Cancel {
                         reason: Reason::parse("test").unwrap(),

@@ -71,6 +71,7 @@ impl ShopProcess {
             ("OPS_ADDR".into(), format!("127.0.0.1:{ops}")),
             ("JWT_KEYS".into(), crate::TEST_JWT_KEYS.into()),
             ("AUDIT_KEYS".into(), crate::TEST_AUDIT_KEYS.into()),
+            ("MASTER_KEYS".into(), crate::TEST_MASTER_KEYS.into()),
             // A load generator: one customer sends hundreds of orders a second.
             ("RATE_LIMIT_PER_SECOND".into(), "100000".into()),
             ("RATE_LIMIT_BURST".into(), "100000".into()),
@@ -117,6 +118,7 @@ impl ShopProcess {
         c.args(args)
             .env_remove("JWT_KEYS_FILE")
             .env_remove("AUDIT_KEYS_FILE")
+            .env_remove("MASTER_KEYS_FILE")
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }

@@ -12,17 +12,21 @@
 
 use domain::{
     order::{CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
+    personal,
     values::{OrderId, Reason},
 };
 use event_store::{Expected, Metadata};
 use orders::OrderError;
-use platform::auth::{Principal, Role};
+use platform::{
+    auth::{Principal, Role},
+    vault::{Vault, VaultError},
+};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::problem::ApiError;
+use crate::{dto::Checkout, problem::ApiError};
 
 /// Who asks, with which key and request, in which trace.
 #[derive(Debug, Clone)]
@@ -43,7 +47,7 @@ pub struct CommandResponse {
 }
 
 pub enum Command {
-    Checkout(PlaceOrder),
+    Checkout(Checkout),
     Cancel {
         order_id: OrderId,
         if_match: Option<i64>,
@@ -63,6 +67,7 @@ impl Command {
 /// Runs the command in its transaction, inside a span that continues the request's trace.
 pub async fn execute(
     pool: &PgPool,
+    vault: &Vault,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
@@ -75,7 +80,7 @@ pub async fn execute(
     );
     platform::trace::follow(&span, Some(&ctx.traceparent));
     async {
-        let result = execute_once_or_twice(pool, ctx, command).await;
+        let result = execute_once_or_twice(pool, vault, ctx, command).await;
         // One line per command, inside its span: it carries the trace id to follow.
         match &result {
             Ok(r) => tracing::info!(
@@ -93,6 +98,7 @@ pub async fn execute(
 
 async fn execute_once_or_twice(
     pool: &PgPool,
+    vault: &Vault,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
@@ -119,7 +125,7 @@ async fn execute_once_or_twice(
             return Ok(stored);
         }
         let response = match command {
-            Command::Checkout(cmd) => checkout(&mut tx, ctx, cmd.clone()).await?,
+            Command::Checkout(cmd) => checkout(&mut tx, vault, ctx, cmd).await?,
             Command::Cancel {
                 order_id,
                 if_match,
@@ -210,12 +216,40 @@ fn order_error(e: OrderError) -> ApiError {
     }
 }
 
+/// Seals the shipping address with the customer's data key and holds the payment token,
+/// then places the order: the event carries only the sealed box and the token's reference
+/// (`domain::personal`). All in the command's transaction: a refused or lost race leaves no
+/// token row behind.
 async fn checkout(
     conn: &mut PgConnection,
+    vault: &Vault,
     ctx: &CommandContext,
-    cmd: PlaceOrder,
+    checkout: &Checkout,
 ) -> Result<CommandResponse, ApiError> {
-    let order_id = cmd.order_id;
+    let order_id = checkout.order_id;
+    let key = vault
+        .key_for(conn, checkout.customer_id.as_str())
+        .await
+        .map_err(vault_error)?;
+    let shipping_address = key.seal(
+        &personal::shipping_address_context(order_id),
+        &checkout.shipping_address,
+    );
+    let payment_ref = orders::payment_tokens::hold(
+        conn,
+        order_id,
+        &checkout.customer_id,
+        &checkout.payment_token,
+    )
+    .await?;
+    let cmd = PlaceOrder {
+        order_id,
+        customer_id: checkout.customer_id.clone(),
+        currency: checkout.currency,
+        lines: checkout.lines.clone(),
+        shipping_address,
+        payment_ref,
+    };
     let version = orders::decide_and_append(
         conn,
         order_id,
@@ -227,6 +261,13 @@ async fn checkout(
     .await
     .map_err(order_error)?;
     Ok(accepted(order_id, "PENDING", version))
+}
+
+fn vault_error(e: VaultError) -> ApiError {
+    match e {
+        VaultError::Database(e) => e.into(),
+        other => ApiError::Internal(other.to_string()),
+    }
 }
 
 fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {

@@ -2,7 +2,14 @@
 //! customer's address (no event carries it).
 //!
 //! `PUT /customers/{id}` creates or replaces a profile (a customer her own, an operator any),
-//! `GET /customers/{id}` reads it. Every SQL statement on `customers` is here.
+//! `GET /customers/{id}` reads it. Every SQL statement on `customers` and
+//! `customer_erasures` is here.
+//!
+//! Erasure: [`forget`] (`POST /admin/customers/{id}/forget`, operators; `shop customers
+//! forget <id>`) deletes the customer's data keys, which makes every sealed copy of their
+//! personal data unreadable wherever it was stored or published (`platform::vault`), their
+//! profile, and any payment token still held for them, in one transaction, and records
+//! that it happened. docs/security.md says what it cannot reach.
 
 use axum::{
     Json,
@@ -84,6 +91,76 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<Profile>, sqlx::Erro
             .transpose()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
     }))
+}
+
+/// What forgetting a customer deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erasure {
+    pub keys_deleted: u64,
+    pub profile_deleted: bool,
+    pub payment_tokens_deleted: u64,
+}
+
+/// Forgets `id`: deletes their data keys, profile and held payment tokens, and records the
+/// erasure, in one transaction. Forgetting again deletes nothing more and succeeds.
+pub async fn forget(pool: &PgPool, id: &CustomerId) -> Result<Erasure, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let keys_deleted = platform::vault::forget(&mut tx, id.as_str()).await?;
+    let profile_deleted = sqlx::query("DELETE FROM customers WHERE customer_id = $1")
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        > 0;
+    let payment_tokens_deleted =
+        orders::payment_tokens::forget_customer(&mut tx, id.as_str()).await?;
+    sqlx::query(
+        "INSERT INTO customer_erasures (customer_id, keys_deleted) VALUES ($1, $2)
+         ON CONFLICT (customer_id) DO UPDATE
+             SET keys_deleted = customer_erasures.keys_deleted + EXCLUDED.keys_deleted,
+                 erased_at = now()",
+    )
+    .bind(id.as_str())
+    .bind(i32::try_from(keys_deleted).unwrap_or(i32::MAX))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        customer_id = id.as_str(),
+        keys_deleted,
+        profile_deleted,
+        payment_tokens_deleted,
+        "customer forgotten"
+    );
+    metrics::counter!("customers_forgotten_total").increment(1);
+    Ok(Erasure {
+        keys_deleted,
+        profile_deleted,
+        payment_tokens_deleted,
+    })
+}
+
+/// `POST /admin/customers/{id}/forget`: operators only.
+pub async fn forget_endpoint(
+    State(state): State<AppState>,
+    Path(raw_id): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let principal = crate::http::authenticate(&state, request.headers())?;
+    if principal.role != Role::Operator {
+        return Err(ApiError::Forbidden(
+            "only operators may forget a customer".into(),
+        ));
+    }
+    let id = CustomerId::parse(&raw_id)?;
+    let e = forget(&state.pool, &id).await?;
+    Ok(Json(json!({
+        "customer_id": id.as_str(),
+        "keys_deleted": e.keys_deleted,
+        "profile_deleted": e.profile_deleted,
+        "payment_tokens_deleted": e.payment_tokens_deleted,
+    }))
+    .into_response())
 }
 
 /// Whose profile `principal` may touch: her own, or any for an operator.

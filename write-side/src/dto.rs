@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use domain::{
-    order::{NewLine, PlaceOrder},
+    order::NewLine,
     values::{
         Currency, CustomerId, OrderId, PaymentToken, Quantity, ShippingAddress, Sku, ValueError,
     },
@@ -15,6 +15,29 @@ use domain::{
 use serde::Deserialize;
 
 use crate::catalog::Product;
+
+/// A validated checkout, before its personal data is sealed and its token held
+/// (`commands::checkout` turns it into a `PlaceOrder`). Never logged: `Debug` shows no
+/// address and the token's own `Debug` is redacted.
+#[derive(Clone)]
+pub struct Checkout {
+    pub order_id: OrderId,
+    pub customer_id: CustomerId,
+    pub currency: Currency,
+    pub lines: Vec<NewLine>,
+    pub shipping_address: ShippingAddress,
+    pub payment_token: PaymentToken,
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkout")
+            .field("order_id", &self.order_id)
+            .field("customer_id", &self.customer_id)
+            .field("lines", &self.lines.len())
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +105,7 @@ impl CheckoutRequest {
         order_id: OrderId,
         customer: CustomerId,
         catalog: &HashMap<Sku, Product>,
-    ) -> Result<PlaceOrder, ValueError> {
+    ) -> Result<Checkout, ValueError> {
         let mut currency: Option<Currency> = None;
         let lines = self
             .items
@@ -129,7 +152,7 @@ impl CheckoutRequest {
         };
         let shipping_address = self.shipping_address.parse()?;
         let payment_token = PaymentToken::parse(&self.payment_token)?;
-        Ok(PlaceOrder {
+        Ok(Checkout {
             order_id,
             customer_id: customer,
             currency,
@@ -168,7 +191,7 @@ mod tests {
         .collect()
     }
 
-    fn place(currency: &str, items: serde_json::Value) -> Result<PlaceOrder, ValueError> {
+    fn place(currency: &str, items: serde_json::Value) -> Result<Checkout, ValueError> {
         request(currency, items).into_command(
             OrderId(uuid::Uuid::now_v7()),
             CustomerId::parse("c-1").unwrap(),

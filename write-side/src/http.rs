@@ -22,6 +22,7 @@ use domain::{
 use platform::{
     auth::{Authenticator, Principal, Role},
     limits::{Admission, ApiLimits},
+    vault::Vault,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -46,13 +47,16 @@ pub struct AppState {
     max_body_bytes: usize,
     limits: Option<ApiLimits>,
     pub(crate) activity: Option<crate::activity::Ingest>,
+    /// Seals checkouts' personal data with customers' data keys.
+    pub(crate) vault: Vault,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, auth: Authenticator) -> Self {
+    pub fn new(pool: PgPool, auth: Authenticator, vault: Vault) -> Self {
         Self {
             pool,
             auth,
+            vault,
             max_body_bytes: 64 * 1024,
             limits: None,
             activity: None,
@@ -87,6 +91,10 @@ pub fn router(mut state: AppState, max_body_bytes: usize) -> Router {
             get(crate::customers::get).put(crate::customers::put),
         )
         .route("/admin/orders/{id}/audit", get(audit))
+        .route(
+            "/admin/customers/{id}/forget",
+            post(crate::customers::forget_endpoint),
+        )
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -292,7 +300,7 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
         }
         let prices = catalog::prices(&state.pool, &req.skus()?).await?;
         let cmd = req.into_command(order_id, customer, &prices)?;
-        let r = commands::execute(&state.pool, &ctx, &Command::Checkout(cmd)).await?;
+        let r = commands::execute(&state.pool, &state.vault, &ctx, &Command::Checkout(cmd)).await?;
         let location = r.body["order_id"]
             .as_str()
             .map(|id| format!("/orders/{id}"));
@@ -330,6 +338,7 @@ async fn cancel(
         )?;
         let r = commands::execute(
             &state.pool,
+            &state.vault,
             &ctx,
             &Command::Cancel {
                 order_id,

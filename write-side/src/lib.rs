@@ -75,8 +75,9 @@ pub async fn build(
     cfg: &WriteSideConfig,
     pool: PgPool,
     auth: Authenticator,
+    vault: platform::vault::Vault,
 ) -> std::io::Result<App> {
-    bind(cfg, http::AppState::new(pool, auth)).await
+    bind(cfg, http::AppState::new(pool, auth, vault)).await
 }
 
 /// Binds the command API over a prepared state (e.g. with activity ingestion).

@@ -1,0 +1,39 @@
+-- Crypto-shredding of personal data (docs/security.md, "Erasure").
+
+-- Customers' data keys (owned by platform::vault): one active key per customer, wrapped by
+-- the master key (MASTER_KEYS, never in the database). Deleting a customer's row is what
+-- forgetting them means: every box their key sealed, wherever it was copied, stops opening.
+CREATE TABLE customer_keys (
+    key_id      uuid        PRIMARY KEY,
+    customer_id text        NOT NULL UNIQUE,
+    -- The master key (kid) that wrapped it, so a rotated master key still unwraps old keys.
+    master_kid  text        NOT NULL,
+    -- 12-byte nonce || AES-256-GCM ciphertext and tag of the 32-byte data key.
+    wrapped     bytea       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Payment tokens (owned by orders::payment_tokens): a checkout's token waits here, never in
+-- an event or a message; the event carries `payment_ref`. The payment participant takes the
+-- row (deletes it) when it authorizes; retention deletes what nobody took.
+CREATE TABLE payment_tokens (
+    payment_ref uuid        PRIMARY KEY,
+    order_id    uuid        NOT NULL,
+    customer_id text        NOT NULL,
+    token       text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX payment_tokens_created ON payment_tokens (created_at);
+CREATE INDEX payment_tokens_customer ON payment_tokens (customer_id);
+
+-- Who was forgotten, and when (owned by write-side customers): no personal data, only the
+-- pseudonymous id an operator or a test can check.
+CREATE TABLE customer_erasures (
+    customer_id  text        PRIMARY KEY,
+    keys_deleted integer     NOT NULL,
+    erased_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- The email group no longer keeps recipients: the address is the profile's, which erasure
+-- deletes.
+UPDATE email_inbox SET recipient = NULL WHERE recipient IS NOT NULL;
