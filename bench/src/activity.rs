@@ -88,7 +88,7 @@ pub async fn activity(
                     e,
                     &b.session_id,
                     None,
-                    "127.0.0.1",
+                    &domain::personal::Protected::Clear("127.0.0.0/24".into()),
                     Utc::now(),
                     bounds,
                 )

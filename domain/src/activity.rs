@@ -12,6 +12,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::personal::Protected;
+
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,8 +72,37 @@ pub struct UserActivity {
     pub product_sku: Option<String>,
     #[serde(default)]
     pub properties: serde_json::Map<String, serde_json::Value>,
-    /// The client's address as the server saw it: personal data.
-    pub client_ip: String,
+    /// The client's address, personal data: sealed with the customer's data key for a
+    /// signed-in customer (erased with her), and for an anonymous visitor only its network
+    /// ([`anonymised_ip`]), which names no one. Messages written before sealing carry the
+    /// full address as a bare string, read as `Clear`.
+    pub client_ip: Protected<String>,
+}
+
+/// The associated data a customer's client address is sealed under.
+pub fn client_ip_context(user_id: &str) -> String {
+    format!("user:{user_id}:client_ip")
+}
+
+/// An anonymous visitor's address as kept: the /24 of an IPv4 address, the /48 of an IPv6
+/// one (the usual anonymisation: it locates a provider, not a person).
+pub fn anonymised_ip(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => anonymised_ip(std::net::IpAddr::V4(v4)),
+            None => {
+                let s = v6.segments();
+                format!(
+                    "{}/48",
+                    std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0)
+                )
+            }
+        },
+    }
 }
 
 impl UserActivity {
@@ -141,7 +172,7 @@ pub fn accept(
     event: &ClientEvent,
     session_id: &str,
     user_id: Option<&str>,
-    client_ip: &str,
+    client_ip: &Protected<String>,
     now: DateTime<Utc>,
     bounds: TimeBounds,
 ) -> Result<UserActivity, EventRefused> {
@@ -163,7 +194,7 @@ pub fn accept(
         user_id: user_id.map(str::to_owned),
         product_sku: event.product_sku.clone(),
         properties: event.properties.clone(),
-        client_ip: client_ip.to_owned(),
+        client_ip: client_ip.clone(),
     })
 }
 
@@ -206,6 +237,30 @@ mod tests {
         }
     }
 
+    fn ip() -> Protected<String> {
+        Protected::Clear(anonymised_ip("10.0.0.1".parse().unwrap()))
+    }
+
+    #[test]
+    fn anonymous_addresses_keep_only_their_network() {
+        assert_eq!(
+            anonymised_ip("203.0.113.77".parse().unwrap()),
+            "203.0.113.0/24"
+        );
+        assert_eq!(
+            anonymised_ip("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1::/48"
+        );
+        assert_eq!(
+            anonymised_ip("::ffff:203.0.113.77".parse().unwrap()),
+            "203.0.113.0/24"
+        );
+        // A message written before sealing (a bare address) still reads.
+        let legacy: Protected<String> =
+            serde_json::from_value(serde_json::json!("10.1.2.3")).unwrap();
+        assert_eq!(legacy, Protected::Clear("10.1.2.3".into()));
+    }
+
     fn view(sku: Option<&str>, when: &str) -> ClientEvent {
         ClientEvent {
             event_id: None,
@@ -246,14 +301,14 @@ mod tests {
             &view(Some("SKU-1"), "2026-12-04T09:00:00Z"),
             "sess-0001",
             Some("alice"),
-            "10.0.0.1",
+            &ip(),
             now,
             bounds(),
         )
         .unwrap();
         assert_eq!((ok.received_at, ok.key().as_str()), (now, "user:alice"));
         let refused =
-            |e: &ClientEvent| accept(e, "sess-0001", None, "10.0.0.1", now, bounds()).unwrap_err();
+            |e: &ClientEvent| accept(e, "sess-0001", None, &ip(), now, bounds()).unwrap_err();
         assert_eq!(
             refused(&view(Some("SKU-1"), "2026-12-04T10:06:00Z")),
             EventRefused::InFuture(300)
@@ -275,7 +330,7 @@ mod tests {
             &view(Some("SKU-1"), "2026-12-04T09:59:00Z"),
             "sess-0001",
             Some("alice"),
-            "::1",
+            &ip(),
             now,
             bounds(),
         )
@@ -315,7 +370,7 @@ mod tests {
             &view(Some("SKU-1"), "2026-12-04T09:59:00Z"),
             "sess-0001",
             None,
-            "::1",
+            &ip(),
             now,
             bounds(),
         )

@@ -181,6 +181,22 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
         trail["entries"][0]["payload"]["shipping_address"]["sealed"].is_object(),
         "{trail}"
     );
+    // Her activity's client address is sealed with the same key.
+    let r = shop
+        .http
+        .post(format!("{}/activity", shop.api))
+        .bearer_auth(&alice)
+        .json(&json!({"session_id": "sess-erasure-1", "events": [
+            {"type": "page_view", "occurred_at": chrono::Utc::now().to_rfc3339()}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let activity = topic_texts(&brokers, &format!("{}user-activity", shop.prefix), 1).await;
+    let activity: Value = serde_json::from_str(&activity[0]).unwrap();
+    let ip_box: domain::personal::Sealed =
+        serde_json::from_value(activity["client_ip"]["sealed"].clone()).unwrap();
+    assert_eq!(ip_box.key_id, sealed.key_id);
 
     // Only operators forget.
     let forget = |token: String| {
@@ -200,6 +216,15 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
     // is gone, and no table holds the name any more.
     let opened: Option<Value> = vault.open(&mut conn, &context, &sealed).await.unwrap();
     assert!(opened.is_none());
+    let ip: Option<String> = vault
+        .open(
+            &mut conn,
+            &domain::activity::client_ip_context("alice"),
+            &ip_box,
+        )
+        .await
+        .unwrap();
+    assert!(ip.is_none());
     let trail = audit_trail(&shop, &operator, order).await;
     assert_eq!(
         trail["entries"][0]["payload"]["shipping_address"], "erased",

@@ -22,7 +22,10 @@ use axum::{
 };
 use bytes::Bytes;
 use chrono::{TimeDelta, Utc};
-use domain::activity::{Batch, TimeBounds, UserActivity};
+use domain::{
+    activity::{Batch, TimeBounds, UserActivity},
+    personal::Protected,
+};
 use platform::auth::Role;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -158,7 +161,6 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let client_ip = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     let headers: HeaderMap = request.headers().clone();
     let body = Bytes::from_request(request, state).await;
     let value = json_body(state, &headers, body)?;
@@ -193,6 +195,7 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
         }
         Err(_) => return Err(ApiError::TooManyEvents(Duration::from_secs(1))),
     }
+    let client_ip = protect_ip(state, user.as_deref(), peer).await?;
     let events = accept_all(state, ingest, &batch, user.as_deref(), &client_ip).await?;
     produce(ingest, &events).await?;
     metrics::counter!("activity_events_total").increment(events.len() as u64);
@@ -202,6 +205,32 @@ async fn handle(state: &AppState, ingest: &Ingest, request: Request) -> Result<R
         Json(json!({"accepted": ids.len(), "event_ids": ids})),
     )
         .into_response())
+}
+
+/// The client's address as the topic keeps it: sealed with a signed-in customer's data key
+/// (so forgetting her erases it, `platform::vault`), only its network for an anonymous
+/// visitor. One key lookup per batch, not per event.
+async fn protect_ip(
+    state: &AppState,
+    user: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> Result<Protected<String>, ApiError> {
+    let Some(user) = user else {
+        return Ok(Protected::Clear(peer.map_or_else(
+            || "unknown".to_owned(),
+            domain::activity::anonymised_ip,
+        )));
+    };
+    let ip = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+    let mut conn = state.pool.acquire().await?;
+    let key = state
+        .vault
+        .key_for(&mut conn, user)
+        .await
+        .map_err(crate::commands::vault_error)?;
+    Ok(Protected::Sealed(
+        key.seal(&domain::activity::client_ip_context(user), &ip),
+    ))
 }
 
 /// A schema failure described without repeating anything the client sent: the pointer keeps
@@ -248,7 +277,7 @@ async fn accept_all(
     ingest: &Ingest,
     batch: &Batch,
     user: Option<&str>,
-    client_ip: &str,
+    client_ip: &Protected<String>,
 ) -> Result<Vec<UserActivity>, ApiError> {
     let now = Utc::now();
     let mut errors = Vec::new();

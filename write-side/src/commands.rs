@@ -263,7 +263,7 @@ async fn checkout(
     Ok(accepted(order_id, "PENDING", version))
 }
 
-fn vault_error(e: VaultError) -> ApiError {
+pub(crate) fn vault_error(e: VaultError) -> ApiError {
     match e {
         VaultError::Database(e) => e.into(),
         other => ApiError::Internal(other.to_string()),

@@ -155,7 +155,7 @@ mod tests {
             user_id: Some("alice".into()),
             product_sku: sku.map(str::to_owned),
             properties: Default::default(),
-            client_ip: "10.0.0.1".into(),
+            client_ip: domain::personal::Protected::Clear("10.0.0.0/24".into()),
         })
     }
 
