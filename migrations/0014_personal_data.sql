@@ -12,15 +12,18 @@ CREATE TABLE customer_keys (
     wrapped     bytea       NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+-- Start-up checks that every master key named here is configured (platform::vault::check).
+CREATE INDEX customer_keys_master ON customer_keys (master_kid);
 
 -- Payment tokens (owned by orders::payment_tokens): a checkout's token waits here, never in
 -- an event or a message; the event carries `payment_ref`. The payment participant takes the
--- row (deletes it) when it authorizes; retention deletes what nobody took.
+-- row (deletes it) when it authorizes; retention deletes what nobody took. The token itself
+-- is sealed with the customer's data key (a backup or the WAL holds only ciphertext).
 CREATE TABLE payment_tokens (
-    payment_ref uuid        PRIMARY KEY,
-    order_id    uuid        NOT NULL,
-    customer_id text        NOT NULL,
-    token       text        NOT NULL,
+    payment_ref  uuid        PRIMARY KEY,
+    order_id     uuid        NOT NULL,
+    customer_id  text        NOT NULL,
+    sealed_token jsonb       NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX payment_tokens_created ON payment_tokens (created_at);
@@ -31,6 +34,8 @@ CREATE INDEX payment_tokens_customer ON payment_tokens (customer_id);
 CREATE TABLE customer_erasures (
     customer_id  text        PRIMARY KEY,
     keys_deleted integer     NOT NULL,
+    -- Who asked (`operator:<id>` over the API, `cli` for `shop customers forget`).
+    erased_by    text        NOT NULL,
     erased_at    timestamptz NOT NULL DEFAULT now()
 );
 

@@ -119,6 +119,11 @@ pub fn shipping_address_context(order_id: crate::values::OrderId) -> String {
     format!("order:{}:shipping_address", order_id.0)
 }
 
+/// The associated data an order's payment token is sealed under (in `payment_tokens`).
+pub fn payment_token_context(order_id: crate::values::OrderId) -> String {
+    format!("order:{}:payment_token", order_id.0)
+}
+
 /// What a reader shows for a sealed value whose key is gone.
 pub const ERASED: &str = "erased";
 

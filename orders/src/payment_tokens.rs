@@ -2,67 +2,65 @@
 //!
 //! Why: a payment token lets whoever holds it charge the customer, so it must not live as
 //! long as an event (forever), nor be copied into Kafka, RabbitMQ, dead letters or logs. The
-//! command API stores it here in the checkout's transaction and the `OrderPlaced` event
-//! carries only the [`PaymentRef`]. The payment participant [`take`]s it (reads and deletes
-//! it in the transaction that records the authorization), so it is used once; retention
-//! ([`prune`], `PAYMENT_TOKEN_TTL`) deletes what nobody took, and forgetting a customer
-//! deletes theirs ([`forget_customer`]).
+//! command API stores it here in the checkout's transaction, sealed with the customer's
+//! data key (a backup or the WAL holds only ciphertext, and forgetting her makes it
+//! unreadable), and the `OrderPlaced` event carries only the [`PaymentRef`]. The payment
+//! participant [`take`]s it (reads and deletes it in the transaction that records the
+//! authorization), so it is used once; retention ([`prune`], `PAYMENT_TOKEN_TTL`) deletes
+//! what nobody took, and forgetting a customer deletes hers ([`forget_customer`]).
 
 use domain::{
-    personal::PaymentRef,
-    values::{CustomerId, OrderId, PaymentToken},
+    personal::{PaymentRef, Sealed},
+    values::{CustomerId, OrderId},
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, types::Json};
 use uuid::Uuid;
 
-/// Holds `token` for `order_id`; returns the reference the event carries.
+/// Holds the sealed token for `order_id`; returns the reference the event carries.
 pub async fn hold(
     conn: &mut PgConnection,
     order_id: OrderId,
     customer_id: &CustomerId,
-    token: &PaymentToken,
+    sealed_token: &Sealed,
 ) -> Result<PaymentRef, sqlx::Error> {
     let payment_ref = PaymentRef(Uuid::now_v7());
     sqlx::query(
-        "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, token) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token) VALUES ($1, $2, $3, $4)",
     )
     .bind(payment_ref.0)
     .bind(order_id.0)
     .bind(customer_id.as_str())
-    .bind(token.as_str())
+    .bind(Json(sealed_token))
     .execute(&mut *conn)
     .await?;
     Ok(payment_ref)
 }
 
-/// Takes the token of `order_id` (deleting it, in the caller's transaction): `None` when it
-/// was taken, expired or erased, or belongs to another order.
+/// Takes the sealed token of `order_id` (deleting it, in the caller's transaction): `None`
+/// when it was taken, expired or erased, or belongs to another order.
 pub async fn take(
     conn: &mut PgConnection,
     payment_ref: PaymentRef,
     order_id: OrderId,
-) -> Result<Option<PaymentToken>, sqlx::Error> {
-    let token: Option<String> = sqlx::query_scalar(
-        "DELETE FROM payment_tokens WHERE payment_ref = $1 AND order_id = $2 RETURNING token",
+) -> Result<Option<Sealed>, sqlx::Error> {
+    let token: Option<Json<Sealed>> = sqlx::query_scalar(
+        "DELETE FROM payment_tokens WHERE payment_ref = $1 AND order_id = $2 RETURNING sealed_token",
     )
     .bind(payment_ref.0)
     .bind(order_id.0)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(token.and_then(|t| PaymentToken::parse(&t).ok()))
+    Ok(token.map(|t| t.0))
 }
 
-/// Reads the token without taking it (the development provider's fault injection only).
-pub async fn peek(
-    pool: &PgPool,
-    payment_ref: PaymentRef,
-) -> Result<Option<PaymentToken>, sqlx::Error> {
-    let token: Option<String> =
-        sqlx::query_scalar("SELECT token FROM payment_tokens WHERE payment_ref = $1")
+/// Reads the sealed token without taking it (the development provider's fault injection).
+pub async fn peek(pool: &PgPool, payment_ref: PaymentRef) -> Result<Option<Sealed>, sqlx::Error> {
+    let token: Option<Json<Sealed>> =
+        sqlx::query_scalar("SELECT sealed_token FROM payment_tokens WHERE payment_ref = $1")
             .bind(payment_ref.0)
             .fetch_optional(pool)
             .await?;
-    Ok(token.and_then(|t| PaymentToken::parse(&t).ok()))
+    Ok(token.map(|t| t.0))
 }
 
 /// Deletes the customer's tokens that are still held (erasure); returns how many.

@@ -48,11 +48,18 @@ pub enum VaultError {
     /// A data key is wrapped by a master key this process does not hold.
     #[error("data key {key_id} is wrapped by master key `{kid}`, which is not configured")]
     UnknownMasterKey { key_id: Uuid, kid: String },
+    /// The configured master key of this name does not unwrap the keys it wrapped.
+    #[error(
+        "master key `{0}` does not unwrap the data keys it wrapped: a wrong secret under that name?"
+    )]
+    WrongMasterKey(String),
     /// A wrapped key or a box does not open: altered, or moved from another context.
     #[error("{0} does not authenticate (altered or moved)")]
     Tampered(&'static str),
-    #[error("a sealed value is not valid JSON of its type: {0}")]
-    Decode(String),
+    /// Opened, but not the type expected (no detail: serde's message could quote the
+    /// decrypted value).
+    #[error("a sealed value is not valid JSON of its type")]
+    Decode,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -99,7 +106,20 @@ impl MasterKeys {
             })
     }
 
-    fn wrap(&self, key_id: Uuid, key: &[u8; 32]) -> (String, Vec<u8>) {
+    /// The kids of the configured master keys.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// A wrapped key is bound to its id and its customer: a row moved to another customer
+    /// (so that forgetting the first would miss it) no longer unwraps.
+    fn binding(key_id: Uuid, customer_id: &str) -> Vec<u8> {
+        let mut aad = key_id.as_bytes().to_vec();
+        aad.extend_from_slice(customer_id.as_bytes());
+        aad
+    }
+
+    fn wrap(&self, key_id: Uuid, customer_id: &str, key: &[u8; 32]) -> (String, Vec<u8>) {
         let (kid, kek) = &self.keys[0];
         let nonce: [u8; 12] = rand::random();
         let mut out = nonce.to_vec();
@@ -108,7 +128,7 @@ impl MasterKeys {
                 Nonce::from_slice(&nonce),
                 Payload {
                     msg: key,
-                    aad: key_id.as_bytes(),
+                    aad: &Self::binding(key_id, customer_id),
                 },
             )
             .expect("AES-GCM encrypts any key"),
@@ -116,7 +136,13 @@ impl MasterKeys {
         (kid.clone(), out)
     }
 
-    fn unwrap(&self, key_id: Uuid, kid: &str, wrapped: &[u8]) -> Result<DataKey, VaultError> {
+    fn unwrap(
+        &self,
+        key_id: Uuid,
+        customer_id: &str,
+        kid: &str,
+        wrapped: &[u8],
+    ) -> Result<DataKey, VaultError> {
         let (_, kek) = self.keys.iter().find(|(k, _)| k == kid).ok_or_else(|| {
             VaultError::UnknownMasterKey {
                 key_id,
@@ -132,7 +158,7 @@ impl MasterKeys {
                 Nonce::from_slice(nonce),
                 Payload {
                     msg: ciphertext,
-                    aad: key_id.as_bytes(),
+                    aad: &Self::binding(key_id, customer_id),
                 },
             )
             .map_err(|_| VaultError::Tampered("a wrapped data key"))?;
@@ -204,7 +230,7 @@ impl DataKey {
                 },
             )
             .map_err(|_| tampered())?;
-        serde_json::from_slice(&plaintext).map_err(|e| VaultError::Decode(e.to_string()))
+        serde_json::from_slice(&plaintext).map_err(|_| VaultError::Decode)
     }
 }
 
@@ -239,7 +265,7 @@ impl Vault {
         }
         let key_id = Uuid::now_v7();
         let secret: [u8; 32] = rand::random();
-        let (kid, wrapped) = self.master.wrap(key_id, &secret);
+        let (kid, wrapped) = self.master.wrap(key_id, customer_id, &secret);
         sqlx::query(
             "INSERT INTO customer_keys (key_id, customer_id, master_kid, wrapped)
              VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id) DO NOTHING",
@@ -266,7 +292,7 @@ impl Vault {
         .bind(customer_id)
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(|(id, kid, wrapped)| self.master.unwrap(id, &kid, &wrapped))
+        row.map(|(id, kid, wrapped)| self.master.unwrap(id, customer_id, &kid, &wrapped))
             .transpose()
     }
 
@@ -276,13 +302,45 @@ impl Vault {
         conn: &mut PgConnection,
         key_id: Uuid,
     ) -> Result<Option<DataKey>, VaultError> {
-        let row: Option<(String, Vec<u8>)> =
-            sqlx::query_as("SELECT master_kid, wrapped FROM customer_keys WHERE key_id = $1")
-                .bind(key_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        row.map(|(kid, wrapped)| self.master.unwrap(key_id, &kid, &wrapped))
+        let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT customer_id, master_kid, wrapped FROM customer_keys WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|(customer, kid, wrapped)| self.master.unwrap(key_id, &customer, &kid, &wrapped))
             .transpose()
+    }
+
+    /// Checks, before a process seals or opens anything, that the configured master keys
+    /// unwrap the stored data keys: every master key named by a stored data key is
+    /// configured, and each configured one unwraps a key it wrapped. A wrong or missing
+    /// master key would otherwise fail every checkout's shipment, one message at a time.
+    pub async fn check(&self, conn: &mut PgConnection) -> Result<(), VaultError> {
+        let kids = self.master.kids();
+        let unknown: Option<(Uuid, String)> = sqlx::query_as(
+            "SELECT key_id, master_kid FROM customer_keys WHERE master_kid <> ALL($1) LIMIT 1",
+        )
+        .bind(&kids)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((key_id, kid)) = unknown {
+            return Err(VaultError::UnknownMasterKey { key_id, kid });
+        }
+        for kid in &kids {
+            let sample: Option<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+                "SELECT key_id, customer_id, wrapped FROM customer_keys WHERE master_kid = $1 LIMIT 1",
+            )
+            .bind(kid)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some((key_id, customer, wrapped)) = sample {
+                self.master
+                    .unwrap(key_id, &customer, kid, &wrapped)
+                    .map_err(|_| VaultError::WrongMasterKey(kid.clone()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Opens a box, or `None` when its key was deleted (the customer was forgotten).
@@ -297,6 +355,18 @@ impl Vault {
             None => Ok(None),
         }
     }
+}
+
+/// Serialises, per customer, erasure with everything that seals for her in a transaction:
+/// without it a checkout could make her a key that an erasure running alongside cannot
+/// see yet, and her new order would stay readable after she was forgotten. Held until the
+/// caller's transaction ends.
+pub async fn lock_customer(conn: &mut PgConnection, customer_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("customer-data:{customer_id}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Deletes the customer's data keys: everything they sealed becomes unreadable everywhere.
@@ -404,23 +474,29 @@ mod tests {
         )
         .unwrap();
         let id = Uuid::now_v7();
-        let (kid, wrapped) = MasterKeys::from_keyring(&old).wrap(id, &[7; 32]);
+        let (kid, wrapped) = MasterKeys::from_keyring(&old).wrap(id, "alice", &[7; 32]);
         assert_eq!(kid, "m-1");
         let after_rotation = MasterKeys::from_keyring(&rotated);
-        assert!(after_rotation.unwrap(id, &kid, &wrapped).is_ok());
+        assert!(after_rotation.unwrap(id, "alice", &kid, &wrapped).is_ok());
         assert!(
             after_rotation
-                .unwrap(Uuid::now_v7(), &kid, &wrapped)
+                .unwrap(Uuid::now_v7(), "alice", &kid, &wrapped)
+                .is_err()
+        );
+        // Moved to another customer, it does not unwrap.
+        assert!(
+            after_rotation
+                .unwrap(id, "mallory", &kid, &wrapped)
                 .is_err()
         );
         assert!(matches!(
             MasterKeys::from_keyring(
                 &Keyring::parse_inline("MASTER", "m-3=fedcba9876543210fedcba9876543210").unwrap()
             )
-            .unwrap(id, &kid, &wrapped),
+            .unwrap(id, "alice", &kid, &wrapped),
             Err(VaultError::UnknownMasterKey { .. })
         ));
-        assert_eq!(after_rotation.wrap(id, &[7; 32]).0, "m-2");
+        assert_eq!(after_rotation.wrap(id, "alice", &[7; 32]).0, "m-2");
     }
 
     #[test]

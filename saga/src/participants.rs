@@ -124,7 +124,7 @@ async fn handle(
 ) -> Result<(), Failure> {
     let command: SagaCommand = serde_json::from_slice(&m.body)
         .map_err(|e| Failure::poison("malformed_command", e.to_string()))?;
-    injected_faults(&command, pool, config, m.delivery).await?;
+    injected_faults(&command, pool, vault, config, m.delivery).await?;
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO participant_inbox (participant, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -171,10 +171,14 @@ async fn handle(
 async fn injected_faults(
     command: &SagaCommand,
     pool: &PgPool,
+    vault: &Vault,
     config: &SagaConfig,
     delivery: u32,
 ) -> Result<(), Failure> {
-    let SagaCommand::AuthorizePayment { payment, .. } = command else {
+    let SagaCommand::AuthorizePayment {
+        order_id, payment, ..
+    } = command
+    else {
         return Ok(());
     };
     if !config.fault_injection {
@@ -182,7 +186,14 @@ async fn injected_faults(
     }
     let token = match payment {
         Payment::LegacyToken(t) => Some(t.clone()),
-        Payment::Ref(r) => orders::payment_tokens::peek(pool, *r).await?,
+        Payment::Ref(r) => match orders::payment_tokens::peek(pool, *r).await? {
+            Some(sealed) => {
+                let mut conn = pool.acquire().await?;
+                let context = personal::payment_token_context(*order_id);
+                open(vault, &mut conn, &context, &sealed).await?
+            }
+            None => None,
+        },
     };
     match token {
         Some(token) => token_faults(&token, config, delivery).await,
@@ -242,7 +253,7 @@ async fn effect(
                 payment,
             },
         ) => {
-            let input = match payment_token(tx, order_id, payment).await? {
+            let input = match payment_token(tx, vault, order_id, payment).await? {
                 Resolved::Recorded(input) => input,
                 Resolved::Missing => SagaInput::PaymentDeclined {
                     reason: "the payment token expired, was used or was erased".into(),
@@ -293,7 +304,15 @@ async fn effect(
         (p, other) => {
             return Err(Failure::poison(
                 "wrong_participant",
-                format!("{} cannot handle {other:?}", p.name()),
+                // The command's kind only: its fields may hold (legacy) personal data.
+                format!(
+                    "{} cannot handle {}",
+                    p.name(),
+                    serde_json::to_value(&other)
+                        .ok()
+                        .and_then(|v| v["type"].as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
             ));
         }
     })
@@ -309,30 +328,77 @@ enum Resolved {
 }
 
 /// The order's recorded payment answer, or its token (taken: used once).
+///
+/// Two deliveries of the step at once (a re-send after a deadline): the second waits on the
+/// token row the first deletes, then finds no token; it looks for the recorded answer again
+/// (now committed) before it calls the token missing.
 async fn payment_token(
     tx: &mut PgConnection,
+    vault: &Vault,
     order_id: OrderId,
     payment: Payment,
-) -> Result<Resolved, sqlx::Error> {
+) -> Result<Resolved, Failure> {
+    if let Some(answer) = recorded_payment(tx, order_id).await? {
+        return Ok(Resolved::Recorded(answer));
+    }
+    let sealed = match payment {
+        Payment::LegacyToken(t) => return Ok(Resolved::Token(t)),
+        Payment::Ref(r) => orders::payment_tokens::take(tx, r, order_id).await?,
+    };
+    let Some(sealed) = sealed else {
+        return Ok(match recorded_payment(tx, order_id).await? {
+            Some(answer) => Resolved::Recorded(answer),
+            None => Resolved::Missing,
+        });
+    };
+    let context = personal::payment_token_context(order_id);
+    Ok(match open(vault, tx, &context, &sealed).await? {
+        Some(token) => Resolved::Token(token),
+        None => Resolved::Missing,
+    })
+}
+
+/// The answer recorded for the order's payment, if it was handled before.
+async fn recorded_payment(
+    tx: &mut PgConnection,
+    order_id: OrderId,
+) -> Result<Option<SagaInput>, sqlx::Error> {
     let recorded: Option<(String, String)> =
         sqlx::query_as("SELECT authorization_id, status FROM payments WHERE order_id = $1")
             .bind(order_id.0)
             .fetch_optional(&mut *tx)
             .await?;
-    if let Some((authorization_id, status)) = recorded {
-        return Ok(Resolved::Recorded(if status == "authorized" {
+    Ok(recorded.map(|(authorization_id, status)| {
+        if status == "authorized" {
             SagaInput::PaymentAuthorized { authorization_id }
         } else {
             SagaInput::PaymentDeclined {
                 reason: "the authorization was already voided".into(),
             }
-        }));
+        }
+    }))
+}
+
+/// Opens a sealed value (`None`: its customer was forgotten). A master key that is not
+/// configured is the operator's problem, not the message's: retried (and `shop run` checks
+/// the keys before it starts); a box that does not open under this order is poison.
+async fn open<T: serde::de::DeserializeOwned>(
+    vault: &Vault,
+    tx: &mut PgConnection,
+    context: &str,
+    sealed: &domain::personal::Sealed,
+) -> Result<Option<T>, Failure> {
+    match vault.open(tx, context, sealed).await {
+        Ok(v) => Ok(v),
+        Err(VaultError::Database(e)) => Err(e.into()),
+        Err(e @ (VaultError::UnknownMasterKey { .. } | VaultError::WrongMasterKey(_))) => {
+            Err(Failure::transient(e.to_string()))
+        }
+        Err(other) => Err(Failure::poison(
+            "unreadable_personal_data",
+            other.to_string(),
+        )),
     }
-    let token = match payment {
-        Payment::LegacyToken(t) => Some(t),
-        Payment::Ref(r) => orders::payment_tokens::take(tx, r, order_id).await?,
-    };
-    Ok(token.map_or(Resolved::Missing, Resolved::Token))
 }
 
 async fn recorded_shipment(
@@ -346,7 +412,7 @@ async fn recorded_shipment(
 }
 
 /// The address to print on the label: opened with the customer's data key, `None` once the
-/// customer was forgotten. A box that does not open under this order is poison.
+/// customer was forgotten.
 async fn label_address(
     tx: &mut PgConnection,
     vault: &Vault,
@@ -357,11 +423,7 @@ async fn label_address(
         Protected::Clear(a) => Ok(Some(a.clone())),
         Protected::Sealed(s) => {
             let context = personal::shipping_address_context(order_id);
-            match vault.open(tx, &context, s).await {
-                Ok(a) => Ok(a),
-                Err(VaultError::Database(e)) => Err(e.into()),
-                Err(other) => Err(Failure::poison("unreadable_address", other.to_string())),
-            }
+            open(vault, tx, &context, s).await
         }
     }
 }

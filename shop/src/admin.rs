@@ -301,7 +301,7 @@ pub async fn customers(infra: &InfraConfig, command: CustomersCommand) -> anyhow
         CustomersCommand::Forget { customer_id } => {
             let id = domain::values::CustomerId::parse(&customer_id)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let e = write_side::customers::forget(&pool, &id).await?;
+            let e = write_side::customers::forget(&pool, &id, "cli").await?;
             println!(
                 "{}: forgotten (data keys deleted: {}, profile deleted: {}, payment tokens deleted: {})",
                 id.as_str(),

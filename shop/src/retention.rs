@@ -27,7 +27,7 @@ pub struct RetentionConfig {
     pub analytics_seen_retention: Duration,
     /// How long a checkout's payment token waits for the payment participant before it is
     /// deleted unused (the payment then declines: "token expired").
-    #[arg(long, env = "PAYMENT_TOKEN_TTL", default_value = "1h", value_parser = platform::config::parse_duration)]
+    #[arg(long, env = "PAYMENT_TOKEN_TTL", default_value = "24h", value_parser = platform::config::parse_duration)]
     pub payment_token_ttl: Duration,
     /// How often retention runs.
     #[arg(long, env = "RETENTION_INTERVAL", default_value = "1m", value_parser = platform::config::parse_duration)]

@@ -110,6 +110,14 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         return Ok(());
     }
     let pools = platform::db::Pools::connect(infra).await?;
+    // A wrong or missing master key is found here, not by every shipment failing later.
+    if let Some(vault) = &roles.vault {
+        let mut conn = pools.workers.acquire().await?;
+        vault
+            .check(&mut conn)
+            .await
+            .context("MASTER_KEYS / MASTER_KEYS_FILE do not unwrap the stored data keys")?;
+    }
     let header_timeout = roles.api_limits.header_read_timeout;
     let pool = pools.workers.clone();
     let mut sup = Supervisor::new(shutdown);

@@ -68,13 +68,26 @@ async fn checkout_appends_the_event_and_its_outbox_message_with_full_metadata() 
         !text.contains("Ada Lovelace") && !text.contains("Main St") && !text.contains("tok_visa"),
         "{text}"
     );
-    let held: String =
-        sqlx::query_scalar("SELECT token FROM payment_tokens WHERE payment_ref = $1")
+    let held: Value =
+        sqlx::query_scalar("SELECT sealed_token FROM payment_tokens WHERE payment_ref = $1")
             .bind(Uuid::parse_str(payload["payment"]["ref"].as_str().unwrap()).unwrap())
             .fetch_one(&api.db.pool)
             .await
             .unwrap();
-    assert_eq!(held, "tok_visa");
+    // The held token is sealed with the customer's key too; it opens for its order only.
+    assert!(!held.to_string().contains("tok_visa"), "{held}");
+    let sealed: domain::personal::Sealed = serde_json::from_value(held).unwrap();
+    let order = domain::values::OrderId(Uuid::parse_str(id).unwrap());
+    let mut conn = api.db.pool.acquire().await.unwrap();
+    let token: Option<String> = shop_tests::test_vault()
+        .open(
+            &mut conn,
+            &domain::personal::payment_token_context(order),
+            &sealed,
+        )
+        .await
+        .unwrap();
+    assert_eq!(token.as_deref(), Some("tok_visa"));
 
     let (message_id, target, routing_key, headers, envelope): (
         Uuid,

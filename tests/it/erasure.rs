@@ -287,5 +287,59 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
         String::from_utf8_lossy(&out.stderr)
     );
 
+    let erased_by: String =
+        sqlx::query_scalar("SELECT erased_by FROM customer_erasures WHERE customer_id = 'alice'")
+            .fetch_one(&shop.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(erased_by, "cli");
+
+    // A master key that does not unwrap the stored data keys stops `shop run` at start, with
+    // the reason, before any checkout's shipment could fail on it.
+    let bob = shop.token("customer", "bob");
+    let r = shop
+        .http
+        .post(format!("{}/activity", shop.api))
+        .bearer_auth(&bob)
+        .json(&json!({"session_id": "sess-erasure-2", "events": [
+            {"type": "page_view", "occurred_at": chrono::Utc::now().to_rfc3339()}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    shop.terminate(Duration::from_secs(60)).await;
+    for (keys, says) in [
+        (
+            "other-1=another-secret-0123456789-0123456789",
+            "is not configured",
+        ),
+        (
+            "master-test-1=a-wrong-secret-0123456789-0123456789",
+            "does not unwrap",
+        ),
+    ] {
+        let mut child = shop
+            .command(&["run"])
+            .env("MASTER_KEYS", keys)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(60) {
+                child.kill().ok();
+                panic!("shop run started with master keys {keys}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success() && text.contains(says), "{text}");
+    }
     shop.clean_up_brokers().await;
 }

@@ -1063,7 +1063,7 @@ async fn forgetting_a_customer_mid_checkout_declines_the_payment_and_releases_th
         .unwrap();
     assert_eq!(held, 1);
     let alice = domain::values::CustomerId::parse("alice").unwrap();
-    let erased = write_side::customers::forget(stack.pool(), &alice)
+    let erased = write_side::customers::forget(stack.pool(), &alice, "test")
         .await
         .unwrap();
     assert_eq!((erased.keys_deleted, erased.payment_tokens_deleted), (1, 1));

@@ -19,6 +19,8 @@ fn spawn_saga(api: &TestApi, rabbit: &TestRabbit) -> Child {
         .env("SAGA_QUEUE_PREFIX", &rabbit.prefix)
         .env("SAGA_STEP_TIMEOUT", "3s")
         .env("RUST_LOG", "warn")
+        .env("MASTER_KEYS", shop_tests::TEST_MASTER_KEYS)
+        .env_remove("MASTER_KEYS_FILE")
         .stdout(Stdio::null())
         .spawn()
         .expect("start shop saga")

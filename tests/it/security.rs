@@ -422,6 +422,9 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
                 "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body, created_at) VALUES ('customer:c', gen_random_uuid()::text, '\\x00', 202, '{{}}', {at})"
             ),
             format!(
+                "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token, created_at) VALUES (gen_random_uuid(), gen_random_uuid(), 'c', '{{}}', {at})"
+            ),
+            format!(
                 "INSERT INTO saga_inbox (message_id, received_at) VALUES (gen_random_uuid(), {at})"
             ),
             format!(
@@ -451,6 +454,7 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
         pruned,
         [
             ("idempotency_keys", 1),
+            ("payment_tokens", 1),
             ("saga_inbox", 1),
             ("participant_inbox", 1),
             ("saga_commands", 1),
@@ -461,6 +465,7 @@ async fn retention_prunes_old_bookkeeping_and_keeps_the_recent() {
     );
     for table in [
         "idempotency_keys",
+        "payment_tokens",
         "saga_inbox",
         "participant_inbox",
         "saga_commands",

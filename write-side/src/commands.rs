@@ -227,6 +227,9 @@ async fn checkout(
     checkout: &Checkout,
 ) -> Result<CommandResponse, ApiError> {
     let order_id = checkout.order_id;
+    // An erasure of this customer running alongside waits for this checkout, or this one
+    // for it (then she gets a new key): never a key the erasure could not see.
+    platform::vault::lock_customer(conn, checkout.customer_id.as_str()).await?;
     let key = vault
         .key_for(conn, checkout.customer_id.as_str())
         .await
@@ -235,13 +238,12 @@ async fn checkout(
         &personal::shipping_address_context(order_id),
         &checkout.shipping_address,
     );
-    let payment_ref = orders::payment_tokens::hold(
-        conn,
-        order_id,
-        &checkout.customer_id,
+    let sealed_token = key.seal(
+        &personal::payment_token_context(order_id),
         &checkout.payment_token,
-    )
-    .await?;
+    );
+    let payment_ref =
+        orders::payment_tokens::hold(conn, order_id, &checkout.customer_id, &sealed_token).await?;
     let cmd = PlaceOrder {
         order_id,
         customer_id: checkout.customer_id.clone(),

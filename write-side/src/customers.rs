@@ -103,8 +103,10 @@ pub struct Erasure {
 
 /// Forgets `id`: deletes their data keys, profile and held payment tokens, and records the
 /// erasure, in one transaction. Forgetting again deletes nothing more and succeeds.
-pub async fn forget(pool: &PgPool, id: &CustomerId) -> Result<Erasure, sqlx::Error> {
+/// `actor` (who asked) is recorded with it.
+pub async fn forget(pool: &PgPool, id: &CustomerId, actor: &str) -> Result<Erasure, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    platform::vault::lock_customer(&mut tx, id.as_str()).await?;
     let keys_deleted = platform::vault::forget(&mut tx, id.as_str()).await?;
     let profile_deleted = sqlx::query("DELETE FROM customers WHERE customer_id = $1")
         .bind(id.as_str())
@@ -115,18 +117,20 @@ pub async fn forget(pool: &PgPool, id: &CustomerId) -> Result<Erasure, sqlx::Err
     let payment_tokens_deleted =
         orders::payment_tokens::forget_customer(&mut tx, id.as_str()).await?;
     sqlx::query(
-        "INSERT INTO customer_erasures (customer_id, keys_deleted) VALUES ($1, $2)
+        "INSERT INTO customer_erasures (customer_id, keys_deleted, erased_by) VALUES ($1, $2, $3)
          ON CONFLICT (customer_id) DO UPDATE
              SET keys_deleted = customer_erasures.keys_deleted + EXCLUDED.keys_deleted,
-                 erased_at = now()",
+                 erased_by = EXCLUDED.erased_by, erased_at = now()",
     )
     .bind(id.as_str())
     .bind(i32::try_from(keys_deleted).unwrap_or(i32::MAX))
+    .bind(actor)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     tracing::info!(
         customer_id = id.as_str(),
+        actor,
         keys_deleted,
         profile_deleted,
         payment_tokens_deleted,
@@ -153,7 +157,7 @@ pub async fn forget_endpoint(
         ));
     }
     let id = CustomerId::parse(&raw_id)?;
-    let e = forget(&state.pool, &id).await?;
+    let e = forget(&state.pool, &id, &principal.actor()).await?;
     Ok(Json(json!({
         "customer_id": id.as_str(),
         "keys_deleted": e.keys_deleted,

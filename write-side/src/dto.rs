@@ -39,7 +39,8 @@ impl std::fmt::Debug for Checkout {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `Debug` shows neither the address nor the token (personal data never reaches a log).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
     /// The currency the client expects to pay in; refused if the catalog prices differ.
@@ -60,7 +61,18 @@ pub struct ItemDto {
     pub quantity: i64,
 }
 
-#[derive(Debug, Deserialize)]
+impl std::fmt::Debug for CheckoutRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckoutRequest")
+            .field("currency", &self.currency)
+            .field("items", &self.items)
+            .field("customer_id", &self.customer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `Debug` is redacted: an address is personal data.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddressDto {
     pub name: String,
@@ -68,6 +80,12 @@ pub struct AddressDto {
     pub city: String,
     pub postal_code: String,
     pub country: String,
+}
+
+impl std::fmt::Debug for AddressDto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AddressDto(<redacted>)")
+    }
 }
 
 impl AddressDto {
