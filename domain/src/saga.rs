@@ -561,6 +561,34 @@ impl SagaState {
     }
 }
 
+/// Event type of a recorded saga input: what sagas recorded before they recorded their
+/// decisions ([`SagaEvent`]). Still read, never written.
+pub const INPUT_RECORDED: &str = "SagaInputRecorded";
+
+/// The saga's stream id: the order id with its UUID version nibble flipped (7 -> 8), so it
+/// can never equal an order id (v7) yet maps back one to one.
+pub fn stream_id(order_id: OrderId) -> uuid::Uuid {
+    uuid::Uuid::from_u128(order_id.0.as_u128() ^ (0xF_u128 << 76))
+}
+
+/// A saga's state from its stored events `(event_type, payload)` in version order: recorded
+/// decisions are folded with [`evolve`]; the inputs older streams recorded are replayed.
+/// Pure, so the saga runtime and the read side fold a stream the same way.
+pub fn fold_stream(
+    max_attempts: u32,
+    events: impl IntoIterator<Item = (String, serde_json::Value)>,
+) -> Result<SagaState, serde_json::Error> {
+    let mut state = SagaState::new(max_attempts);
+    for (event_type, payload) in events {
+        state = if event_type == INPUT_RECORDED {
+            transition(state, serde_json::from_value(payload)?).0
+        } else {
+            evolve(state, &serde_json::from_value(payload)?)
+        };
+    }
+    Ok(state)
+}
+
 fn step_name(step: Step) -> &'static str {
     match step {
         Step::Inventory => "inventory",

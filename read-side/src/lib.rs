@@ -23,6 +23,7 @@
 //! - [`status`]: versions, positions, lag and rebuild progress.
 //! - [`notify`]: committed status changes fanned out to subscriptions.
 //! - [`audit`]: an order's events and the check of their hash chain, from the event store.
+//! - [`checkout`]: where an order's checkout saga stands, from the saga's stream.
 //! - [`graphql`]: the schema, one module per model, and the axum service (`/graphql`,
 //!   `/graphql/ws`, the optional query console) and its limits.
 //!
@@ -32,6 +33,7 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod checkout;
 pub mod checkpoints;
 pub mod consumer;
 pub mod dead_letters;

@@ -37,9 +37,7 @@ use crate::{
 
 /// Stream type of sagas in the event store.
 pub const SAGA_STREAM: &str = "checkout_saga";
-/// Event type of a recorded saga input: what sagas recorded before they recorded their
-/// decisions (`domain::saga::SagaEvent`). Still read, never written.
-pub const INPUT_RECORDED: &str = "SagaInputRecorded";
+pub use domain::saga::{INPUT_RECORDED, fold_stream, stream_id as saga_stream_id};
 
 /// Step latency when a step ends, sagas started and finished.
 fn record_metrics(
@@ -65,12 +63,6 @@ fn record_metrics(
         };
         metrics::counter!("sagas_finished_total", "outcome" => outcome).increment(1);
     }
-}
-
-/// The saga's stream id: the order id with its UUID version nibble flipped (7 -> 8), so it
-/// can never equal an order id (v7) yet maps back one to one.
-pub fn saga_stream_id(order_id: OrderId) -> Uuid {
-    Uuid::from_u128(order_id.0.as_u128() ^ (0xF_u128 << 76))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,23 +115,6 @@ async fn load_with_time(
     )
     .map_err(|e| SagaError::Corrupt(order_id, e.to_string()))?;
     Ok((state, expected, last))
-}
-
-/// A saga's state from its stored events `(event_type, payload)` in version order: recorded
-/// decisions are folded with `evolve`; the inputs older streams recorded are replayed.
-pub fn fold_stream(
-    max_attempts: u32,
-    events: impl IntoIterator<Item = (String, serde_json::Value)>,
-) -> Result<SagaState, serde_json::Error> {
-    let mut state = SagaState::new(max_attempts);
-    for (event_type, payload) in events {
-        state = if event_type == INPUT_RECORDED {
-            saga::transition(state, serde_json::from_value(payload)?).0
-        } else {
-            saga::evolve(state, &serde_json::from_value(payload)?)
-        };
-    }
-    Ok(state)
 }
 
 impl Orchestrator {

@@ -1086,3 +1086,104 @@ async fn forgetting_a_customer_mid_checkout_declines_the_payment_and_releases_th
         .unwrap();
     assert_eq!(authorized, 0);
 }
+
+/// A storefront sees where a checkout stands (`Order.checkout`: step, attempts, last error,
+/// timeline) and follows it live (`checkoutChanged`), from the saga's own record; another
+/// customer sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storefront_sees_where_the_checkout_stands_and_follows_it_live() {
+    let mut stack = SagaStack::start(SagaConfig::default()).await;
+    stack.stop_saga().await;
+    let order = stack.checkout(body("tok_visa", 1)).await;
+    let alice = stack.api.customer("alice");
+    const SUB: &str = "subscription($id: ID!) { checkoutChanged(orderId: $id) {
+        status step attempts lastError timeline { kind step attempt detail } } }";
+    let mut sub = stack
+        .gql
+        .subscribe(Some(&alice), SUB, json!({"id": order}))
+        .await;
+    let first = sub.next().await;
+    assert_eq!(
+        first["data"]["checkoutChanged"]["status"], "NOT_STARTED",
+        "{first}"
+    );
+    let mut other = stack
+        .gql
+        .subscribe(Some(&stack.api.customer("bob")), SUB, json!({"id": order}))
+        .await;
+    let refused = other.next().await;
+    assert!(refused["errors"].is_array(), "{refused}");
+
+    stack.start_saga(SagaConfig::default());
+    let mut seen = vec![first];
+    while seen.last().unwrap()["data"]["checkoutChanged"]["status"] != "COMPLETED" {
+        seen.push(sub.next().await);
+    }
+    let done = &seen.last().unwrap()["data"]["checkoutChanged"];
+    let kinds: Vec<(&str, &str)> = done["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["step"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("started", ""),
+            ("step_requested", "INVENTORY"),
+            ("step_succeeded", "INVENTORY"),
+            ("step_requested", "PAYMENT"),
+            ("step_succeeded", "PAYMENT"),
+            ("step_requested", "SHIPMENT"),
+            ("step_succeeded", "SHIPMENT"),
+            ("completed", ""),
+        ]
+    );
+    assert_eq!(
+        (done["step"].clone(), done["lastError"].clone()),
+        (Value::Null, Value::Null)
+    );
+    // Nothing of the placed order (address, payment) is in it.
+    assert!(!done.to_string().contains("Main St"), "{done}");
+
+    // A declined payment: compensated, with the reason, on the order itself.
+    let declined = stack.checkout(body("tok_decline", 1)).await;
+    stack.outcome(declined).await;
+    let r = stack
+        .gql
+        .query(
+            Some(&alice),
+            "query($id: ID!) { order(id: $id) { checkout { status step attempts lastError
+               timeline { kind step detail } } } }",
+            json!({"id": declined}),
+        )
+        .await;
+    let c = &r["data"]["order"]["checkout"];
+    assert_eq!(c["status"], "COMPENSATED", "{r}");
+    assert_eq!(c["attempts"], 1, "{r}");
+    assert!(c["lastError"].as_str().unwrap().contains("declined"), "{r}");
+    assert!(
+        c["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "step_failed"
+                && e["step"] == "PAYMENT"
+                && e["detail"].as_str().unwrap().starts_with("refused:")),
+        "{r}"
+    );
+    let r = stack
+        .gql
+        .query(
+            Some(&stack.api.customer("bob")),
+            "query($id: ID!) { order(id: $id) { checkout { status } } }",
+            json!({"id": declined}),
+        )
+        .await;
+    assert_eq!(r["data"]["order"], Value::Null, "{r}");
+}

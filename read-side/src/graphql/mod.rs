@@ -16,6 +16,7 @@
 //! - [`analytics`] answers `productAnalytics`, `activityWindows` and `liveAnalytics` (query
 //!   and subscription).
 //! - [`audit`] answers `auditTrail`.
+//! - [`checkout`] answers `Order.checkout` and `checkoutChanged` (where the saga stands).
 //! - [`operations`] answers `projections` and the mutations (rebuilds, dead letters).
 //! - `access` and `errors` hold the caller and the error codes, shared by the resolvers.
 //! - `socket` serves `/graphql/ws` within its limits.
@@ -40,6 +41,7 @@ use crate::{notify::StatusFeed, status::Watermarks};
 mod access;
 pub mod analytics;
 pub mod audit;
+pub mod checkout;
 mod errors;
 pub mod limits;
 pub mod operations;
@@ -74,7 +76,11 @@ pub struct MutationRoot(operations::OperationsMutation);
 
 // Every model's subscriptions.
 #[derive(MergedSubscription, Default)]
-pub struct SubscriptionRoot(orders::OrdersSubscription, analytics::AnalyticsSubscription);
+pub struct SubscriptionRoot(
+    orders::OrdersSubscription,
+    checkout::CheckoutSubscription,
+    analytics::AnalyticsSubscription,
+);
 
 /// What the GraphQL API needs: the read models' pool, the token verifier, its limits and,
 /// for `lag`, a Kafka client on the order-events topic.

@@ -1,5 +1,6 @@
 //! The orders model over GraphQL: `order`, `orders` (a relay-style connection),
-//! `checkoutProgress` and the `orderStatusChanged` subscription.
+//! `checkoutProgress` and the `orderStatusChanged` subscription (`Order.checkout`, where
+//! the saga stands, is in [`super::checkout`]).
 //!
 //! Only GraphQL types and resolvers: rows come from [`crate::order_summary::repo`], changes
 //! from [`StatusFeed`]. A customer sees only their own orders (another customer's order is
@@ -64,6 +65,7 @@ pub struct TimelineEntry {
 }
 
 #[derive(SimpleObject, Clone)]
+#[graphql(complex)]
 pub struct Order {
     pub id: ID,
     pub customer_id: ID,
