@@ -255,6 +255,11 @@ impl Vault {
 
     /// The customer's active data key, made (and stored wrapped) on first use. Concurrent
     /// first uses agree on one key: the loser of the insert reads the winner's.
+    ///
+    /// Call it outside the transaction that writes what the key seals, so a new key commits
+    /// at once: an erasure running alongside then sees it and deletes it (what it sealed is
+    /// unreadable, as it should be). A key made inside a longer transaction would be
+    /// invisible to that erasure until the commit, and would outlive it.
     pub async fn key_for(
         &self,
         conn: &mut PgConnection,
@@ -355,18 +360,6 @@ impl Vault {
             None => Ok(None),
         }
     }
-}
-
-/// Serialises, per customer, erasure with everything that seals for her in a transaction:
-/// without it a checkout could make her a key that an erasure running alongside cannot
-/// see yet, and her new order would stay readable after she was forgotten. Held until the
-/// caller's transaction ends.
-pub async fn lock_customer(conn: &mut PgConnection, customer_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("customer-data:{customer_id}"))
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 /// Deletes the customer's data keys: everything they sealed becomes unreadable everywhere.

@@ -19,7 +19,7 @@ use event_store::{Expected, Metadata};
 use orders::OrderError;
 use platform::{
     auth::{Principal, Role},
-    vault::{Vault, VaultError},
+    vault::{DataKey, Vault, VaultError},
 };
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
@@ -104,6 +104,21 @@ async fn execute_once_or_twice(
 ) -> Result<CommandResponse, ApiError> {
     // Two rounds at most: the second only runs after losing an idempotency-key race, and then
     // finds the winner's response.
+    // The customer's data key, made (and committed) outside the command's transaction: an
+    // erasure running alongside then sees it and deletes it (this order's sealed data is
+    // then unreadable, as it should be), instead of missing a key not committed yet.
+    let key = match command {
+        Command::Checkout(c) => {
+            let mut conn = pool.acquire().await?;
+            Some(
+                vault
+                    .key_for(&mut conn, c.customer_id.as_str())
+                    .await
+                    .map_err(vault_error)?,
+            )
+        }
+        Command::Cancel { .. } => None,
+    };
     for _ in 0..2 {
         let mut tx = pool.begin().await?;
         // Copies of a command on an existing order (same caller, same key) run one after the
@@ -125,7 +140,10 @@ async fn execute_once_or_twice(
             return Ok(stored);
         }
         let response = match command {
-            Command::Checkout(cmd) => checkout(&mut tx, vault, ctx, cmd).await?,
+            Command::Checkout(cmd) => {
+                let key = key.as_ref().expect("a checkout's key is fetched first");
+                checkout(&mut tx, key, ctx, cmd).await?
+            }
             Command::Cancel {
                 order_id,
                 if_match,
@@ -222,18 +240,11 @@ fn order_error(e: OrderError) -> ApiError {
 /// token row behind.
 async fn checkout(
     conn: &mut PgConnection,
-    vault: &Vault,
+    key: &DataKey,
     ctx: &CommandContext,
     checkout: &Checkout,
 ) -> Result<CommandResponse, ApiError> {
     let order_id = checkout.order_id;
-    // An erasure of this customer running alongside waits for this checkout, or this one
-    // for it (then she gets a new key): never a key the erasure could not see.
-    platform::vault::lock_customer(conn, checkout.customer_id.as_str()).await?;
-    let key = vault
-        .key_for(conn, checkout.customer_id.as_str())
-        .await
-        .map_err(vault_error)?;
     let shipping_address = key.seal(
         &personal::shipping_address_context(order_id),
         &checkout.shipping_address,

@@ -106,7 +106,6 @@ pub struct Erasure {
 /// `actor` (who asked) is recorded with it.
 pub async fn forget(pool: &PgPool, id: &CustomerId, actor: &str) -> Result<Erasure, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    platform::vault::lock_customer(&mut tx, id.as_str()).await?;
     let keys_deleted = platform::vault::forget(&mut tx, id.as_str()).await?;
     let profile_deleted = sqlx::query("DELETE FROM customers WHERE customer_id = $1")
         .bind(id.as_str())
