@@ -47,7 +47,9 @@ pub struct CommandResponse {
 }
 
 pub enum Command {
-    Checkout(Checkout),
+    /// With the customer's data key, fetched (or made and committed) before the command's
+    /// transaction ([`data_key`]).
+    Checkout(Checkout, DataKey),
     Cancel {
         order_id: OrderId,
         if_match: Option<i64>,
@@ -58,7 +60,7 @@ pub enum Command {
 impl Command {
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Checkout(_) => "checkout",
+            Command::Checkout(..) => "checkout",
             Command::Cancel { .. } => "cancel",
         }
     }
@@ -67,7 +69,6 @@ impl Command {
 /// Runs the command in its transaction, inside a span that continues the request's trace.
 pub async fn execute(
     pool: &PgPool,
-    vault: &Vault,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
@@ -80,7 +81,7 @@ pub async fn execute(
     );
     platform::trace::follow(&span, Some(&ctx.traceparent));
     async {
-        let result = execute_once_or_twice(pool, vault, ctx, command).await;
+        let result = execute_once_or_twice(pool, ctx, command).await;
         // One line per command, inside its span: it carries the trace id to follow.
         match &result {
             Ok(r) => tracing::info!(
@@ -98,27 +99,11 @@ pub async fn execute(
 
 async fn execute_once_or_twice(
     pool: &PgPool,
-    vault: &Vault,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
     // Two rounds at most: the second only runs after losing an idempotency-key race, and then
     // finds the winner's response.
-    // The customer's data key, made (and committed) outside the command's transaction: an
-    // erasure running alongside then sees it and deletes it (this order's sealed data is
-    // then unreadable, as it should be), instead of missing a key not committed yet.
-    let key = match command {
-        Command::Checkout(c) => {
-            let mut conn = pool.acquire().await?;
-            Some(
-                vault
-                    .key_for(&mut conn, c.customer_id.as_str())
-                    .await
-                    .map_err(vault_error)?,
-            )
-        }
-        Command::Cancel { .. } => None,
-    };
     for _ in 0..2 {
         let mut tx = pool.begin().await?;
         // Copies of a command on an existing order (same caller, same key) run one after the
@@ -140,10 +125,7 @@ async fn execute_once_or_twice(
             return Ok(stored);
         }
         let response = match command {
-            Command::Checkout(cmd) => {
-                let key = key.as_ref().expect("a checkout's key is fetched first");
-                checkout(&mut tx, key, ctx, cmd).await?
-            }
+            Command::Checkout(cmd, key) => checkout(&mut tx, key, ctx, cmd).await?,
             Command::Cancel {
                 order_id,
                 if_match,
@@ -274,6 +256,21 @@ async fn checkout(
     .await
     .map_err(order_error)?;
     Ok(accepted(order_id, "PENDING", version))
+}
+
+/// The customer's data key, made (and committed) outside the command's transaction: an
+/// erasure running alongside then sees it and deletes it (the order's sealed data is then
+/// unreadable, as it should be), instead of missing a key not committed yet.
+pub async fn data_key(
+    pool: &PgPool,
+    vault: &Vault,
+    customer_id: &domain::values::CustomerId,
+) -> Result<DataKey, ApiError> {
+    let mut conn = pool.acquire().await?;
+    vault
+        .key_for(&mut conn, customer_id.as_str())
+        .await
+        .map_err(vault_error)
 }
 
 pub(crate) fn vault_error(e: VaultError) -> ApiError {

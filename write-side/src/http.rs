@@ -298,9 +298,14 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
             }
             _ => {}
         }
-        let prices = catalog::prices(&state.pool, &req.skus()?).await?;
+        // The prices and the customer's data key at once (both outside the transaction).
+        let skus = req.skus()?;
+        let (prices, key) = tokio::try_join!(
+            async { Ok::<_, ApiError>(catalog::prices(&state.pool, &skus).await?) },
+            commands::data_key(&state.pool, &state.vault, &customer),
+        )?;
         let cmd = req.into_command(order_id, customer, &prices)?;
-        let r = commands::execute(&state.pool, &state.vault, &ctx, &Command::Checkout(cmd)).await?;
+        let r = commands::execute(&state.pool, &ctx, &Command::Checkout(cmd, key)).await?;
         let location = r.body["order_id"]
             .as_str()
             .map(|id| format!("/orders/{id}"));
@@ -338,7 +343,6 @@ async fn cancel(
         )?;
         let r = commands::execute(
             &state.pool,
-            &state.vault,
             &ctx,
             &Command::Cancel {
                 order_id,
