@@ -49,7 +49,7 @@ pub struct CommandResponse {
 pub enum Command {
     /// With the customer's data key, fetched (or made and committed) before the command's
     /// transaction ([`data_key`]).
-    Checkout(Checkout, DataKey),
+    Checkout(Checkout, Box<DataKey>),
     Cancel {
         order_id: OrderId,
         if_match: Option<i64>,

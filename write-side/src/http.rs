@@ -305,7 +305,8 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
             commands::data_key(&state.pool, &state.vault, &customer),
         )?;
         let cmd = req.into_command(order_id, customer, &prices)?;
-        let r = commands::execute(&state.pool, &ctx, &Command::Checkout(cmd, key)).await?;
+        let r =
+            commands::execute(&state.pool, &ctx, &Command::Checkout(cmd, Box::new(key))).await?;
         let location = r.body["order_id"]
             .as_str()
             .map(|id| format!("/orders/{id}"));
