@@ -589,7 +589,8 @@ pub fn fold_stream(
     Ok(state)
 }
 
-fn step_name(step: Step) -> &'static str {
+/// A step's name in reasons and read models.
+pub fn step_name(step: Step) -> &'static str {
     match step {
         Step::Inventory => "inventory",
         Step::Payment => "payment",

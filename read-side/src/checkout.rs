@@ -5,7 +5,8 @@
 //! Read from the saga's own stream in the event store (the source of truth, like the audit
 //! trail) and folded with the saga's pure fold (`domain::saga::fold_stream`), so what a
 //! storefront shows is exactly what the saga will do next. Nothing of the placed order
-//! (address, payment reference) leaves here: only steps, attempts and reasons.
+//! (address, payment reference) leaves here: only steps, attempts, result ids and reasons,
+//! which the GraphQL layer shows in full to operators only.
 
 use chrono::{DateTime, Utc};
 use domain::{
@@ -16,8 +17,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Attempts per step assumed when folding streams recorded as inputs (older sagas): the
-/// saga's default `SAGA_STEP_ATTEMPTS`. Decisions recorded since carry their own attempts.
+/// saga's default `SAGA_STEP_ATTEMPTS`. Decisions recorded since carry their own attempts;
+/// only a saga recorded as inputs under another setting can show a different phase here.
 const DEFAULT_ATTEMPTS: u32 = 3;
+
+/// Most timeline entries returned (the newest): late or duplicate replies each add one.
+pub const MAX_TIMELINE: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -27,7 +32,8 @@ pub enum Status {
     InProgress,
     /// Every step succeeded.
     Completed,
-    /// The saga gave up (or the order was cancelled) and undid what may be held.
+    /// The saga gave up (or the order was cancelled) and sent the compensations for what
+    /// may be held.
     Compensated,
 }
 
@@ -38,10 +44,20 @@ pub struct Checkout {
     pub step: Option<Step>,
     /// The attempt of the current (or last) step, 1-based; 0 before the first.
     pub attempts: u32,
-    /// Why the last step failed or the saga compensated.
-    pub last_error: Option<String>,
+    /// Why the last step failed or the saga compensated (cleared when a later attempt of
+    /// the step succeeds).
+    pub last_error: Option<Failure>,
     pub updated_at: Option<DateTime<Utc>>,
     pub timeline: Vec<Entry>,
+}
+
+/// A failure: its kind (`refused`, `failed`, `timed_out`, or `compensated` when the saga
+/// gave up), the step, and the participant's or the saga's reason (operators only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: &'static str,
+    pub step: Option<Step>,
+    pub reason: String,
 }
 
 /// One recorded decision of the saga.
@@ -53,8 +69,9 @@ pub struct Entry {
     pub kind: String,
     pub step: Option<Step>,
     pub attempt: Option<u32>,
-    /// The participant's result id, or why it failed (`refused`/`failed`/`timed_out`: ..).
-    pub detail: Option<String>,
+    /// The participant's result id (reservation, authorization, shipment).
+    pub result_id: Option<String>,
+    pub failure: Option<Failure>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,19 +83,19 @@ pub enum CheckoutError {
 }
 
 /// The customer who placed `order_id`, from its first event in the store (`None`: no such
-/// order). From the store and not the read model, so a subscriber is not refused for an
-/// order the projection has not caught up with.
-pub async fn owner(pool: &PgPool, order_id: Uuid) -> Result<Option<String>, CheckoutError> {
+/// order, or not an order's stream). From the store and not the read model, so a subscriber
+/// is not refused for an order the projection has not caught up with.
+pub async fn owner(pool: &PgPool, order_id: Uuid) -> Result<Option<String>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let (stored, _) = event_store::load_stream(&mut conn, order_id).await?;
-    let Some(first) = stored.first() else {
+    let Some(first) = event_store::load_event(&mut conn, order_id, 1).await? else {
         return Ok(None);
     };
-    match domain::wire::decode(&first.event_type, first.schema_version, &first.payload) {
-        Ok(domain::order::OrderEvent::Placed(p)) => Ok(Some(p.customer_id.as_str().to_owned())),
-        Ok(_) => Ok(None),
-        Err(e) => Err(CheckoutError::Unreadable(order_id, e.to_string())),
-    }
+    Ok(
+        match domain::wire::decode(&first.event_type, first.schema_version, &first.payload) {
+            Ok(domain::order::OrderEvent::Placed(p)) => Some(p.customer_id.as_str().to_owned()),
+            _ => None,
+        },
+    )
 }
 
 /// The checkout of `order_id` (a `NotStarted` one when the saga has not recorded anything).
@@ -86,7 +103,10 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
     let mut conn = pool.acquire().await?;
     let (stored, _) =
         event_store::load_stream(&mut conn, saga::stream_id(OrderId(order_id))).await?;
-    let unreadable = |e: serde_json::Error| CheckoutError::Unreadable(order_id, e.to_string());
+    // Never serde's text: it can quote a value (older saga records hold personal data).
+    let unreadable = |_: serde_json::Error| {
+        CheckoutError::Unreadable(order_id, "a saga event does not parse".into())
+    };
     let state = saga::fold_stream(
         DEFAULT_ATTEMPTS,
         stored
@@ -102,18 +122,27 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
                 serde_json::from_value(e.payload.clone()).map_err(unreadable)?;
             Entry {
                 at: e.recorded_at,
-                kind: "input_recorded".into(),
+                kind: format!("input_recorded:{}", input.name()),
                 step: input.answers(),
                 attempt: None,
-                detail: Some(input.name().into()),
+                result_id: None,
+                failure: None,
             }
         } else {
             let decision: SagaEvent =
                 serde_json::from_value(e.payload.clone()).map_err(unreadable)?;
-            if let Some(reason) = failure(&decision) {
-                last_error = Some(reason);
+            let entry = entry(e.recorded_at, &decision);
+            match &decision {
+                SagaEvent::StepSucceeded { .. } | SagaEvent::Completed => last_error = None,
+                _ => {}
             }
-            entry(e.recorded_at, &decision)
+            // The step's own failure says more than the compensation that follows it.
+            match (&entry.failure, &decision) {
+                (Some(_), SagaEvent::CompensationStarted { .. }) if last_error.is_some() => {}
+                (Some(f), _) => last_error = Some(f.clone()),
+                _ => {}
+            }
+            entry
         };
         timeline.push(entry);
     }
@@ -124,8 +153,14 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
         Phase::Cancelled => Status::Compensated,
     };
     if status == Status::Compensated && last_error.is_none() {
-        last_error = state.cancel_reason.clone();
+        last_error = state.cancel_reason.clone().map(|reason| Failure {
+            kind: "compensated",
+            step: None,
+            reason,
+        });
     }
+    let skip = timeline.len().saturating_sub(MAX_TIMELINE);
+    timeline.drain(..skip);
     Ok(Checkout {
         status,
         step: match state.phase {
@@ -139,20 +174,18 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
     })
 }
 
-fn failure(e: &SagaEvent) -> Option<String> {
-    match e {
-        SagaEvent::StepFailed { reason, .. } | SagaEvent::CompensationStarted { reason, .. } => {
-            Some(reason.clone())
-        }
-        _ => None,
-    }
-}
-
 fn entry(at: DateTime<Utc>, e: &SagaEvent) -> Entry {
-    let (kind, step, attempt, detail) = match e {
-        SagaEvent::Started { .. } => ("started", None, None, None),
+    let failure = |kind, step, reason: &String| {
+        Some(Failure {
+            kind,
+            step,
+            reason: reason.clone(),
+        })
+    };
+    let (kind, step, attempt, result_id, failure) = match e {
+        SagaEvent::Started { .. } => ("started", None, None, None, None),
         SagaEvent::StepRequested { step, attempt } => {
-            ("step_requested", Some(*step), Some(*attempt), None)
+            ("step_requested", Some(*step), Some(*attempt), None, None)
         }
         SagaEvent::StepSucceeded {
             step,
@@ -163,6 +196,7 @@ fn entry(at: DateTime<Utc>, e: &SagaEvent) -> Entry {
             Some(*step),
             Some(*attempt),
             Some(result_id.clone()),
+            None,
         ),
         SagaEvent::StepFailed {
             step,
@@ -179,15 +213,20 @@ fn entry(at: DateTime<Utc>, e: &SagaEvent) -> Entry {
                 "step_failed",
                 Some(*step),
                 Some(*attempt),
-                Some(format!("{kind}: {reason}")),
+                None,
+                failure(kind, Some(*step), reason),
             )
         }
-        SagaEvent::CompensationStarted { reason, .. } => {
-            ("compensation_started", None, None, Some(reason.clone()))
-        }
-        SagaEvent::Completed => ("completed", None, None, None),
+        SagaEvent::CompensationStarted { reason, .. } => (
+            "compensation_started",
+            None,
+            None,
+            None,
+            failure("compensated", None, reason),
+        ),
+        SagaEvent::Completed => ("completed", None, None, None, None),
         SagaEvent::LateReplyCompensated { step } => {
-            ("late_reply_compensated", Some(*step), None, None)
+            ("late_reply_compensated", Some(*step), None, None, None)
         }
     };
     Entry {
@@ -195,6 +234,7 @@ fn entry(at: DateTime<Utc>, e: &SagaEvent) -> Entry {
         kind: kind.into(),
         step,
         attempt,
-        detail,
+        result_id,
+        failure,
     }
 }

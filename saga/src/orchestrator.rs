@@ -37,7 +37,7 @@ use crate::{
 
 /// Stream type of sagas in the event store.
 pub const SAGA_STREAM: &str = "checkout_saga";
-pub use domain::saga::{INPUT_RECORDED, fold_stream, stream_id as saga_stream_id};
+pub use domain::saga::{INPUT_RECORDED, fold_stream, step_name, stream_id as saga_stream_id};
 
 /// Step latency when a step ends, sagas started and finished.
 fn record_metrics(
@@ -612,14 +612,6 @@ impl Orchestrator {
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
-}
-
-pub fn step_name(step: Step) -> &'static str {
-    match step {
-        Step::Inventory => "inventory",
-        Step::Payment => "payment",
-        Step::Shipment => "shipment",
-    }
 }
 
 fn parse_step(s: &str) -> Option<Step> {

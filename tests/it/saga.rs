@@ -1151,22 +1151,42 @@ async fn a_storefront_sees_where_the_checkout_stands_and_follows_it_live() {
     // Nothing of the placed order (address, payment) is in it.
     assert!(!done.to_string().contains("Main St"), "{done}");
 
-    // A declined payment: compensated, with the reason, on the order itself.
+    // The stream ended after the final state: the server completes the subscription.
+    let complete = loop {
+        use futures::StreamExt;
+        let msg = tokio::time::timeout(Duration::from_secs(10), sub.ws.next())
+            .await
+            .expect("the subscription ended within 10 s of the final state")
+            .expect("websocket open")
+            .expect("websocket message");
+        let v: Value = match msg
+            .to_text()
+            .ok()
+            .and_then(|t| serde_json::from_str(t).ok())
+        {
+            Some(v) => v,
+            None => continue,
+        };
+        if v["type"] != "ping" {
+            break v;
+        }
+    };
+    assert_eq!(complete["type"], "complete", "{complete}");
+
+    // A declined payment: compensated. The customer learns what failed; an operator reads
+    // the participant's reason and the result ids.
     let declined = stack.checkout(body("tok_decline", 1)).await;
     stack.outcome(declined).await;
+    const Q: &str = "query($id: ID!) { order(id: $id) { checkout { status step attempts
+        lastError timeline { kind step detail } } } }";
     let r = stack
         .gql
-        .query(
-            Some(&alice),
-            "query($id: ID!) { order(id: $id) { checkout { status step attempts lastError
-               timeline { kind step detail } } } }",
-            json!({"id": declined}),
-        )
+        .query(Some(&alice), Q, json!({"id": declined}))
         .await;
     let c = &r["data"]["order"]["checkout"];
     assert_eq!(c["status"], "COMPENSATED", "{r}");
     assert_eq!(c["attempts"], 1, "{r}");
-    assert!(c["lastError"].as_str().unwrap().contains("declined"), "{r}");
+    assert_eq!(c["lastError"], "payment refused", "{r}");
     assert!(
         c["timeline"]
             .as_array()
@@ -1174,7 +1194,34 @@ async fn a_storefront_sees_where_the_checkout_stands_and_follows_it_live() {
             .iter()
             .any(|e| e["kind"] == "step_failed"
                 && e["step"] == "PAYMENT"
-                && e["detail"].as_str().unwrap().starts_with("refused:")),
+                && e["detail"] == "refused"),
+        "{r}"
+    );
+    assert!(
+        c["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["kind"] != "step_succeeded" || e["detail"].is_null()),
+        "result ids are for operators: {r}"
+    );
+    let r = stack
+        .gql
+        .query(Some(&stack.api.operator()), Q, json!({"id": declined}))
+        .await;
+    let c = &r["data"]["order"]["checkout"];
+    assert!(
+        c["lastError"].as_str().unwrap().starts_with("refused: "),
+        "{r}"
+    );
+    assert!(c["lastError"].as_str().unwrap().contains("declined"), "{r}");
+    assert!(
+        c["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "step_succeeded"
+                && e["detail"].as_str().is_some_and(|d| d.starts_with("res-"))),
         "{r}"
     );
     let r = stack

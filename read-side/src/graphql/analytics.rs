@@ -238,7 +238,7 @@ impl AnalyticsSubscription {
 }
 
 /// A tick now, then one every `period`.
-pub(super) fn tokio_stream_interval(period: Duration) -> impl Stream<Item = ()> {
+fn tokio_stream_interval(period: Duration) -> impl Stream<Item = ()> {
     futures::stream::unfold(None, move |started: Option<()>| async move {
         if started.is_some() {
             tokio::time::sleep(period).await;

@@ -15,7 +15,6 @@ use sqlx::PgPool;
 
 use super::{
     access::principal,
-    analytics::tokio_stream_interval,
     errors::{error, internal, parse_id},
     limits::subscription_slot,
     orders::Order,
@@ -78,14 +77,33 @@ pub struct Checkout {
     pub step: Option<CheckoutStep>,
     /// Attempts of the current (or last) step.
     pub attempts: i32,
-    /// Why the last step failed, or why the saga gave up.
+    /// Why the last step failed (cleared when a later attempt succeeds), or why the saga
+    /// gave up. Customers see what failed (`payment refused`); operators also the
+    /// participant's reason.
     pub last_error: Option<String>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// The newest decisions (at most 100), oldest first.
     pub timeline: Vec<CheckoutEntry>,
 }
 
+/// What a failure says to whom: a customer learns what failed, not the participant's
+/// words (stock levels, internal reasons); an operator reads everything.
+fn describe(f: &checkout::Failure, operator: bool) -> String {
+    if operator {
+        return format!("{}: {}", f.kind, f.reason);
+    }
+    match f.step {
+        Some(step) => format!(
+            "{} {}",
+            domain::saga::step_name(step),
+            f.kind.replace('_', " ")
+        ),
+        None => "checkout cancelled".into(),
+    }
+}
+
 impl Checkout {
-    fn from_model(order_id: ID, c: checkout::Checkout) -> Self {
+    fn from_model(order_id: ID, c: checkout::Checkout, operator: bool) -> Self {
         Self {
             order_id,
             status: match c.status {
@@ -96,7 +114,7 @@ impl Checkout {
             },
             step: c.step.map(Into::into),
             attempts: i32::try_from(c.attempts).unwrap_or(i32::MAX),
-            last_error: c.last_error,
+            last_error: c.last_error.as_ref().map(|f| describe(f, operator)),
             updated_at: c.updated_at,
             timeline: c
                 .timeline
@@ -106,7 +124,12 @@ impl Checkout {
                     kind: e.kind,
                     step: e.step.map(Into::into),
                     attempt: e.attempt.map(|a| i32::try_from(a).unwrap_or(i32::MAX)),
-                    detail: e.detail,
+                    detail: match (&e.failure, e.result_id) {
+                        (Some(f), _) if operator => Some(describe(f, true)),
+                        (Some(f), _) => Some(f.kind.to_owned()),
+                        (None, Some(id)) if operator => Some(id),
+                        _ => None,
+                    },
                 })
                 .collect(),
         }
@@ -124,25 +147,26 @@ fn model_error(e: checkout::CheckoutError) -> async_graphql::Error {
     match e {
         checkout::CheckoutError::Database(e) => internal(e),
         unreadable => {
-            tracing::error!(error = %unreadable, "order or saga stream unreadable");
+            tracing::error!(error = %unreadable, "saga stream unreadable");
             error("INTERNAL", "the checkout's record is unreadable")
         }
     }
 }
 
-async fn load(pool: &PgPool, order_id: &ID) -> async_graphql::Result<Checkout> {
+async fn load(pool: &PgPool, order_id: &ID, operator: bool) -> async_graphql::Result<Checkout> {
     let id = parse_id(order_id)?;
     let c = checkout::load(pool, id).await.map_err(model_error)?;
-    Ok(Checkout::from_model(order_id.clone(), c))
+    Ok(Checkout::from_model(order_id.clone(), c, operator))
 }
 
 #[ComplexObject]
 impl Order {
     /// Where the checkout saga stands: step, attempts, last error and its timeline (read
     /// from the saga's own record, one query per order).
-    #[graphql(complexity = 10)]
+    #[graphql(complexity = "10 + child_complexity")]
     async fn checkout(&self, ctx: &Context<'_>) -> async_graphql::Result<Checkout> {
-        load(ctx.data::<PgPool>()?, &self.id).await
+        let operator = principal(ctx)?.role == Role::Operator;
+        load(ctx.data::<PgPool>()?, &self.id, operator).await
     }
 }
 
@@ -162,7 +186,7 @@ impl CheckoutSubscription {
         let who = principal(ctx)?.clone();
         let id = parse_id(&order_id)?;
         let pool = ctx.data::<PgPool>()?.clone();
-        let owner = checkout::owner(&pool, id).await.map_err(model_error)?;
+        let owner = checkout::owner(&pool, id).await.map_err(internal)?;
         let visible = match (&owner, who.role) {
             (None, _) => false,
             (Some(_), Role::Operator) => true,
@@ -172,31 +196,37 @@ impl CheckoutSubscription {
             return Err(error("BAD_USER_INPUT", "no such order"));
         }
         let slot = subscription_slot(ctx, &who)?;
-        use futures::StreamExt;
-        let mut last: Option<Checkout> = None;
-        Ok(tokio_stream_interval(Duration::from_secs(1))
-            .then(move |()| {
-                let (pool, order_id) = (pool.clone(), order_id.clone());
-                async move { load(&pool, &order_id).await.ok() }
-            })
-            .filter_map(move |now| {
-                let _held = &slot;
-                let fresh = now.filter(|n| {
-                    let changed = last.as_ref() != Some(n);
-                    if changed {
-                        last = Some(n.clone());
-                    }
-                    changed
-                });
-                futures::future::ready(fresh)
-            })
-            .scan(false, |done, c| {
-                // Ends after the first final state it sent.
-                if *done {
-                    return futures::future::ready(None);
+        let operator = who.role == Role::Operator;
+        // Polls once a second; sends each change; ends after the final state, or on an error
+        // (the client may subscribe again), so no stream outlives its saga.
+        struct Poll {
+            last: Option<Checkout>,
+            done: bool,
+            _slot: platform::limits::Slot,
+        }
+        let start = Poll {
+            last: None,
+            done: false,
+            _slot: slot,
+        };
+        Ok(futures::stream::unfold(start, move |mut poll| {
+            let (pool, order_id) = (pool.clone(), order_id.clone());
+            async move {
+                if poll.done {
+                    return None;
                 }
-                *done = c.is_final();
-                futures::future::ready(Some(c))
-            }))
+                loop {
+                    if poll.last.is_some() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    let now = load(&pool, &order_id, operator).await.ok()?;
+                    if poll.last.as_ref() != Some(&now) {
+                        poll.done = now.is_final();
+                        poll.last = Some(now.clone());
+                        return Some((now, poll));
+                    }
+                }
+            }
+        }))
     }
 }
