@@ -42,15 +42,6 @@ pub enum Protected<T> {
     Clear(T),
 }
 
-impl<T> Protected<T> {
-    pub fn sealed(&self) -> Option<&Sealed> {
-        match self {
-            Protected::Sealed(s) => Some(s),
-            Protected::Clear(_) => None,
-        }
-    }
-}
-
 /// Accepts `{"sealed": ..}`, `{"clear": ..}` and, from saga state and messages recorded before
 /// sealing, the bare value.
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Protected<T> {

@@ -571,20 +571,40 @@ pub fn stream_id(order_id: OrderId) -> uuid::Uuid {
     uuid::Uuid::from_u128(order_id.0.as_u128() ^ (0xF_u128 << 76))
 }
 
-/// A saga's state from its stored events `(event_type, payload)` in version order: recorded
-/// decisions are folded with [`evolve`]; the inputs older streams recorded are replayed.
-/// Pure, so the saga runtime and the read side fold a stream the same way.
+/// One stored event of a saga's stream: a recorded decision, or (older streams) an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    Decision(SagaEvent),
+    Input(SagaInput),
+}
+
+impl Recorded {
+    pub fn parse(event_type: &str, payload: serde_json::Value) -> Result<Self, serde_json::Error> {
+        Ok(if event_type == INPUT_RECORDED {
+            Recorded::Input(serde_json::from_value(payload)?)
+        } else {
+            Recorded::Decision(serde_json::from_value(payload)?)
+        })
+    }
+
+    /// The state after this event: a decision is folded with [`evolve`], an input replayed.
+    pub fn apply(&self, state: SagaState) -> SagaState {
+        match self {
+            Recorded::Decision(e) => evolve(state, e),
+            Recorded::Input(i) => transition(state, i.clone()).0,
+        }
+    }
+}
+
+/// A saga's state from its stored events `(event_type, payload)` in version order. Pure, so
+/// the saga runtime and the read side fold a stream the same way ([`Recorded`]).
 pub fn fold_stream(
     max_attempts: u32,
     events: impl IntoIterator<Item = (String, serde_json::Value)>,
 ) -> Result<SagaState, serde_json::Error> {
     let mut state = SagaState::new(max_attempts);
     for (event_type, payload) in events {
-        state = if event_type == INPUT_RECORDED {
-            transition(state, serde_json::from_value(payload)?).0
-        } else {
-            evolve(state, &serde_json::from_value(payload)?)
-        };
+        state = Recorded::parse(&event_type, payload)?.apply(state);
     }
     Ok(state)
 }

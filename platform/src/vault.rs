@@ -376,10 +376,16 @@ pub async fn forget(conn: &mut PgConnection, customer_id: &str) -> Result<u64, s
 
 /// Replaces, in a payload shown to a person (audit trail, dead letters), every sealed box whose
 /// key is gone by `"erased"`; boxes still keyed stay as ciphertext (nothing here decrypts).
-/// Needs no master key: only whether each key still exists.
-pub async fn mark_erased(conn: &mut PgConnection, value: &mut Value) -> Result<(), sqlx::Error> {
+/// Needs no master key: only whether each key still exists, asked once for all `values`.
+pub async fn mark_erased<'v>(
+    conn: &mut PgConnection,
+    values: impl IntoIterator<Item = &'v mut Value>,
+) -> Result<(), sqlx::Error> {
+    let values: Vec<&mut Value> = values.into_iter().collect();
     let mut ids = Vec::new();
-    visit_sealed(value, &mut |s| ids.push(s.key_id));
+    for v in &values {
+        visit_sealed(v, &mut |s| ids.push(s.key_id));
+    }
     if ids.is_empty() {
         return Ok(());
     }
@@ -390,7 +396,9 @@ pub async fn mark_erased(conn: &mut PgConnection, value: &mut Value) -> Result<(
             .await?
             .into_iter()
             .collect();
-    replace_erased(value, &live);
+    for v in values {
+        replace_erased(v, &live);
+    }
     Ok(())
 }
 

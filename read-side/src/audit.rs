@@ -24,9 +24,7 @@ pub struct Trail {
 pub async fn trail(pool: &PgPool, order_id: Uuid) -> Result<Trail, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let (mut events, _) = event_store::load_stream(&mut conn, order_id).await?;
-    for e in &mut events {
-        platform::vault::mark_erased(&mut conn, &mut e.payload).await?;
-    }
+    platform::vault::mark_erased(&mut conn, events.iter_mut().map(|e| &mut e.payload)).await?;
     let report = event_store::audit::verify_stream(&mut conn, order_id).await?;
     Ok(Trail { events, report })
 }

@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::{
-    saga::{self, FailureKind, Phase, SagaEvent, Step},
+    saga::{self, FailureKind, Phase, Recorded, SagaEvent, Step},
     values::OrderId,
 };
 use sqlx::PgPool;
@@ -107,42 +107,38 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
     let unreadable = |_: serde_json::Error| {
         CheckoutError::Unreadable(order_id, "a saga event does not parse".into())
     };
-    let state = saga::fold_stream(
-        DEFAULT_ATTEMPTS,
-        stored
-            .iter()
-            .map(|e| (e.event_type.clone(), e.payload.clone())),
-    )
-    .map_err(unreadable)?;
+    // Each event parsed once: folded into the state and turned into its timeline entry.
+    let mut state = saga::SagaState::new(DEFAULT_ATTEMPTS);
     let mut timeline = Vec::with_capacity(stored.len());
     let mut last_error = None;
-    for e in &stored {
-        let entry = if e.event_type == saga::INPUT_RECORDED {
-            let input: saga::SagaInput =
-                serde_json::from_value(e.payload.clone()).map_err(unreadable)?;
-            Entry {
+    for e in stored {
+        let recorded = Recorded::parse(&e.event_type, e.payload).map_err(unreadable)?;
+        state = recorded.apply(state);
+        let entry = match &recorded {
+            Recorded::Input(input) => Entry {
                 at: e.recorded_at,
                 kind: format!("input_recorded:{}", input.name()),
                 step: input.answers(),
                 attempt: None,
                 result_id: None,
                 failure: None,
+            },
+            Recorded::Decision(decision) => {
+                let entry = entry(e.recorded_at, decision);
+                if matches!(
+                    decision,
+                    SagaEvent::StepSucceeded { .. } | SagaEvent::Completed
+                ) {
+                    last_error = None;
+                }
+                // The step's own failure says more than the compensation that follows it.
+                match (&entry.failure, decision) {
+                    (Some(_), SagaEvent::CompensationStarted { .. }) if last_error.is_some() => {}
+                    (Some(f), _) => last_error = Some(f.clone()),
+                    _ => {}
+                }
+                entry
             }
-        } else {
-            let decision: SagaEvent =
-                serde_json::from_value(e.payload.clone()).map_err(unreadable)?;
-            let entry = entry(e.recorded_at, &decision);
-            match &decision {
-                SagaEvent::StepSucceeded { .. } | SagaEvent::Completed => last_error = None,
-                _ => {}
-            }
-            // The step's own failure says more than the compensation that follows it.
-            match (&entry.failure, &decision) {
-                (Some(_), SagaEvent::CompensationStarted { .. }) if last_error.is_some() => {}
-                (Some(f), _) => last_error = Some(f.clone()),
-                _ => {}
-            }
-            entry
         };
         timeline.push(entry);
     }
@@ -169,7 +165,7 @@ pub async fn load(pool: &PgPool, order_id: Uuid) -> Result<Checkout, CheckoutErr
         },
         attempts: state.attempt,
         last_error,
-        updated_at: stored.last().map(|e| e.recorded_at),
+        updated_at: timeline.last().map(|e| e.at),
         timeline,
     })
 }

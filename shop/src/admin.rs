@@ -291,7 +291,7 @@ async fn shown(pool: &sqlx::PgPool, body: &[u8]) -> anyhow::Result<String> {
         return Ok(String::from_utf8_lossy(body).into_owned());
     };
     let mut conn = pool.acquire().await?;
-    platform::vault::mark_erased(&mut conn, &mut value).await?;
+    platform::vault::mark_erased(&mut conn, [&mut value]).await?;
     Ok(value.to_string())
 }
 

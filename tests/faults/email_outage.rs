@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{Value, json};
+use serde_json::json;
 use shop_tests::process::ShopProcess;
 
 fn bin() -> &'static Path {
@@ -117,17 +117,7 @@ async fn an_smtp_outage_pauses_only_the_email_group_and_it_catches_up_after() {
         "the analytics counted the orders",
         Duration::from_secs(60),
         || async {
-            let v: Value = shop
-                .http
-                .post(&shop.graphql)
-                .bearer_auth(&operator)
-                .json(&query)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = shop.graphql(&operator, &query).await;
             v["data"]["productAnalytics"][0]["orders"] == 5
         },
     )

@@ -5,13 +5,9 @@
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use rdkafka::{
-    Message,
-    consumer::{Consumer, StreamConsumer},
-    producer::FutureRecord,
-};
+use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
-use shop_tests::{ReadStack, checkout_body, unique_prefix};
+use shop_tests::{ReadStack, checkout_body, read_topic};
 
 fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -31,28 +27,6 @@ async fn send(stack: &ReadStack, token: Option<&str>, body: &Value) -> (u16, Val
     let r = rb.send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
-}
-
-/// Reads the whole topic (a fresh group, from the start) until `want` messages or 30 s.
-async fn read_topic(brokers: &str, topic: &str, want: usize) -> Vec<(String, Value)> {
-    let group = format!("{}check", unique_prefix());
-    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < want {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => out.push((
-                String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
-                serde_json::from_slice(m.payload().unwrap()).unwrap(),
-            )),
-            Ok(Err(_)) => continue,
-            Err(_) => break,
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +116,7 @@ async fn activity_batches_reach_the_topic_whole_and_acknowledged_or_not_at_all()
     assert_eq!(r.status(), 400);
 
     // On the topic: the 3 + 1 + 1 accepted events and nothing of the refused batches.
-    let messages = read_topic(&brokers, &topic, 6).await;
+    let messages = read_topic(&brokers, &topic, 6, Duration::from_secs(30)).await;
     assert_eq!(messages.len(), 5, "{messages:?}");
     for (key, m) in &messages {
         match m["user_id"].as_str() {
@@ -211,7 +185,13 @@ async fn analytics_count_each_event_once_and_a_replay_from_offset_zero_gives_the
         assert_eq!(r.status(), 202);
     }
     // A message published twice (as the relay may after a crash) counts once.
-    let copies = read_topic(&stack.kafka.brokers, &stack.activity_topic(), 10).await;
+    let copies = read_topic(
+        &stack.kafka.brokers,
+        &stack.activity_topic(),
+        10,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(copies.len(), 10);
     let producer = platform::kafka::producer(&stack.kafka.brokers).unwrap();
     let (key, dup) = &copies[0];

@@ -42,44 +42,11 @@ async fn tables_holding(pool: &sqlx::PgPool, needle: &str) -> Vec<String> {
     holding
 }
 
-/// Every message of `topic` from the beginning, as text, once `want` arrived (or 60 s).
-async fn topic_texts(brokers: &str, topic: &str, want: usize) -> Vec<String> {
-    use rdkafka::{
-        Message,
-        consumer::{Consumer, StreamConsumer},
-    };
-    let group = format!("erasure-check-{}", Uuid::new_v4().simple());
-    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut texts = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while texts.len() < want {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => texts.push(String::from_utf8_lossy(m.payload().unwrap_or(&[])).into()),
-            Ok(Err(_)) => continue,
-            Err(_) => break,
-        }
-    }
-    texts
-}
-
 async fn audit_trail(shop: &ShopProcess, operator: &str, order: Uuid) -> Value {
     let q = json!({"query": format!(
         "{{ auditTrail(orderId: \"{order}\") {{ verified entries {{ eventType payload }} }} }}"
     )});
-    let r: Value = shop
-        .http
-        .post(&shop.graphql)
-        .bearer_auth(operator)
-        .json(&q)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = shop.graphql(operator, &q).await;
     assert!(r["errors"].is_null(), "{r}");
     r["data"]["auditTrail"].clone()
 }
@@ -150,7 +117,12 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
     let brokers = shop_tests::infra().kafka_brokers;
     let topic = format!("{}orders.events", shop.prefix);
     // Placed, reserved, authorized, confirmed.
-    let messages = topic_texts(&brokers, &topic, 4).await;
+    let messages: Vec<String> =
+        shop_tests::read_topic(&brokers, &topic, 4, Duration::from_secs(60))
+            .await
+            .into_iter()
+            .map(|(_, m)| m.to_string())
+            .collect();
     assert!(messages.len() >= 4, "{messages:?}");
     for m in &messages {
         for needle in [STREET, CARD, NAME] {
@@ -192,8 +164,9 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let activity = topic_texts(&brokers, &format!("{}user-activity", shop.prefix), 1).await;
-    let activity: Value = serde_json::from_str(&activity[0]).unwrap();
+    let topic = format!("{}user-activity", shop.prefix);
+    let activity = shop_tests::read_topic(&brokers, &topic, 1, Duration::from_secs(60)).await;
+    let activity = &activity[0].1;
     let ip_box: domain::personal::Sealed =
         serde_json::from_value(activity["client_ip"]["sealed"].clone()).unwrap();
     assert_eq!(ip_box.key_id, sealed.key_id);
@@ -318,22 +291,11 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
             "does not unwrap",
         ),
     ] {
-        let mut child = shop
-            .command(&["run"])
-            .env("MASTER_KEYS", keys)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > Duration::from_secs(60) {
-                child.kill().ok();
-                panic!("shop run started with master keys {keys}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let out = child.wait_with_output().unwrap();
+        let mut run = shop.command(&["run"]);
+        run.env("MASTER_KEYS", keys);
+        let out =
+            ShopProcess::run_to_exit(run, &format!("shop run started with master keys {keys}"))
+                .await;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

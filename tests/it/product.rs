@@ -188,22 +188,12 @@ async fn a_schema_mismatch_stops_shop_run_with_a_non_zero_status() {
         .execute(&shop.db.pool)
         .await
         .unwrap();
-    let mut child = shop
-        .command(&["run"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // A misclassified (transient) error would retry for ever: bounded here.
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(60) {
-            child.kill().ok();
-            panic!("shop run kept running on a mismatched schema");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = ShopProcess::run_to_exit(
+        shop.command(&["run"]),
+        "shop run kept running on a mismatched schema",
+    )
+    .await;
     assert!(
         !out.status.success(),
         "shop run started on a mismatched schema"

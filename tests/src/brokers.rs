@@ -98,6 +98,38 @@ impl TestRabbit {
     }
 }
 
+/// Reads the whole topic (a fresh group, from the start) until `want` messages or `timeout`:
+/// `(key, JSON value)` in arrival order.
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::{
+        Message,
+        consumer::{Consumer, StreamConsumer},
+    };
+    let group = format!("{}check", unique_prefix());
+    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < want {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push((
+                String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap(),
+                serde_json::from_slice(m.payload().unwrap()).unwrap(),
+            )),
+            Ok(Err(_)) => continue,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// Reads envelopes from `topic` in a fresh consumer group until `want` distinct event ids
 /// were seen (or 60 s passed); returns, per order id, the stream versions in arrival order
 /// (duplicates included) and the set of event ids.

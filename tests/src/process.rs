@@ -293,6 +293,39 @@ impl ShopProcess {
         }
     }
 
+    /// A GraphQL query's whole answer, as `token`.
+    pub async fn graphql(&self, token: &str, query: &Value) -> Value {
+        self.http
+            .post(&self.graphql)
+            .bearer_auth(token)
+            .json(query)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Runs `command` to its end (killed, and a panic naming `what`, after 60 s): for a
+    /// `shop run` that must refuse to start, a misclassified error would retry for ever.
+    pub async fn run_to_exit(mut command: Command, what: &str) -> std::process::Output {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(60) {
+                child.kill().ok();
+                panic!("{what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// The order's status in GraphQL (`None` until the read side has it).
     pub async fn order_status(&self, token: &str, id: Uuid) -> Option<String> {
         let q = json!({ "query": format!("{{ order(id: \"{id}\") {{ status }} }}") });

@@ -222,12 +222,7 @@ async fn protect_ip(
         )));
     };
     let ip = peer.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-    let mut conn = state.pool.acquire().await?;
-    let key = state
-        .vault
-        .key_for(&mut conn, user)
-        .await
-        .map_err(crate::commands::vault_error)?;
+    let key = crate::commands::data_key(&state.pool, &state.vault, user).await?;
     Ok(Protected::Sealed(
         key.seal(&domain::activity::client_ip_context(user), &ip),
     ))

@@ -264,16 +264,16 @@ async fn checkout(
 pub async fn data_key(
     pool: &PgPool,
     vault: &Vault,
-    customer_id: &domain::values::CustomerId,
+    customer_id: &str,
 ) -> Result<DataKey, ApiError> {
     let mut conn = pool.acquire().await?;
     vault
-        .key_for(&mut conn, customer_id.as_str())
+        .key_for(&mut conn, customer_id)
         .await
         .map_err(vault_error)
 }
 
-pub(crate) fn vault_error(e: VaultError) -> ApiError {
+fn vault_error(e: VaultError) -> ApiError {
     match e {
         VaultError::Database(e) => e.into(),
         other => ApiError::Internal(other.to_string()),

@@ -302,7 +302,7 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
         let skus = req.skus()?;
         let (prices, key) = tokio::try_join!(
             async { Ok::<_, ApiError>(catalog::prices(&state.pool, &skus).await?) },
-            commands::data_key(&state.pool, &state.vault, &customer),
+            commands::data_key(&state.pool, &state.vault, customer.as_str()),
         )?;
         let cmd = req.into_command(order_id, customer, &prices)?;
         let r =
