@@ -98,6 +98,18 @@ impl TestRabbit {
     }
 }
 
+/// A consumer of `topic` in a fresh group (so from the start).
+fn reader(brokers: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let group = format!("{}check", unique_prefix());
+    let consumer: rdkafka::consumer::StreamConsumer =
+        platform::kafka::consumer_config(brokers, &group)
+            .create()
+            .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
 /// Reads the whole topic (a fresh group, from the start) until `want` messages or `timeout`:
 /// `(key, JSON value)` in arrival order.
 pub async fn read_topic(
@@ -106,15 +118,8 @@ pub async fn read_topic(
     want: usize,
     timeout: Duration,
 ) -> Vec<(String, serde_json::Value)> {
-    use rdkafka::{
-        Message,
-        consumer::{Consumer, StreamConsumer},
-    };
-    let group = format!("{}check", unique_prefix());
-    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    use rdkafka::Message;
+    let consumer = reader(brokers, topic);
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while out.len() < want {
@@ -141,15 +146,8 @@ pub async fn consume_envelopes(
     std::collections::HashMap<String, Vec<i64>>,
     std::collections::HashSet<String>,
 ) {
-    use rdkafka::{
-        Message,
-        consumer::{Consumer, StreamConsumer},
-    };
-    let group = format!("{}check", unique_prefix());
-    let consumer: StreamConsumer = platform::kafka::consumer_config(brokers, &group)
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    use rdkafka::Message;
+    let consumer = reader(brokers, topic);
     let mut per_key: std::collections::HashMap<String, Vec<i64>> = Default::default();
     let mut ids = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
