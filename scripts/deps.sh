@@ -6,6 +6,8 @@
 # - psql: the service scripts use it to probe and set up PostgreSQL.
 # - OpenSSL's headers and pkg-config: librdkafka's TLS (feature ssl) builds against them.
 # - curl: `scripts/run.sh --check` polls /readyz with it.
+# - chromium and chromium-driver: the operator console's tests drive a real headless browser
+#   over WebDriver (tests/src/browser.rs); scripts/console-screenshots.sh uses them too.
 SERVICE=deps
 source "$(dirname "$0")/lib.sh"
 
@@ -18,5 +20,7 @@ command -v psql >/dev/null || missing+=(postgresql-client)
 [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v curl >/dev/null || missing+=(curl)
+command -v chromium >/dev/null || missing+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
 if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
 command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs) first"

@@ -110,6 +110,9 @@ pub struct FailedRow {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub failed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub headers: Value,
+    pub payload: Vec<u8>,
 }
 
 /// The next pending rows in id order (= append order per key), skipping keys that are
@@ -185,7 +188,8 @@ pub async fn record_attempt(pool: &PgPool, ids: &[i64], error: &str) -> Result<(
 
 pub async fn list_failed(pool: &PgPool) -> Result<Vec<FailedRow>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, message_id, destination, target, ordering_key, attempts, last_error, failed_at
+        "SELECT id, message_id, destination, target, ordering_key, attempts, last_error, failed_at,
+                created_at, headers, payload
          FROM outbox WHERE failed_at IS NOT NULL AND published_at IS NULL ORDER BY id",
     )
     .fetch_all(pool)
@@ -201,6 +205,9 @@ pub async fn list_failed(pool: &PgPool) -> Result<Vec<FailedRow>, sqlx::Error> {
                 attempts: r.try_get("attempts")?,
                 last_error: r.try_get("last_error")?,
                 failed_at: r.try_get("failed_at")?,
+                created_at: r.try_get("created_at")?,
+                headers: r.try_get("headers")?,
+                payload: r.try_get("payload")?,
             })
         })
         .collect()

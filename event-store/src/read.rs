@@ -148,3 +148,48 @@ pub async fn read_feed(
     }
     Ok((events, cursor))
 }
+
+/// A stream's newest event, as the operator console lists streams that stopped moving.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Head {
+    pub stream_id: Uuid,
+    pub version: i64,
+    pub event_type: String,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Streams of `stream_type` whose newest event is none of `final_types` and was recorded
+/// before `idle_since`, the longest idle first, at most `limit`. Reads every head of that
+/// type (no index on the type): an operator's query, not a hot path.
+pub async fn idle_heads(
+    conn: &mut PgConnection,
+    stream_type: &str,
+    final_types: &[&str],
+    idle_since: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<Head>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.stream_id, s.version, e.event_type, e.recorded_at
+         FROM streams s JOIN events e ON e.stream_id = s.stream_id AND e.stream_version = s.version
+         WHERE s.stream_type = $1 AND e.event_type <> ALL($2) AND e.recorded_at < $3
+         ORDER BY e.recorded_at LIMIT $4",
+    )
+    .bind(stream_type)
+    .bind(final_types)
+    .bind(idle_since)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// The newest event of each of `stream_ids` that exists.
+pub async fn heads(conn: &mut PgConnection, stream_ids: &[Uuid]) -> Result<Vec<Head>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.stream_id, s.version, e.event_type, e.recorded_at
+         FROM streams s JOIN events e ON e.stream_id = s.stream_id AND e.stream_version = s.version
+         WHERE s.stream_id = ANY($1)",
+    )
+    .bind(stream_ids)
+    .fetch_all(&mut *conn)
+    .await
+}

@@ -263,6 +263,17 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, sqlx::Err
     row.as_ref().map(from_row).transpose()
 }
 
+/// The events parked behind each open dead letter's stream, per projection and stream (what
+/// a replay or discard releases), as `(projection, stream_id, parked versions)`.
+pub async fn parked(pool: &PgPool) -> Result<Vec<(String, Uuid, Vec<i64>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT projection, stream_id, array_agg(stream_version ORDER BY stream_version)
+         FROM parked_events GROUP BY projection, stream_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("no open dead letter with id {0}")]

@@ -20,6 +20,8 @@ use crate::topology::{DESTINATIONS, Names};
 pub struct AmqpDeadLetter {
     pub queue: String,
     pub message_id: Option<Uuid>,
+    /// The order the message is about (the saga sets it to the order id).
+    pub correlation_id: Option<String>,
     pub original_queue: String,
     pub original_routing_key: String,
     pub error_class: String,
@@ -52,6 +54,12 @@ fn describe(queue: &str, m: &BasicGetMessage) -> AmqpDeadLetter {
             .message_id()
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok()),
+        correlation_id: m
+            .delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string()),
         original_queue: header(m, "original_queue"),
         original_routing_key: header(m, "original_routing_key"),
         error_class: header(m, "error_class"),

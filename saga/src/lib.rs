@@ -343,6 +343,14 @@ async fn report_dead_letter_depth(
     Ok(())
 }
 
+/// How many sagas wait for a participant: each has one armed step deadline (the console's
+/// overview).
+pub async fn sagas_in_flight(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM saga_deadlines")
+        .fetch_one(pool)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,8 @@ pub enum Command {
         #[command(flatten)]
         email: notifications::MailerConfig,
         #[command(flatten)]
+        console: console::ConsoleConfig,
+        #[command(flatten)]
         ops: OpsConfig,
     },
     /// Runs only the checkout saga (orchestrator, and the stand-in participants unless
@@ -284,11 +286,13 @@ mod tests {
             projector,
             saga,
             email,
+            console,
             ops,
         } = cli.command
         else {
             panic!("not the run command");
         };
+        assert!(!console.secure_cookie);
         assert_eq!(graphql.max_fields, 200);
         assert_eq!(api_limits.rate_limit_per_second, 20);
         assert_eq!(activity.activity_max_age, Duration::from_secs(24 * 3600));

@@ -58,6 +58,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             projector,
             saga,
             email,
+            console,
             ops,
         } => {
             let roles = RoleConfigs {
@@ -72,6 +73,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
                 projector: Some(projector),
                 saga: Some(saga),
                 email: Some(email),
+                console: Some(console),
                 vault: Some(cli.master_keys.vault().context("master keys")?),
             };
             run(&cli.infra, roles, ops).await?

@@ -88,6 +88,8 @@ pub struct RoleConfigs {
     pub email: Option<notifications::MailerConfig>,
     /// Customers' data keys: the command API seals with them, the shipping participant opens.
     pub vault: Option<platform::vault::Vault>,
+    /// The operator console on the ops listener (`shop run` only: it needs the API's keys).
+    pub console: Option<console::ConsoleConfig>,
 }
 
 /// Sets up the database and topics, then runs the chosen roles under one supervisor with the
@@ -174,6 +176,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         let watermarks = watermarks.clone().expect("made for projectors");
         spawn_read_side(&mut sup, &pool, infra, &topic, projector_cfg, watermarks);
     }
+    let console_auth = auth.clone();
     if let (Some(addr), Some(auth)) = (roles.graphql_addr, auth) {
         let graphql_api = read_side::graphql::GraphqlApi {
             pool: pools.queries.clone(),
@@ -223,6 +226,16 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             )
         });
     }
+    // The console's view of the saga: where its dead letters are, when an order is stuck.
+    let saga_view = roles.saga.as_ref().map(|s| {
+        (
+            console::Amqp {
+                url: infra.amqp_url.clone(),
+                names: saga::topology::Names::new(&s.queue_prefix),
+            },
+            s.step_timeout * s.step_attempts.max(1),
+        )
+    });
     if let Some(saga_cfg) = roles.saga {
         saga::roles(
             &mut sup,
@@ -233,7 +246,23 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         );
     }
     let readiness = readiness.roles(sup.roles(), ops.ready_grace);
-    let ops_router = platform::ops::router(readiness);
+    let mut ops_router = platform::ops::router(readiness.clone());
+    if let (Some(cfg), Some(auth)) = (roles.console, console_auth) {
+        let (amqp, stuck_after) = match saga_view {
+            Some((amqp, stuck_after)) => (Some(amqp), stuck_after),
+            None => (None, Duration::from_secs(60)),
+        };
+        let console = console::Console {
+            pool: pools.queries.clone(),
+            auth,
+            amqp,
+            readiness: Some(readiness),
+            watermarks: watermarks.clone(),
+            stuck_after,
+            secure_cookie: cfg.secure_cookie,
+        };
+        ops_router = ops_router.merge(console.router());
+    }
     sup.spawn("ops", move |ctx| {
         platform::ops::serve(ops.addr, ops_router.clone(), header_timeout, ctx)
     });

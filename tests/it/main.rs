@@ -29,3 +29,5 @@ mod alert_rules;
 mod cli;
 mod product;
 mod security;
+
+mod console;

@@ -20,6 +20,7 @@
 
 pub mod app;
 pub mod brokers;
+pub mod browser;
 pub mod clients;
 pub mod db;
 pub mod invariants;

@@ -1,0 +1,95 @@
+//! The pages' frame (navigation, sign-out) and the small helpers every page uses: times,
+//! pretty JSON, the CSRF field. One stylesheet, served by the console itself: no CDN, no
+//! inline style or script (the Content-Security-Policy forbids both).
+
+use axum::{http::header, response::IntoResponse};
+use chrono::{DateTime, Utc};
+use maud::{DOCTYPE, Markup, html};
+
+use crate::session::Operator;
+
+const NAV: &[(&str, &str)] = &[
+    ("/console", "Overview"),
+    ("/console/orders/stuck", "Stuck orders"),
+    ("/console/dead-letters", "Dead letters"),
+    ("/console/activity", "Activity"),
+];
+
+/// A signed-in page.
+pub fn page(op: &Operator, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · shop console" }
+                link rel="stylesheet" href="/console/console.css";
+            }
+            body {
+                header {
+                    nav {
+                        strong { "shop console" }
+                        @for (href, name) in NAV { a href=(href) { (name) } }
+                        form.search method="get" action="/console/orders" {
+                            input name="id" placeholder="order id" aria-label="order id" {}
+                            button type="submit" { "Open order" }
+                        }
+                    }
+                    form.signout method="post" action="/console/sign-out" {
+                        span { (op.actor) }
+                        (csrf(op))
+                        button type="submit" { "Sign out" }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+/// A page without the frame (sign-in, errors).
+pub fn bare(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) " · shop console" }
+                link rel="stylesheet" href="/console/console.css";
+            }
+            body { main.narrow { (body) } }
+        }
+    }
+}
+
+/// The hidden field every form of the console carries.
+pub fn csrf(op: &Operator) -> Markup {
+    html! { input type="hidden" name="csrf" value=(op.csrf); }
+}
+
+pub fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+pub fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// Bytes shown as pretty JSON when they are JSON, else as text (lossy).
+pub fn pretty_bytes(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(v) => pretty(&v),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+pub async fn stylesheet() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("console.css"),
+    )
+}

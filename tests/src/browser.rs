@@ -1,0 +1,139 @@
+//! A real headless browser for tests of the operator console: Debian's Chromium driven over
+//! WebDriver by its `chromedriver` (both installed by `scripts/deps.sh`), one driver process
+//! per test on a free loopback port, killed when the test ends.
+//!
+//! Screenshots are written to `$CONSOLE_SCREENSHOTS` when it is set
+//! (`scripts/console-screenshots.sh` regenerates the PNGs in docs/operations.md).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+/// A headless Chromium session and the chromedriver behind it.
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+}
+
+fn chromedriver() -> PathBuf {
+    for candidate in ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"] {
+        let p = PathBuf::from(candidate);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("chromedriver is not installed: run scripts/deps.sh (Debian's chromium-driver)")
+}
+
+impl Browser {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let driver = Command::new(chromedriver())
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        for _ in 0..100 {
+            if http
+                .get(format!("{url}/status"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1440,1000",
+                         "--no-first-run", "--disable-extensions"],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a chromium session");
+        Self { client, driver }
+    }
+
+    pub async fn goto(&self, url: &str) {
+        self.client.goto(url).await.expect("navigate");
+    }
+
+    /// The visible text of the first element matching `css`.
+    pub async fn text(&self, css: &str) -> String {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no `{css}` on the page: {e}"))
+            .text()
+            .await
+            .expect("element text")
+    }
+
+    /// The page's whole visible text.
+    pub async fn body(&self) -> String {
+        self.text("body").await
+    }
+
+    pub async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no `{css}` to click: {e}"))
+            .click()
+            .await
+            .expect("click");
+    }
+
+    pub async fn fill(&self, css: &str, text: &str) {
+        let e = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no `{css}` to fill: {e}"));
+        e.clear().await.expect("clear");
+        e.send_keys(text).await.expect("type");
+    }
+
+    /// Saves a screenshot as `<name>.png` under `$CONSOLE_SCREENSHOTS` (when set).
+    pub async fn screenshot(&self, name: &str) {
+        let Ok(dir) = std::env::var("CONSOLE_SCREENSHOTS") else {
+            return;
+        };
+        let png = self.client.screenshot().await.expect("screenshot");
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        std::fs::write(PathBuf::from(dir).join(format!("{name}.png")), png).expect("write png");
+    }
+
+    pub async fn close(mut self) {
+        self.client.clone().close().await.ok();
+        self.driver.kill().ok();
+        self.driver.wait().ok();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        self.driver.kill().ok();
+        self.driver.wait().ok();
+    }
+}
