@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::unix::process::CommandExt;
+
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
@@ -36,8 +38,10 @@ impl Browser {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        // Its own process group: the Chromium it starts goes with it (see `stop_driver`).
         let driver = Command::new(chromedriver())
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -94,7 +98,14 @@ impl Browser {
         self.text("body").await
     }
 
+    /// Clicks what leads to another page (a link, a form's button) and waits until the
+    /// browser left the current one: a click does not wait for the navigation it starts.
     pub async fn click(&self, css: &str) {
+        let old = self
+            .client
+            .find(Locator::Css("html"))
+            .await
+            .expect("a page");
         self.client
             .find(Locator::Css(css))
             .await
@@ -102,6 +113,19 @@ impl Browser {
             .click()
             .await
             .expect("click");
+        for _ in 0..300 {
+            // The old document's root goes stale once the new page replaced it.
+            if old.tag_name().await.is_err() {
+                self.client
+                    .wait()
+                    .for_element(Locator::Css("body"))
+                    .await
+                    .expect("the next page");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("clicking `{css}` led nowhere within 15 s");
     }
 
     pub async fn fill(&self, css: &str, text: &str) {
@@ -124,16 +148,24 @@ impl Browser {
         std::fs::write(PathBuf::from(dir).join(format!("{name}.png")), png).expect("write png");
     }
 
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         self.client.clone().close().await.ok();
-        self.driver.kill().ok();
-        self.driver.wait().ok();
     }
+}
+
+/// Kills chromedriver and every Chromium process it started (its process group): killing
+/// the driver alone leaves the browser running.
+fn stop_driver(driver: &mut Child) {
+    Command::new("kill")
+        .args(["-KILL", &format!("-{}", driver.id())])
+        .status()
+        .ok();
+    driver.kill().ok();
+    driver.wait().ok();
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        self.driver.kill().ok();
-        self.driver.wait().ok();
+        stop_driver(&mut self.driver);
     }
 }
