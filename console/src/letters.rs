@@ -304,3 +304,87 @@ async fn saga_letters(console: &Console) -> Result<Vec<Letter>, String> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_letter_id_round_trips_through_its_path_and_rejects_anything_else() {
+        let id = Uuid::now_v7();
+        for l in [
+            LetterId::ReadSide(12),
+            LetterId::Outbox(7),
+            LetterId::Saga(id),
+        ] {
+            let path = l.path();
+            let (source, rest) = path.split_once('/').unwrap();
+            assert_eq!(LetterId::parse(source, rest).unwrap(), l);
+        }
+        for (source, id) in [
+            ("read-side", "x"),
+            ("saga", "12"),
+            ("outbox", "-"),
+            ("email", "1"),
+        ] {
+            assert!(LetterId::parse(source, id).is_err(), "{source}/{id}");
+        }
+    }
+
+    #[test]
+    fn a_saga_letter_names_its_order_by_correlation_id_or_by_its_body() {
+        let order = Uuid::now_v7();
+        assert_eq!(saga_order(Some(&order.to_string()), b"junk"), Some(order));
+        let body = serde_json::json!({"order_id": order}).to_string();
+        assert_eq!(saga_order(None, body.as_bytes()), Some(order));
+        assert_eq!(saga_order(Some("not-a-uuid"), b"{}"), None);
+    }
+
+    #[test]
+    fn a_filter_matches_on_every_field_it_sets() {
+        let order = Uuid::now_v7();
+        let letter = Letter {
+            id: LetterId::ReadSide(1),
+            origin: "order_summary".into(),
+            order_id: Some(order),
+            reason: "invalid_payload".into(),
+            error: String::new(),
+            attempts: "1".into(),
+            first_seen: Some(Utc::now()),
+            last_seen: Some(Utc::now()),
+            status: "open".into(),
+            held_behind: Vec::new(),
+            details: Vec::new(),
+            body: Vec::new(),
+        };
+        assert!(Filter::default().wants(&letter));
+        let f = Filter {
+            source: Some(Source::ReadSide),
+            reason: Some("invalid_payload".into()),
+            order_id: Some(order),
+            since: Some(Utc::now() - chrono::Duration::minutes(1)),
+            all: false,
+        };
+        assert!(f.wants(&letter));
+        for other in [
+            Filter {
+                source: Some(Source::Saga),
+                ..f.clone()
+            },
+            Filter {
+                reason: Some("invariant".into()),
+                ..f.clone()
+            },
+            Filter {
+                order_id: Some(Uuid::now_v7()),
+                ..f.clone()
+            },
+            Filter {
+                since: Some(Utc::now() + chrono::Duration::minutes(1)),
+                ..f.clone()
+            },
+        ] {
+            assert!(!other.wants(&letter), "{other:?}");
+        }
+    }
+}

@@ -286,3 +286,45 @@ pub async fn sign_out(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut b = axum::http::Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others_and_only_by_its_name() {
+        let p = parts(&[("cookie", "a=1; shop_console=s3cret; b=2")]);
+        assert_eq!(cookie(&p), Some("s3cret"));
+        let p = parts(&[
+            ("cookie", "x_shop_console=no"),
+            ("cookie", "shop_console=yes"),
+        ]);
+        assert_eq!(cookie(&p), Some("yes"));
+        assert_eq!(cookie(&parts(&[("cookie", "other=1")])), None);
+        assert_eq!(cookie(&parts(&[])), None);
+    }
+
+    #[test]
+    fn only_a_cross_site_request_is_refused_by_fetch_metadata() {
+        assert!(cross_site(&parts(&[("sec-fetch-site", "cross-site")])));
+        assert!(!cross_site(&parts(&[("sec-fetch-site", "same-origin")])));
+        assert!(!cross_site(&parts(&[])));
+    }
+
+    #[test]
+    fn session_secrets_are_random_and_stored_only_as_hashes() {
+        let (a, b) = (random_token(), random_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert_eq!(hash(&a).len(), 32);
+        assert_ne!(hash(&a), a.as_bytes());
+    }
+}
