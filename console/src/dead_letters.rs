@@ -182,6 +182,7 @@ pub async fn show(
     let id = LetterId::parse(&source, &id)?;
     let l = letters::find(&console, id).await?;
     let open = l.status == "open";
+    let body = shown(&console, &l.body).await?;
     Ok(view::page(
         &op,
         "Dead letter",
@@ -204,7 +205,7 @@ pub async fn show(
                     (l.held_behind.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")) "." }
             }
             h2 { "Message" }
-            pre.body { (view::pretty_bytes(&l.body)) }
+            pre.body { (body) }
             @if open {
                 h2 { "Recover" }
                 @if id.source() == Source::ReadSide {
@@ -225,6 +226,18 @@ pub async fn show(
             }
         },
     ))
+}
+
+/// A message as shown: pretty JSON with a forgotten customer's sealed values marked
+/// `"erased"` (as `shop dlq show` and the audit trail show them), or its text.
+async fn shown(console: &Console, body: &[u8]) -> Result<String, ConsoleError> {
+    let mut conn = console.pool.acquire().await?;
+    Ok(
+        match platform::vault::shown_message(&mut conn, body).await? {
+            Some(value) => view::pretty(&value),
+            None => String::from_utf8_lossy(body).into_owned(),
+        },
+    )
 }
 
 #[derive(Deserialize)]

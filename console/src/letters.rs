@@ -154,65 +154,76 @@ pub async fn gather(console: &Console, filter: &Filter) -> Result<Gathered, Cons
 
 /// One dead letter by id (resolved read-side ones included).
 pub async fn find(console: &Console, id: LetterId) -> Result<Letter, ConsoleError> {
-    let letters = match id.source() {
-        Source::ReadSide => read_side(console, false).await?,
-        Source::Outbox => outbox(console).await?,
-        Source::Saga => saga_letters(console)
+    let missing = || ConsoleError::NotFound(format!("no dead letter {}", id.path()));
+    let letters = match id {
+        LetterId::ReadSide(n) => {
+            let d = read_side::dead_letters::get(&console.pool, n)
+                .await?
+                .ok_or_else(missing)?;
+            return Ok(read_side_letter(d, &parked(console).await?));
+        }
+        LetterId::Outbox(_) => outbox(console).await?,
+        LetterId::Saga(_) => saga_letters(console)
             .await
             .map_err(|e| ConsoleError::Refused(format!("RabbitMQ: {e}")))?,
     };
-    letters
-        .into_iter()
-        .find(|l| l.id == id)
-        .ok_or_else(|| ConsoleError::NotFound(format!("no dead letter {}", id.path())))
+    letters.into_iter().find(|l| l.id == id).ok_or_else(missing)
 }
 
-async fn read_side(console: &Console, only_open: bool) -> Result<Vec<Letter>, ConsoleError> {
-    use read_side::dead_letters;
-    let rows = dead_letters::list(&console.pool, only_open).await?;
-    let parked: HashMap<(String, Uuid), Vec<i64>> = dead_letters::parked(&console.pool)
+type Parked = HashMap<(String, Uuid), Vec<i64>>;
+
+/// The events parked behind each projection's stream.
+async fn parked(console: &Console) -> Result<Parked, ConsoleError> {
+    Ok(read_side::dead_letters::parked(&console.pool)
         .await?
         .into_iter()
         .map(|(p, s, v)| ((p, s), v))
-        .collect();
+        .collect())
+}
+
+async fn read_side(console: &Console, only_open: bool) -> Result<Vec<Letter>, ConsoleError> {
+    let rows = read_side::dead_letters::list(&console.pool, only_open).await?;
+    let parked = parked(console).await?;
     Ok(rows
         .into_iter()
-        .map(|d| {
-            let held_behind = match (d.status.as_str(), d.stream_id) {
-                ("open", Some(s)) => parked
-                    .get(&(d.projection.clone(), s))
-                    .cloned()
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            Letter {
-                id: LetterId::ReadSide(d.id),
-                origin: d.projection.clone(),
-                order_id: d.stream_id,
-                reason: d.error_class,
-                error: d.error_message,
-                attempts: d.attempts.to_string(),
-                first_seen: Some(d.first_failed_at),
-                last_seen: Some(d.last_failed_at),
-                status: d.status,
-                held_behind,
-                details: vec![
-                    ("topic".into(), d.topic),
-                    ("partition".into(), d.partition.to_string()),
-                    ("offset".into(), d.offset.to_string()),
-                    (
-                        "stream version".into(),
-                        d.stream_version.map_or("-".into(), |v| v.to_string()),
-                    ),
-                    (
-                        "event id".into(),
-                        d.event_id.map_or("-".into(), |v| v.to_string()),
-                    ),
-                ],
-                body: d.payload,
-            }
-        })
+        .map(|d| read_side_letter(d, &parked))
         .collect())
+}
+
+fn read_side_letter(d: read_side::dead_letters::DeadLetter, parked: &Parked) -> Letter {
+    let held_behind = match (d.status.as_str(), d.stream_id) {
+        ("open", Some(s)) => parked
+            .get(&(d.projection.clone(), s))
+            .cloned()
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Letter {
+        id: LetterId::ReadSide(d.id),
+        origin: d.projection.clone(),
+        order_id: d.stream_id,
+        reason: d.error_class,
+        error: d.error_message,
+        attempts: d.attempts.to_string(),
+        first_seen: Some(d.first_failed_at),
+        last_seen: Some(d.last_failed_at),
+        status: d.status,
+        held_behind,
+        details: vec![
+            ("topic".into(), d.topic),
+            ("partition".into(), d.partition.to_string()),
+            ("offset".into(), d.offset.to_string()),
+            (
+                "stream version".into(),
+                d.stream_version.map_or("-".into(), |v| v.to_string()),
+            ),
+            (
+                "event id".into(),
+                d.event_id.map_or("-".into(), |v| v.to_string()),
+            ),
+        ],
+        body: d.payload,
+    }
 }
 
 async fn outbox(console: &Console) -> Result<Vec<Letter>, ConsoleError> {

@@ -30,7 +30,7 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
             .or_default() += 1;
     }
     let in_flight = saga::sagas_in_flight(&console.pool).await?;
-    let (stuck, _) = stuck::stuck_orders(&console).await?;
+    let stuck = stuck::stuck_orders(&console, &gathered.letters).await?;
     let details = roles
         .as_ref()
         .and_then(|r| r["role_details"].as_object().cloned())

@@ -217,22 +217,24 @@ pub async fn sign_in(
     )
     .await?;
     let max_age = (principal.expires_at - chrono::Utc::now().timestamp()).max(0);
+    Ok((
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, set_cookie(&console, &secret, max_age)),
+            (header::LOCATION, "/console".to_owned()),
+        ],
+    )
+        .into_response())
+}
+
+/// The session cookie's `Set-Cookie` value (an empty value with `max_age` 0 removes it).
+fn set_cookie(console: &Console, value: &str, max_age: i64) -> String {
     let secure = if console.secure_cookie {
         "; Secure"
     } else {
         ""
     };
-    let cookie = format!(
-        "{COOKIE}={secret}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-    );
-    Ok((
-        StatusCode::SEE_OTHER,
-        [
-            (header::SET_COOKIE, cookie),
-            (header::LOCATION, "/console".to_owned()),
-        ],
-    )
-        .into_response())
+    format!("{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
 }
 
 fn refused(status: StatusCode, why: &str) -> Response {
@@ -269,18 +271,10 @@ pub async fn sign_out(
         },
     )
     .await?;
-    let secure = if console.secure_cookie {
-        "; Secure"
-    } else {
-        ""
-    };
     Ok((
         StatusCode::SEE_OTHER,
         [
-            (
-                header::SET_COOKIE,
-                format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
-            ),
+            (header::SET_COOKIE, set_cookie(&console, "", 0)),
             (header::LOCATION, "/console/sign-in".to_owned()),
         ],
     )

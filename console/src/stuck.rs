@@ -6,7 +6,7 @@
 //! An order with an open read-side dead letter is listed too, final or not: its read models
 //! stopped at the event before, so what customers see of it is stuck.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::{
     Console, ConsoleError,
-    letters::{self, Filter, Source},
+    letters::{self, Filter, Letter, Source},
     session::Operator,
     view,
 };
@@ -37,11 +37,13 @@ pub struct StuckOrder {
     pub causes: Vec<String>,
 }
 
-/// Every stuck order (idle ones: the `MAX_IDLE` longest idle), longest idle first, and why
-/// the saga's dead letters could not be read (if so).
+/// Every stuck order (idle ones: the `MAX_IDLE` longest idle), longest idle first, given
+/// the open dead letters of every source (`letters::gather` with the default filter: the
+/// caller has them already, and reading RabbitMQ's twice per page is what this avoids).
 pub async fn stuck_orders(
     console: &Console,
-) -> Result<(Vec<StuckOrder>, Option<String>), ConsoleError> {
+    letters: &[Letter],
+) -> Result<Vec<StuckOrder>, ConsoleError> {
     let now = Utc::now();
     let idle_since =
         now - chrono::Duration::from_std(console.stuck_after).unwrap_or(chrono::Duration::MAX);
@@ -49,17 +51,13 @@ pub async fn stuck_orders(
     let idle =
         event_store::read::idle_heads(&mut conn, orders::ORDER_STREAM, FINAL, idle_since, MAX_IDLE)
             .await?;
-    let gathered = letters::gather(console, &Filter::default()).await?;
     let mut order_ids: Vec<Uuid> = idle.iter().map(|h| h.stream_id).collect();
-    order_ids.extend(gathered.letters.iter().filter_map(|l| l.order_id));
+    order_ids.extend(letters.iter().filter_map(|l| l.order_id));
     order_ids.sort();
     order_ids.dedup();
-    let saga_ids: HashMap<Uuid, Uuid> = order_ids
-        .iter()
-        .map(|o| (domain::saga::stream_id(OrderId(*o)), *o))
-        .collect();
+    let saga_stream = |order_id: Uuid| domain::saga::stream_id(OrderId(order_id));
     let mut wanted: Vec<Uuid> = order_ids.clone();
-    wanted.extend(saga_ids.keys());
+    wanted.extend(order_ids.iter().map(|o| saga_stream(*o)));
     let heads: HashMap<Uuid, event_store::read::Head> =
         event_store::read::heads(&mut conn, &wanted)
             .await?
@@ -68,10 +66,10 @@ pub async fn stuck_orders(
             .collect();
     drop(conn);
 
-    let mut found: BTreeMap<Uuid, StuckOrder> = BTreeMap::new();
+    let mut stuck = Vec::new();
     for order_id in order_ids {
         let head = heads.get(&order_id);
-        let saga_head = heads.get(&domain::saga::stream_id(OrderId(order_id)));
+        let saga_head = heads.get(&saga_stream(order_id));
         let last_progress = [head, saga_head]
             .into_iter()
             .flatten()
@@ -88,11 +86,7 @@ pub async fn stuck_orders(
                 ago(now, last_progress)
             ));
         }
-        for l in gathered
-            .letters
-            .iter()
-            .filter(|l| l.order_id == Some(order_id))
-        {
+        for l in letters.iter().filter(|l| l.order_id == Some(order_id)) {
             if is_final && l.id.source() != Source::ReadSide {
                 continue;
             }
@@ -106,19 +100,15 @@ pub async fn stuck_orders(
         if causes.is_empty() {
             continue;
         }
-        found.insert(
+        stuck.push(StuckOrder {
             order_id,
-            StuckOrder {
-                order_id,
-                last_event: head.map_or("-".into(), |h| h.event_type.clone()),
-                last_progress,
-                causes,
-            },
-        );
+            last_event: head.map_or("-".into(), |h| h.event_type.clone()),
+            last_progress,
+            causes,
+        });
     }
-    let mut stuck: Vec<StuckOrder> = found.into_values().collect();
     stuck.sort_by_key(|s| s.last_progress);
-    Ok((stuck, gathered.saga_unreadable))
+    Ok(stuck)
 }
 
 fn ago(now: DateTime<Utc>, t: Option<DateTime<Utc>>) -> String {
@@ -132,7 +122,9 @@ fn ago(now: DateTime<Utc>, t: Option<DateTime<Utc>>) -> String {
 }
 
 pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup, ConsoleError> {
-    let (stuck, unreadable) = stuck_orders(&console).await?;
+    let gathered = letters::gather(&console, &Filter::default()).await?;
+    let stuck = stuck_orders(&console, &gathered.letters).await?;
+    let unreadable = gathered.saga_unreadable;
     Ok(view::page(
         &op,
         "Stuck orders",

@@ -76,14 +76,6 @@ pub fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
-/// Bytes shown as pretty JSON when they are JSON, else as text (lossy).
-pub fn pretty_bytes(bytes: &[u8]) -> String {
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(v) => pretty(&v),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-    }
-}
-
 pub async fn stylesheet() -> impl IntoResponse {
     (
         [

@@ -374,6 +374,19 @@ pub async fn forget(conn: &mut PgConnection, customer_id: &str) -> Result<u64, s
     )
 }
 
+/// A stored message as an operator sees it (`shop dlq show`, the console): when it is JSON,
+/// the value with [`mark_erased`] applied; `None` when it is not JSON (shown as text).
+pub async fn shown_message(
+    conn: &mut PgConnection,
+    body: &[u8],
+) -> Result<Option<Value>, sqlx::Error> {
+    let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    mark_erased(conn, [&mut value]).await?;
+    Ok(Some(value))
+}
+
 /// Replaces, in a payload shown to a person (audit trail, dead letters), every sealed box whose
 /// key is gone by `"erased"`; boxes still keyed stay as ciphertext (nothing here decrypts).
 /// Needs no master key: only whether each key still exists, asked once for all `values`.

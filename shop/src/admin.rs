@@ -287,12 +287,13 @@ pub async fn catalog(infra: &InfraConfig, command: CatalogCommand) -> anyhow::Re
 /// A dead message as an operator sees it: JSON with the sealed values of forgotten customers
 /// shown as `"erased"` (`platform::vault::mark_erased`), anything else as text.
 async fn shown(pool: &sqlx::PgPool, body: &[u8]) -> anyhow::Result<String> {
-    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Ok(String::from_utf8_lossy(body).into_owned());
-    };
     let mut conn = pool.acquire().await?;
-    platform::vault::mark_erased(&mut conn, [&mut value]).await?;
-    Ok(value.to_string())
+    Ok(
+        match platform::vault::shown_message(&mut conn, body).await? {
+            Some(value) => value.to_string(),
+            None => String::from_utf8_lossy(body).into_owned(),
+        },
+    )
 }
 
 pub async fn customers(infra: &InfraConfig, command: CustomersCommand) -> anyhow::Result<ExitCode> {

@@ -82,15 +82,17 @@ impl Browser {
         self.client.goto(url).await.expect("navigate");
     }
 
-    /// The visible text of the first element matching `css`.
-    pub async fn text(&self, css: &str) -> String {
+    /// The first element matching `css` (a test failure when there is none).
+    async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .find(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("no `{css}` on the page: {e}"))
-            .text()
-            .await
-            .expect("element text")
+    }
+
+    /// The visible text of the first element matching `css`.
+    pub async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.expect("element text")
     }
 
     /// The page's whole visible text.
@@ -101,18 +103,8 @@ impl Browser {
     /// Clicks what leads to another page (a link, a form's button) and waits until the
     /// browser left the current one: a click does not wait for the navigation it starts.
     pub async fn click(&self, css: &str) {
-        let old = self
-            .client
-            .find(Locator::Css("html"))
-            .await
-            .expect("a page");
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no `{css}` to click: {e}"))
-            .click()
-            .await
-            .expect("click");
+        let old = self.find("html").await;
+        self.find(css).await.click().await.expect("click");
         for _ in 0..300 {
             // The old document's root goes stale once the new page replaced it.
             if old.tag_name().await.is_err() {
@@ -129,11 +121,7 @@ impl Browser {
     }
 
     pub async fn fill(&self, css: &str, text: &str) {
-        let e = self
-            .client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no `{css}` to fill: {e}"));
+        let e = self.find(css).await;
         e.clear().await.expect("clear");
         e.send_keys(text).await.expect("type");
     }
