@@ -32,7 +32,10 @@ dev_keys() {
   local file="$LOCAL/keys/$1.keys"
   if [[ ! -s "$file" ]]; then
     mkdir -p "$LOCAL/keys" && chmod 700 "$LOCAL/keys"
-    (umask 077 && printf '%s-%s=%s\n' "$1" "$(date -u +%Y%m%d)" "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$file")
+    # The name carries a random tag: a database that outlived its checkout (scripts/postgres.sh,
+    # bind_dev_database) must never meet another secret under the same name.
+    (umask 077 && printf '%s-%s-%s=%s\n' "$1" "$(date -u +%Y%m%d)" "$(od -An -tx1 -N3 /dev/urandom | tr -d ' \n')" \
+      "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$file")
   fi
   echo "$file"
 }

@@ -6,6 +6,11 @@ SERVICE=postgres
 source "$(dirname "$0")/lib.sh"
 
 up() {
+  server_up
+  bind_dev_database
+}
+
+server_up() {
   if psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1; then
     log "reusing the server at $(url_host "$DATABASE_URL"):$(url_port "$DATABASE_URL" 5432)"
     return
@@ -47,6 +52,43 @@ SQL
     su postgres -c "createdb -p $port -O '$user' '$db'"
   fi
   psql "$DATABASE_URL" -Atqc 'select 1' >/dev/null || die "still cannot connect with $DATABASE_URL"
+}
+
+# The development database outlives a checkout (the cluster is the machine's) while the
+# development keys that sealed its customers' data and keyed its audit chain live in the
+# checkout's .local/keys (scripts/lib.sh). A new checkout, or a removed .local, would meet data
+# it cannot open, and `shop run` refuses to start (docs/security.md, Erasure). So, with the
+# development keys only, the database is marked with their fingerprint; a database marked for
+# other keys, or unmarked and holding data sealed or signed under keys this checkout lacks, is
+# recreated empty, and says so. Keys set through the environment turn this off.
+bind_dev_database() {
+  [[ -z "${MASTER_KEYS:-}" && "${MASTER_KEYS_FILE:-}" == "$LOCAL/keys/master.keys" ]] || return 0
+  [[ -z "${AUDIT_KEYS:-}" && "${AUDIT_KEYS_FILE:-}" == "$LOCAL/keys/audit.keys" ]] || return 0
+  local base query db admin mark current
+  base=${DATABASE_URL%%\?*}; query=${DATABASE_URL#"$base"}; db=${base##*/}; admin="${base%/*}/postgres$query"
+  mark="shop-dev-keys:$(cat "$MASTER_KEYS_FILE" "$AUDIT_KEYS_FILE" | sha256sum | cut -c1-32)"
+  current=$(psql "$DATABASE_URL" -Atqc "select shobj_description(oid, 'pg_database') from pg_database where datname = current_database()")
+  [[ "$current" == "$mark" ]] && return 0
+  if [[ -z "$current" && -z "$(foreign_kids)" ]]; then
+    log "database $db now belongs to this checkout's development keys"
+  else
+    log "database $db holds data sealed or signed with development keys this checkout does not have (another checkout's, or a removed .local/keys): recreating it empty"
+    psql "$admin" -qc "DROP DATABASE \"$db\" WITH (FORCE)" >/dev/null || die "could not drop database $db"
+    psql "$admin" -qc "CREATE DATABASE \"$db\"" >/dev/null || die "could not create database $db"
+  fi
+  psql "$DATABASE_URL" -qc "COMMENT ON DATABASE \"$db\" IS '$mark'" >/dev/null || die "could not mark database $db"
+}
+
+# The master and audit key names the database uses that this checkout's key files lack.
+foreign_kids() {
+  local table column file kid
+  for spec in "customer_keys master_kid $MASTER_KEYS_FILE" "events hash_kid $AUDIT_KEYS_FILE"; do
+    read -r table column file <<<"$spec"
+    [[ "$(psql "$DATABASE_URL" -Atqc "select to_regclass('public.$table') is not null")" == t ]] || continue
+    while read -r kid; do
+      [[ -z "$kid" ]] || cut -d= -f1 "$file" | grep -qxF -- "$kid" || echo "$kid"
+    done < <(psql "$DATABASE_URL" -Atqc "select distinct $column from $table where $column is not null")
+  done
 }
 
 down() {
