@@ -18,7 +18,9 @@ mod dead_letters;
 mod error;
 mod letters;
 mod orders;
+mod outbox;
 mod overview;
+mod projections;
 pub mod session;
 mod stuck;
 mod view;
@@ -98,6 +100,12 @@ impl Console {
             .route("/console/orders", get(orders::search))
             .route("/console/orders/stuck", get(stuck::page))
             .route("/console/orders/{id}", get(orders::page))
+            .route("/console/projections", get(projections::page))
+            .route(
+                "/console/projections/{name}/{action}",
+                post(projections::act),
+            )
+            .route("/console/outbox", get(outbox::page))
             .route("/console/activity", get(actions::page))
             .layer(axum::middleware::map_response(harden))
             .with_state(self)

@@ -11,6 +11,7 @@ use maud::{Markup, html};
 use crate::{
     Console, ConsoleError,
     letters::{self, Filter},
+    projections,
     session::Operator,
     stuck, view,
 };
@@ -44,7 +45,7 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
                 div.card { div.value #stuck-count { a href="/console/orders/stuck" { (stuck.len()) } } div.label { "stuck orders" } }
                 div.card { div.value { (in_flight) } div.label { "sagas in flight" } }
                 div.card { div.value #dead-letter-count { a href="/console/dead-letters" { (gathered.letters.len()) } } div.label { "open dead letters" } }
-                div.card { div.value { (backlog) } div.label { "outbox rows pending; oldest " (format!("{oldest:.1}")) " s" } }
+                div.card { div.value { a href="/console/outbox" { (backlog) } } div.label { "outbox rows pending; oldest " (format!("{oldest:.1}")) " s" } }
                 @if let Some(r) = &roles {
                     div.card { div class={ "value " (if r["ready"] == true { "ok" } else { "bad" }) } { (r["status"].as_str().unwrap_or("?")) } div.label { "readiness" } }
                 }
@@ -70,24 +71,7 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
                 }
             }
             h2 { "Projections" }
-            table.projections {
-                thead { tr { th { "Projection" } th.num { "Version" } th { "State" } th.num { "Position" } th.num { "Lag" } th { "Rebuild" } } }
-                tbody {
-                    @for p in &projections {
-                        tr {
-                            td { (p.name) }
-                            td.num { (p.version) }
-                            td { (format!("{:?}", p.state)) }
-                            td.num { (p.position) }
-                            td.num { (p.lag.map_or("?".into(), |l| l.to_string())) }
-                            td { @if let Some(r) = &p.rebuild {
-                                "v" (r.version) ": " (r.processed) " / " (r.total)
-                                @if let Some(e) = &r.error { span.bad { " " (e) } }
-                            } }
-                        }
-                    }
-                }
-            }
+            (projections::summary(&projections))
             h2 { "Dead letters by source and reason" }
             @if by_reason.is_empty() { p.empty.ok { "None open." } } @else {
                 table {

@@ -12,11 +12,23 @@ const NAV: &[(&str, &str)] = &[
     ("/console", "Overview"),
     ("/console/orders/stuck", "Stuck orders"),
     ("/console/dead-letters", "Dead letters"),
+    ("/console/projections", "Projections"),
+    ("/console/outbox", "Outbox"),
     ("/console/activity", "Activity"),
 ];
 
 /// A signed-in page.
 pub fn page(op: &Operator, title: &str, body: Markup) -> Markup {
+    framed(op, title, None, body)
+}
+
+/// A signed-in page that reloads itself (from `url`, every `secs`) while something it shows
+/// is moving: live without JavaScript.
+pub fn refreshing(op: &Operator, title: &str, every: Option<(u32, &str)>, body: Markup) -> Markup {
+    framed(op, title, every, body)
+}
+
+fn framed(op: &Operator, title: &str, every: Option<(u32, &str)>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -25,6 +37,9 @@ pub fn page(op: &Operator, title: &str, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · shop console" }
                 link rel="stylesheet" href="/console/console.css";
+                @if let Some((secs, url)) = every {
+                    meta http-equiv="refresh" content={ (secs) "; url=" (url) };
+                }
             }
             body {
                 header {

@@ -234,6 +234,97 @@ pub async fn prune(pool: &PgPool, retention: std::time::Duration) -> Result<u64,
     Ok(r.rows_affected())
 }
 
+/// Unpublished rows of one destination and target (topic or exchange).
+#[derive(Debug, Clone)]
+pub struct TargetBacklog {
+    pub destination: Destination,
+    pub target: String,
+    /// Waiting for the relay (including those held behind a failed row).
+    pub pending: i64,
+    /// Set aside after a permanent rejection, waiting for an operator.
+    pub failed: i64,
+    pub oldest: DateTime<Utc>,
+}
+
+/// The unpublished rows per destination and target, the oldest backlog first.
+pub async fn backlog_by_target(pool: &PgPool) -> Result<Vec<TargetBacklog>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT destination, target, count(*) FILTER (WHERE failed_at IS NULL) AS pending,
+                count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed, min(created_at) AS oldest
+         FROM outbox WHERE published_at IS NULL GROUP BY destination, target ORDER BY oldest",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(TargetBacklog {
+                destination: destination(r)?,
+                target: r.try_get("target")?,
+                pending: r.try_get("pending")?,
+                failed: r.try_get("failed")?,
+                oldest: r.try_get("oldest")?,
+            })
+        })
+        .collect()
+}
+
+/// One unpublished row as an operator sees it.
+#[derive(Debug, Clone)]
+pub struct UnpublishedRow {
+    pub id: i64,
+    pub message_id: Uuid,
+    pub destination: Destination,
+    pub target: String,
+    pub ordering_key: String,
+    pub attempts: i32,
+    /// The last broker error (a transient one while the row is still pending).
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub failed_at: Option<DateTime<Utc>>,
+    /// A failed row of the same key and destination holds it back ([`next_batch`]).
+    pub blocked: bool,
+}
+
+/// The oldest unpublished rows, failed ones included, oldest first; `destination` narrows.
+pub async fn oldest_unpublished(
+    pool: &PgPool,
+    destination_filter: Option<Destination>,
+    limit: i64,
+) -> Result<Vec<UnpublishedRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, message_id, destination, target, ordering_key, attempts, last_error, created_at,
+                failed_at,
+                failed_at IS NULL AND EXISTS (
+                    SELECT 1 FROM outbox f
+                    WHERE f.destination = o.destination AND f.ordering_key = o.ordering_key
+                      AND f.failed_at IS NOT NULL AND f.published_at IS NULL AND f.id < o.id
+                ) AS blocked
+         FROM outbox o
+         WHERE published_at IS NULL AND ($1::text IS NULL OR destination = $1)
+         ORDER BY id LIMIT $2",
+    )
+    .bind(destination_filter.map(Destination::as_str))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(UnpublishedRow {
+                id: r.try_get("id")?,
+                message_id: r.try_get("message_id")?,
+                destination: destination(r)?,
+                target: r.try_get("target")?,
+                ordering_key: r.try_get("ordering_key")?,
+                attempts: r.try_get("attempts")?,
+                last_error: r.try_get("last_error")?,
+                created_at: r.try_get("created_at")?,
+                failed_at: r.try_get("failed_at")?,
+                blocked: r.try_get("blocked")?,
+            })
+        })
+        .collect()
+}
+
 /// Pending rows and the age of the oldest one, in seconds.
 pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     sqlx::query_as(

@@ -58,8 +58,130 @@ pub enum RebuildError {
         stream_version: i64,
         message: String,
     },
+    /// An operator aborted it ([`abort`]): the new version's tables are gone and the active
+    /// version kept serving throughout.
+    #[error("the rebuild of `{0}` was aborted by an operator")]
+    Aborted(&'static str),
+    #[error("unknown projection `{0}`; known: {known}", known = known_names().join(", "))]
+    Unknown(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+/// Every projection an operator can rebuild, analytics last.
+pub fn known_names() -> Vec<&'static str> {
+    let mut known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+    known.push(crate::analytics::NAME);
+    known
+}
+
+/// Starts rebuilding the projection `name` in the background (or resumes an interrupted
+/// rebuild) and returns the version being built; progress shows in [`crate::status::all`].
+/// `analytics` is instead reset, so its group replays its Kafka topics from offset 0 (`None`).
+/// The GraphQL mutation and the console both start rebuilds here.
+pub async fn request(pool: &PgPool, name: &str) -> Result<Option<i32>, RebuildError> {
+    if name == crate::analytics::NAME {
+        crate::analytics::rebuild(pool).await?;
+        return Ok(None);
+    }
+    let kind = Kind::parse(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+    let started = start(pool, kind, &RebuildOptions::default()).await?;
+    let version = started.version();
+    // Runs here at once; if it fails or this process dies, the rebuild stays interrupted and
+    // the `rebuilds` role of `shop run` resumes it (run_worker).
+    tokio::spawn(async move {
+        match started.run(|_| {}).await {
+            Ok(_) => {}
+            Err(e @ RebuildError::Aborted(_)) => tracing::info!(error = %e, "rebuild aborted"),
+            Err(e) => tracing::error!(projection = kind.name(), error = %e, "rebuild failed"),
+        }
+    });
+    Ok(Some(version))
+}
+
+/// What [`abort`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// No rebuild ran: the interrupted one's tables are dropped now.
+    Dropped { version: i32 },
+    /// A rebuild is running: it stops at its next batch (or before switching) and drops
+    /// its tables itself.
+    Requested { version: i32 },
+    /// There was no rebuild to abort.
+    Nothing,
+}
+
+/// Aborts the rebuild of `kind`, running or interrupted; the active version is untouched.
+pub async fn abort(pool: &PgPool, kind: Kind) -> Result<Abort, RebuildError> {
+    let mut lock = pool.acquire().await?.detach();
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(REBUILD_LOCK_NS)
+        .bind(kind.name())
+        .fetch_one(&mut lock)
+        .await?;
+    let outcome = if free {
+        let version: Option<i32> =
+            sqlx::query_scalar("SELECT rebuild_version FROM projections WHERE name = $1")
+                .bind(kind.name())
+                .fetch_one(&mut lock)
+                .await?;
+        match version {
+            Some(version) => {
+                discard(pool, kind, version).await?;
+                Abort::Dropped { version }
+            }
+            None => Abort::Nothing,
+        }
+    } else {
+        let version: Option<i32> = sqlx::query_scalar(
+            "UPDATE projections SET rebuild_state = 'aborting', rebuild_updated_at = now()
+             WHERE name = $1 AND rebuild_version IS NOT NULL RETURNING rebuild_version",
+        )
+        .bind(kind.name())
+        .fetch_optional(&mut lock)
+        .await?;
+        version.map_or(Abort::Nothing, |version| Abort::Requested { version })
+    };
+    if free {
+        sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(REBUILD_LOCK_NS)
+            .bind(kind.name())
+            .execute(&mut lock)
+            .await?;
+    }
+    let _ = sqlx::Connection::close(lock).await;
+    tracing::info!(projection = kind.name(), outcome = ?outcome, "rebuild abort");
+    Ok(outcome)
+}
+
+/// Drops an aborted rebuild's tables and clears it from the projection's row (the caller
+/// holds the rebuild lock).
+async fn discard(pool: &PgPool, kind: Kind, version: i32) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for base in registry::get(kind).tables() {
+        drop_table(&mut tx, &versioned(base, version)).await?;
+    }
+    sqlx::query(
+        "UPDATE projections SET rebuild_version = NULL, rebuild_state = NULL, rebuild_cursor_tx = NULL,
+                rebuild_cursor_pos = NULL, rebuild_processed = 0, rebuild_total = NULL,
+                rebuild_started_at = NULL, rebuild_updated_at = NULL, rebuild_error = NULL
+         WHERE name = $1 AND rebuild_version = $2",
+    )
+    .bind(kind.name())
+    .bind(version)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Whether an operator asked the rebuild of `name` to stop.
+async fn aborting(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT rebuild_state FROM projections WHERE name = $1")
+            .bind(name)
+            .fetch_one(conn)
+            .await?;
+    Ok(state.as_deref() == Some("aborting"))
 }
 
 /// How far a rebuild is.
@@ -258,8 +380,10 @@ pub async fn start(
                     .execute(&mut *tx)
                     .await?;
             }
+            // An abort asked of a runner that died stays asked: the resumed run honours it.
             sqlx::query(
-                "UPDATE projections SET rebuild_state = 'running', rebuild_error = NULL, rebuild_updated_at = now()
+                "UPDATE projections SET rebuild_state = CASE WHEN rebuild_state = 'aborting' THEN 'aborting' ELSE 'running' END,
+                        rebuild_error = NULL, rebuild_updated_at = now()
                  WHERE name = $1",
             )
             .bind(kind.name())
@@ -430,7 +554,11 @@ impl Rebuild {
                 .bind(self.processed)
                 .execute(&mut *tx)
                 .await?;
+                let stop = aborting(&mut tx, name).await?;
                 tx.commit().await?;
+                if stop {
+                    return Err(RebuildError::Aborted(name));
+                }
                 metrics::gauge!("projection_rebuild_processed", "projection" => name)
                     .set(self.processed as f64);
                 metrics::gauge!("projection_rebuild_total", "projection" => name)
@@ -484,6 +612,15 @@ impl Rebuild {
                     events: self.processed,
                     resumed: self.resumed,
                 })
+            }
+            Err(e @ RebuildError::Aborted(_)) => {
+                discard(&self.pool, self.kind, self.version).await?;
+                tracing::info!(
+                    projection = name,
+                    version = self.version,
+                    "rebuild aborted; its tables are dropped"
+                );
+                Err(e)
             }
             Err(e) => {
                 tracing::error!(projection = name, error = %e, "rebuild failed");
@@ -544,6 +681,9 @@ impl Rebuild {
         let name = self.kind.name();
         let mut tx = self.pool.begin().await?;
         projection::lock_for_switch(&mut tx, self.kind).await?;
+        if aborting(&mut tx, name).await? {
+            return Err(RebuildError::Aborted(name));
+        }
         while self.replay_page(&mut tx).await? > 0 {}
         self.copy_ahead(&mut tx).await?;
         for base in registry::get(self.kind).tables() {
@@ -652,6 +792,7 @@ async fn worker_loop(pool: &PgPool, ctx: &platform::supervisor::RoleCtx) -> anyh
                 _ = ctx.shutdown().cancelled() => break,
                 done = rebuild.run(|_| {}) => match done {
                     Ok(r) => tracing::info!(projection = r.projection, version = r.version, events = r.events, "rebuild finished"),
+                    Err(RebuildError::Aborted(_)) => {}
                     Err(e @ RebuildError::Poison { .. }) => {
                         tracing::error!(projection = p.name, error = %e, "rebuild stopped at a poison event");
                         poisoned.insert(p.name, std::time::Instant::now());

@@ -30,6 +30,8 @@ pub struct RebuildStatus {
     pub started_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// An operator asked it to stop ([`crate::rebuild::abort`]); it does at its next batch.
+    pub aborting: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,8 @@ pub async fn all(
                     started_at: r.try_get("rebuild_started_at")?,
                     updated_at: r.try_get("rebuild_updated_at")?,
                     error: r.try_get("rebuild_error")?,
+                    aborting: r.try_get::<Option<String>, _>("rebuild_state")?.as_deref()
+                        == Some("aborting"),
                 }),
             },
             last_rebuilt_at: r.try_get("last_rebuilt_at")?,

@@ -351,6 +351,52 @@ pub async fn sagas_in_flight(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
+/// A saga waiting for a participant: the step, its attempt, and when its deadline fires.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Waiting {
+    pub order_id: uuid::Uuid,
+    pub step: String,
+    pub attempt: i32,
+    pub due_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The sagas waiting for a participant, the soonest deadline first; `step` narrows to one
+/// step (`inventory`, `payment`, `shipment`), `overdue` to deadlines already past (the
+/// deadlines role is behind or down).
+pub async fn waiting(
+    pool: &sqlx::PgPool,
+    step: Option<&str>,
+    overdue: bool,
+    limit: i64,
+) -> Result<Vec<Waiting>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT order_id, step, attempt, due_at FROM saga_deadlines
+         WHERE ($1::text IS NULL OR step = $1) AND (NOT $2 OR due_at < now())
+         ORDER BY due_at LIMIT $3",
+    )
+    .bind(step)
+    .bind(overdue)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Makes a waiting saga's step deadline due now, so the deadlines role does at once what it
+/// would have done when the deadline passed: send the step again as its next attempt or,
+/// out of attempts, compensate. Returns the step and attempt that were waiting, `None` when
+/// the saga waits for nothing (finished, or not started).
+pub async fn expedite(
+    pool: &sqlx::PgPool,
+    order_id: uuid::Uuid,
+) -> Result<Option<(String, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE saga_deadlines SET due_at = now() WHERE order_id = $1 RETURNING step, attempt",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

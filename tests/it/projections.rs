@@ -657,6 +657,94 @@ async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
     supervising.await.unwrap().unwrap();
 }
 
+/// An operator aborts rebuilds: an interrupted one is dropped at once; a running one stops at
+/// its next batch and drops its own tables; the active version serves throughout and the
+/// rebuild worker does not bring an aborted rebuild back.
+#[tokio::test]
+async fn an_aborted_rebuild_leaves_the_active_version_and_no_tables_behind() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    append_orders(&pool, 60, 4).await;
+    let (want, _) = expected_from_event_store(&pool).await;
+    // No projector runs here: the active version is what it was (empty) until a switch.
+    let (serving, _) = actual(&pool).await;
+    let options = RebuildOptions {
+        batch_size: 20,
+        restart: false,
+    };
+    let tables = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'order_summary_v%' ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let rebuild_version = || async {
+        sqlx::query_scalar::<_, Option<i32>>(
+            "SELECT rebuild_version FROM projections WHERE name = 'order_summary'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        rebuild::abort(&pool, Kind::OrderSummary).await.unwrap(),
+        rebuild::Abort::Nothing
+    );
+
+    // Interrupted (its process died): dropped at once.
+    let interrupted = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    drop(interrupted);
+    assert_eq!(tables().await, ["order_summary_v1", "order_summary_v2"]);
+    assert_eq!(
+        rebuild::abort(&pool, Kind::OrderSummary).await.unwrap(),
+        rebuild::Abort::Dropped { version: 2 }
+    );
+    assert_eq!(tables().await, ["order_summary_v1"]);
+    assert_eq!(rebuild_version().await, None);
+
+    // Running: asked to stop while it holds the rebuild lock, it stops at its next batch.
+    let running = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap();
+    assert_eq!(running.version(), 2);
+    assert_eq!(
+        rebuild::abort(&pool, Kind::OrderSummary).await.unwrap(),
+        rebuild::Abort::Requested { version: 2 }
+    );
+    let mut batches = 0;
+    let outcome = running.run(|_| batches += 1).await;
+    assert!(
+        matches!(outcome, Err(RebuildError::Aborted("order_summary"))),
+        "{outcome:?}"
+    );
+    assert_eq!(batches, 0, "stopped at the first batch");
+    assert_eq!(tables().await, ["order_summary_v1"]);
+    assert_eq!(rebuild_version().await, None);
+    let all = read_side::status::all(&pool, None).await.unwrap();
+    let summary = all.iter().find(|p| p.name == "order_summary").unwrap();
+    assert_eq!(
+        (summary.version, summary.state),
+        (1, read_side::status::State::Live)
+    );
+    let (got, _) = actual(&pool).await;
+    assert_eq!(got, serving, "the active version is untouched by the aborts");
+
+    // A rebuild after an abort starts from scratch and switches as usual.
+    let report = rebuild::start(&pool, Kind::OrderSummary, &options)
+        .await
+        .unwrap()
+        .run(|_| {})
+        .await
+        .unwrap();
+    assert_eq!((report.version, report.resumed), (2, false));
+    let (got, _) = actual(&pool).await;
+    assert_eq!(got, want);
+}
+
 /// A rebuild includes every event committed before it started, even while a transaction
 /// that began earlier (here: in another database of the cluster, as another service's would)
 /// holds the feed's horizon back: it waits for that transaction instead of switching to a

@@ -14,8 +14,7 @@ use super::{
 };
 use crate::{
     dead_letters,
-    projection::Kind,
-    rebuild::{self, RebuildError, RebuildOptions},
+    rebuild::{self, RebuildError},
     status::{self, Watermarks},
 };
 
@@ -136,26 +135,12 @@ impl OperationsMutation {
         name: String,
     ) -> async_graphql::Result<Projection> {
         operator(ctx, "rebuilding")?;
-        if name == crate::analytics::NAME {
-            // Replayed from Kafka, not the event store: reset, then the group replays.
-            crate::analytics::rebuild(ctx.data::<PgPool>()?)
-                .await
-                .map_err(internal)?;
-            return projection_status(ctx, crate::analytics::NAME)
-                .await?
-                .ok_or_else(|| error("INTERNAL", "analytics has no status row"));
-        }
-        let kind = Kind::parse(&name).ok_or_else(|| {
-            let mut known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
-            known.push(crate::analytics::NAME);
-            error(
-                "BAD_USER_INPUT",
-                format!("unknown projection `{name}`; known: {}", known.join(", ")),
-            )
-        })?;
         let pool = ctx.data::<PgPool>()?;
-        let started = match rebuild::start(pool, kind, &RebuildOptions::default()).await {
-            Ok(r) => r,
+        let name = match rebuild::request(pool, &name).await {
+            Ok(_) => name,
+            Err(e @ RebuildError::Unknown(_)) => {
+                return Err(error("BAD_USER_INPUT", e.to_string()));
+            }
             Err(e @ RebuildError::AlreadyRunning(_)) => {
                 return Err(error("CONFLICT", e.to_string()));
             }
@@ -164,14 +149,7 @@ impl OperationsMutation {
                 return Err(error("INTERNAL", "the rebuild could not start"));
             }
         };
-        // Runs here at once; if it fails or this process dies, the rebuild stays interrupted
-        // and the `rebuilds` role of `shop run` resumes it (rebuild::run_worker).
-        tokio::spawn(async move {
-            if let Err(e) = started.run(|_| {}).await {
-                tracing::error!(projection = kind.name(), error = %e, "rebuild failed");
-            }
-        });
-        projection_status(ctx, kind.name())
+        projection_status(ctx, &name)
             .await?
             .ok_or_else(|| error("INTERNAL", "the projection has no status row"))
     }

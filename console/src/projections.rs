@@ -1,0 +1,312 @@
+//! Projections: each read model's version, position, lag and state, and its rebuilds.
+//!
+//! Why: a read model that disagrees with the event store (a bug fixed in a projector, a
+//! partition behind Kafka's retention) is repaired by rebuilding it from the store. An
+//! operator starts that here with `read_side::rebuild::request`, the same call as the GraphQL
+//! mutation `rebuildProjection`, watches it (events done of the store's count, events/s,
+//! ETA; the page reloads itself every 2 s while a rebuild runs, without JavaScript) and can
+//! abort it. The previous version keeps serving, and is kept, until the rebuilt one has
+//! caught up with the store and switches in by itself in one transaction
+//! (`read_side::rebuild`). Starting and aborting are recorded in the action log.
+
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use maud::{Markup, html};
+use read_side::{
+    projection::Kind,
+    rebuild::{self, Abort, RebuildError},
+    status::{ProjectionStatus, RebuildStatus, State as Phase},
+};
+use serde::Deserialize;
+
+use crate::{
+    Console, ConsoleError, actions,
+    session::{Act, Operator},
+    view,
+};
+
+/// How often the page reloads itself while a rebuild runs.
+const REFRESH_SECS: u32 = 2;
+
+pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup, ConsoleError> {
+    render(&console, &op, None).await
+}
+
+#[derive(Deserialize)]
+pub struct WhyForm {
+    /// Why, in the operator's words (recorded; required to abort).
+    #[serde(default)]
+    why: String,
+}
+
+/// `POST /console/projections/{name}/{rebuild|abort}`.
+pub async fn act(
+    State(console): State<Console>,
+    Path((name, action)): Path<(String, String)>,
+    act: Act<WhyForm>,
+) -> Result<Markup, ConsoleError> {
+    let Some(&name) = rebuild::known_names().iter().find(|k| **k == name) else {
+        return Err(ConsoleError::NotFound(format!("no projection `{name}`")));
+    };
+    let why = act.form.why.trim();
+    let (verb, outcome) = match action.as_str() {
+        "rebuild" => ("rebuild_projection", start(&console, name).await?),
+        "abort" => {
+            if why.is_empty() {
+                return Err(ConsoleError::BadRequest(
+                    "say why the rebuild is aborted".into(),
+                ));
+            }
+            let kind = Kind::parse(name).ok_or_else(|| {
+                ConsoleError::BadRequest(format!(
+                    "`{name}` is rebuilt by replaying its Kafka topics: there is nothing to abort"
+                ))
+            })?;
+            ("abort_rebuild", abort(&console, kind).await?)
+        }
+        other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
+    };
+    let shown = match &outcome {
+        Ok(s) => format!("ok: {s}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    actions::record(
+        &console.pool,
+        actions::NewAction {
+            actor: &act.operator.actor,
+            action: verb,
+            target: &format!("projection:{name}"),
+            order_id: None,
+            reason: why,
+            outcome: &shown,
+            detail: None,
+        },
+    )
+    .await?;
+    render(&console, &act.operator, Some((name, outcome))).await
+}
+
+async fn start(console: &Console, name: &str) -> Result<Result<String, String>, ConsoleError> {
+    Ok(match rebuild::request(&console.pool, name).await {
+        Ok(Some(version)) => Ok(format!("building version {version} from the event store")),
+        Ok(None) => Ok("reset: its consumer group replays its topics from the start".into()),
+        Err(RebuildError::Database(e)) => return Err(e.into()),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+async fn abort(console: &Console, kind: Kind) -> Result<Result<String, String>, ConsoleError> {
+    Ok(match rebuild::abort(&console.pool, kind).await {
+        Ok(Abort::Dropped { version }) => {
+            Ok(format!("aborted; version {version}'s tables are dropped"))
+        }
+        Ok(Abort::Requested { version }) => Ok(format!(
+            "the running rebuild of version {version} stops at its next batch and drops its tables"
+        )),
+        Ok(Abort::Nothing) => Err("there is no rebuild to abort".into()),
+        Err(RebuildError::Database(e)) => return Err(e.into()),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+type Notice<'a> = (&'a str, Result<String, String>);
+
+async fn render(
+    console: &Console,
+    op: &Operator,
+    notice: Option<Notice<'_>>,
+) -> Result<Markup, ConsoleError> {
+    let all = read_side::status::all(&console.pool, console.watermarks.as_ref()).await?;
+    let moving = all.iter().any(|p| p.rebuild.is_some());
+    let every = moving.then_some((REFRESH_SECS, "/console/projections"));
+    Ok(view::refreshing(
+        op,
+        "Projections",
+        every,
+        html! {
+            h1 { "Projections" }
+            @if let Some((name, outcome)) = &notice {
+                @match outcome {
+                    Ok(s) => p.ok #outcome { (name) ": " (s) },
+                    Err(e) => p.bad #outcome { (name) ": " (e) },
+                }
+            }
+            p.hint {
+                "A rebuild replays the event store into a new version while the current one serves; "
+                "the new version switches in by itself once it has caught up, and the old one is dropped then. "
+                "Analytics is rebuilt by replaying its Kafka topics instead."
+            }
+            @for p in &all { (card(op, p)) }
+        },
+    ))
+}
+
+fn card(op: &Operator, p: &ProjectionStatus) -> Markup {
+    html! {
+        section.projection id={ "projection-" (p.name) } {
+            h2 { (p.name) }
+            dl {
+                dt { "Version" } dd.version { (p.version) }
+                dt { "State" } dd.state { (state(p)) }
+                dt { "Position" } dd { (p.position) }
+                dt { "Lag" } dd { (p.lag.map_or("?".into(), |l| l.to_string())) }
+                @if let Some(n) = p.behind_retention.filter(|n| *n > 0) {
+                    dt { "Behind retention" } dd.bad { (n) " partition(s): rebuild it" }
+                }
+                dt { "Last rebuilt" } dd { (p.last_rebuilt_at.map_or("never".into(), view::time)) }
+            }
+            @match &p.rebuild {
+                Some(r) => {
+                    (progress(r, Utc::now()))
+                    form.inline method="post" action={ "/console/projections/" (p.name) "/abort" } {
+                        (view::csrf(op))
+                        input name="why" placeholder="why abort (recorded)" aria-label="why abort" required {}
+                        button.danger type="submit" { "Abort the rebuild" }
+                    }
+                }
+                None => {
+                    form.inline method="post" action={ "/console/projections/" (p.name) "/rebuild" } {
+                        (view::csrf(op))
+                        input name="why" placeholder="why (recorded)" aria-label="why rebuild" {}
+                        button type="submit" { "Rebuild" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn state(p: &ProjectionStatus) -> String {
+    match (&p.state, &p.rebuild) {
+        (_, Some(r)) if r.aborting => format!("aborting the rebuild of v{}", r.version),
+        (Phase::Rebuilding, Some(r)) => format!("live; rebuilding v{}", r.version),
+        (Phase::RebuildInterrupted, Some(r)) if r.error.is_some() => {
+            format!(
+                "live; the rebuild of v{} failed (retried within minutes)",
+                r.version
+            )
+        }
+        (Phase::RebuildInterrupted, Some(r)) => {
+            format!(
+                "live; the rebuild of v{} was interrupted (resumes within seconds)",
+                r.version
+            )
+        }
+        _ => "live".into(),
+    }
+}
+
+/// A rebuild's progress bar and numbers.
+fn progress(r: &RebuildStatus, now: DateTime<Utc>) -> Markup {
+    let pace = Pace::of(r, now);
+    let max = r.total.max(r.processed).max(1);
+    html! {
+        div.rebuild {
+            progress value=(r.processed) max=(max) {}
+            span.percent { (pace.percent) "%" }
+            " " (r.processed) " of " (r.total) " events"
+            @if let Some(rate) = pace.per_second { ", " (format!("{rate:.0}")) " events/s" }
+            @if let Some(eta) = pace.eta_seconds { ", about " (eta) " s left" }
+            @if let Some(e) = &r.error { p.bad { (e) } }
+        }
+    }
+}
+
+/// A rebuild's pace: percent of the store's count at its start (the feed grows, so it is
+/// capped at 100), events per second since it started, seconds left at that rate.
+#[derive(Debug, PartialEq)]
+struct Pace {
+    percent: i64,
+    per_second: Option<f64>,
+    eta_seconds: Option<i64>,
+}
+
+impl Pace {
+    fn of(r: &RebuildStatus, now: DateTime<Utc>) -> Pace {
+        let percent = if r.total <= 0 {
+            100
+        } else {
+            (r.processed * 100 / r.total).clamp(0, 100)
+        };
+        let elapsed = r
+            .started_at
+            .map(|s| (r.updated_at.unwrap_or(now) - s).as_seconds_f64())
+            .filter(|s| *s > 0.0);
+        let per_second = elapsed.map(|s| r.processed as f64 / s).filter(|r| *r > 0.0);
+        let eta_seconds =
+            per_second.map(|rate| ((r.total - r.processed).max(0) as f64 / rate).ceil() as i64);
+        Pace {
+            percent,
+            per_second,
+            eta_seconds,
+        }
+    }
+}
+
+/// The overview's compact table, linking here.
+pub fn summary(all: &[ProjectionStatus]) -> Markup {
+    html! {
+        table.projections {
+            thead { tr { th { "Projection" } th.num { "Version" } th { "State" } th.num { "Position" } th.num { "Lag" } th { "Rebuild" } } }
+            tbody {
+                @for p in all {
+                    tr {
+                        td { a href={ "/console/projections#projection-" (p.name) } { (p.name) } }
+                        td.num { (p.version) }
+                        td { (state(p)) }
+                        td.num { (p.position) }
+                        td.num { (p.lag.map_or("?".into(), |l| l.to_string())) }
+                        td { @if let Some(r) = &p.rebuild { (Pace::of(r, Utc::now()).percent) "%" } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(processed: i64, total: i64, secs: Option<i64>) -> RebuildStatus {
+        let start = Utc::now();
+        RebuildStatus {
+            version: 2,
+            processed,
+            total,
+            started_at: secs.map(|_| start),
+            updated_at: secs.map(|s| start + chrono::Duration::seconds(s)),
+            error: None,
+            aborting: false,
+        }
+    }
+
+    #[test]
+    fn pace_is_percent_of_the_count_at_the_start_rate_since_then_and_time_left_at_that_rate() {
+        let p = Pace::of(&status(2_500, 10_000, Some(5)), Utc::now());
+        assert_eq!(
+            p,
+            Pace {
+                percent: 25,
+                per_second: Some(500.0),
+                eta_seconds: Some(15)
+            }
+        );
+    }
+
+    #[test]
+    fn a_feed_that_grew_past_the_count_caps_at_100_percent_and_nothing_left() {
+        let p = Pace::of(&status(12_000, 10_000, Some(4)), Utc::now());
+        assert_eq!((p.percent, p.eta_seconds), (100, Some(0)));
+        // An empty store is done at once; a rebuild not yet timed has no rate.
+        let p = Pace::of(&status(0, 0, None), Utc::now());
+        assert_eq!(
+            p,
+            Pace {
+                percent: 100,
+                per_second: None,
+                eta_seconds: None
+            }
+        );
+    }
+}
