@@ -21,6 +21,7 @@ mod orders;
 mod outbox;
 mod overview;
 mod projections;
+mod sagas;
 pub mod session;
 mod stuck;
 mod view;
@@ -106,6 +107,8 @@ impl Console {
                 post(projections::act),
             )
             .route("/console/outbox", get(outbox::page))
+            .route("/console/sagas", get(sagas::page))
+            .route("/console/sagas/{order}/retry", post(sagas::retry))
             .route("/console/activity", get(actions::page))
             .layer(axum::middleware::map_response(harden))
             .with_state(self)

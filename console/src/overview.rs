@@ -43,7 +43,7 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
             h1 { "Overview" }
             div.cards {
                 div.card { div.value #stuck-count { a href="/console/orders/stuck" { (stuck.len()) } } div.label { "stuck orders" } }
-                div.card { div.value { (in_flight) } div.label { "sagas in flight" } }
+                div.card { div.value { a href="/console/sagas" { (in_flight) } } div.label { "sagas in flight" } }
                 div.card { div.value #dead-letter-count { a href="/console/dead-letters" { (gathered.letters.len()) } } div.label { "open dead letters" } }
                 div.card { div.value { a href="/console/outbox" { (backlog) } } div.label { "outbox rows pending; oldest " (format!("{oldest:.1}")) " s" } }
                 @if let Some(r) = &roles {

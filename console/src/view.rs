@@ -12,6 +12,7 @@ const NAV: &[(&str, &str)] = &[
     ("/console", "Overview"),
     ("/console/orders/stuck", "Stuck orders"),
     ("/console/dead-letters", "Dead letters"),
+    ("/console/sagas", "Sagas"),
     ("/console/projections", "Projections"),
     ("/console/outbox", "Outbox"),
     ("/console/activity", "Activity"),

@@ -330,8 +330,15 @@ async fn rebuild_row(shop: &ShopProcess) -> (i32, Option<i32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_order_break() {
-    let shop =
-        ShopProcess::start_with(bin(), |_| vec![("SHOP_DEV_MODE".into(), "true".into())]).await;
+    // No participant runs here: every saga waits for inventory, its deadline an hour away.
+    let shop = ShopProcess::start_with(bin(), |_| {
+        vec![
+            ("SHOP_DEV_MODE".into(), "true".into()),
+            ("SAGA_PARTICIPANTS".into(), "false".into()),
+            ("SAGA_STEP_TIMEOUT".into(), "1h".into()),
+        ]
+    })
+    .await;
     let customer = shop.token("customer", "c-rebuild");
     let operator = shop.token("operator", "ops-grace");
     let mut orders = Vec::new();
@@ -339,10 +346,8 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         orders.push(shop.checkout(&customer, sku, "tok_visa").await);
     }
     for id in &orders {
-        eventually(60, "the order confirmed in the read model", || async {
-            read_model(&shop, *id)
-                .await
-                .filter(|(s, _)| s == "CONFIRMED")
+        eventually(60, "the order in the read model", || async {
+            read_model(&shop, *id).await
         })
         .await;
     }
@@ -379,7 +384,7 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     assert_eq!(percent.as_deref(), Some("100%"));
     // The old version still serves every order meanwhile.
     for id in &orders {
-        assert_eq!(read_model(&shop, *id).await.unwrap().0, "CONFIRMED");
+        assert_eq!(read_model(&shop, *id).await.unwrap().0, "PENDING");
     }
     browser.screenshot("projections").await;
     held.commit().await.unwrap();
@@ -391,7 +396,7 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     assert_eq!((version.as_str(), state.as_str()), ("2", "live"));
     assert_eq!(rebuild_row(&shop).await, (2, None));
     for id in &orders {
-        assert_eq!(read_model(&shop, *id).await.unwrap().0, "CONFIRMED");
+        assert_eq!(read_model(&shop, *id).await.unwrap().0, "PENDING");
     }
 
     // Another rebuild, aborted while it waits to switch: its tables go, version 2 stays.
@@ -557,12 +562,65 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         .await
         .unwrap();
 
+    // Sagas: a checkout waits for inventory (no participant answers); the operator retries
+    // the step now instead of waiting out its deadline, and the saga sends it again as
+    // attempt 2.
+    let slow = orders[2];
+    let attempt = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT attempt FROM saga_deadlines WHERE order_id = $1 AND step = 'inventory'",
+        )
+        .bind(slow)
+        .fetch_optional(&shop.db.pool)
+        .await
+        .unwrap()
+    };
+    eventually(60, "the saga waiting for inventory", || async {
+        attempt().await.filter(|a| *a == 1)
+    })
+    .await;
+    browser
+        .goto(&format!("{console}/sagas?step=inventory"))
+        .await;
+    assert_eq!(browser.text(&format!("#saga-{slow} .attempt")).await, "1");
+    browser.screenshot("sagas").await;
+    browser
+        .fill(&format!("#saga-{slow} input[name=why]"), "provider back")
+        .await;
+    browser.click(&format!("#saga-{slow} button")).await;
+    let outcome = browser.text("#outcome").await;
+    assert!(outcome.contains("inventory attempt 1"), "{outcome}");
+    eventually(60, "inventory asked again as attempt 2", || async {
+        attempt().await.filter(|a| *a == 2)
+    })
+    .await;
+    let retried: (String, String) = sqlx::query_as(
+        "SELECT reason, outcome FROM console_actions WHERE action = 'retry_saga_step' AND order_id = $1",
+    )
+    .bind(slow)
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(retried.0, "provider back");
+    assert!(retried.1.starts_with("ok: "), "{retried:?}");
+    // Without a session the page is not shown.
+    let anonymous = shop
+        .http
+        .get(format!("{console}/sagas"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        anonymous.url().path().ends_with("/sign-in"),
+        "no session, no page"
+    );
+
     // A tampered event: the order's audit trail shows where its chain breaks.
     let tampered = orders[1];
     shop.db.allow_tampering().await;
     sqlx::query(
         "UPDATE events SET payload = jsonb_set(payload, '{customer_ref}', '\"someone-else\"')
-         WHERE stream_id = $1 AND stream_version = 2",
+         WHERE stream_id = $1 AND stream_version = 1",
     )
     .bind(tampered)
     .execute(&shop.db.pool)
@@ -570,7 +628,7 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     .unwrap();
     browser.goto(&format!("{console}/orders/{tampered}")).await;
     let verdict = browser.text("#audit-verdict").await;
-    assert!(verdict.contains("breaks at version 2"), "{verdict}");
+    assert!(verdict.contains("breaks at version 1"), "{verdict}");
     let broken = browser
         .client
         .find_all(fantoccini::Locator::Css("tr.broken"))

@@ -731,7 +731,10 @@ async fn an_aborted_rebuild_leaves_the_active_version_and_no_tables_behind() {
         (1, read_side::status::State::Live)
     );
     let (got, _) = actual(&pool).await;
-    assert_eq!(got, serving, "the active version is untouched by the aborts");
+    assert_eq!(
+        got, serving,
+        "the active version is untouched by the aborts"
+    );
 
     // A rebuild after an abort starts from scratch and switches as usual.
     let report = rebuild::start(&pool, Kind::OrderSummary, &options)

@@ -1,0 +1,163 @@
+//! Sagas: the checkouts waiting for a participant, by step, soonest deadline first, and the
+//! operator's "retry the step now".
+//!
+//! Why: a saga waits for a participant's reply up to `SAGA_STEP_TIMEOUT` per attempt. When
+//! the participant is known to be back (after an outage, a fix), an operator should not have
+//! to wait out every deadline: *Retry the step now* makes the step's deadline due at once,
+//! and the saga's deadlines role does what the deadline would have done, through the saga's
+//! own decision (`domain::saga`): send the step again as its next attempt or, out of
+//! attempts, compensate. Nothing here writes saga events itself. Each retry is recorded. A
+//! saga's timeline is on its order's page (the same read model as GraphQL `Order.checkout`).
+
+use axum::extract::{Path, Query, State};
+use chrono::Utc;
+use maud::{Markup, html};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::{
+    Console, ConsoleError, actions,
+    session::{Act, Operator},
+    view,
+};
+
+/// Sagas listed at most.
+const LIMIT: i64 = 200;
+
+/// The saga's steps, as stored with its deadline.
+const STEPS: [&str; 3] = ["inventory", "payment", "shipment"];
+
+#[derive(Deserialize, Default)]
+pub struct SagaQuery {
+    #[serde(default)]
+    step: String,
+    /// `1`: only deadlines already past.
+    #[serde(default)]
+    overdue: String,
+}
+
+pub async fn page(
+    State(console): State<Console>,
+    op: Operator,
+    Query(q): Query<SagaQuery>,
+) -> Result<Markup, ConsoleError> {
+    render(&console, &op, &q, None).await
+}
+
+#[derive(Deserialize)]
+pub struct WhyForm {
+    #[serde(default)]
+    why: String,
+}
+
+/// `POST /console/sagas/{order}/retry`.
+pub async fn retry(
+    State(console): State<Console>,
+    Path(order): Path<String>,
+    act: Act<WhyForm>,
+) -> Result<Markup, ConsoleError> {
+    let order: Uuid = order
+        .parse()
+        .map_err(|_| ConsoleError::BadRequest(format!("`{order}` is not an order id")))?;
+    let outcome = match saga::expedite(&console.pool, order).await? {
+        Some((step, attempt)) => Ok(format!(
+            "{step} attempt {attempt}: its deadline is due now; the saga sends the step again, or compensates when out of attempts"
+        )),
+        None => Err("the saga waits for no participant (finished or not started)".to_owned()),
+    };
+    let shown = match &outcome {
+        Ok(s) => format!("ok: {s}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    actions::record(
+        &console.pool,
+        actions::NewAction {
+            actor: &act.operator.actor,
+            action: "retry_saga_step",
+            target: &format!("saga:{order}"),
+            order_id: Some(order),
+            reason: act.form.why.trim(),
+            outcome: &shown,
+            detail: None,
+        },
+    )
+    .await?;
+    render(
+        &console,
+        &act.operator,
+        &SagaQuery::default(),
+        Some((order, outcome)),
+    )
+    .await
+}
+
+async fn render(
+    console: &Console,
+    op: &Operator,
+    q: &SagaQuery,
+    notice: Option<(Uuid, Result<String, String>)>,
+) -> Result<Markup, ConsoleError> {
+    let step = match q.step.trim() {
+        "" => None,
+        s => Some(
+            *STEPS
+                .iter()
+                .find(|k| **k == s)
+                .ok_or_else(|| ConsoleError::BadRequest(format!("unknown step `{s}`")))?,
+        ),
+    };
+    let overdue = q.overdue == "1";
+    let waiting = saga::waiting(&console.pool, step, overdue, LIMIT).await?;
+    let now = Utc::now();
+    Ok(view::page(
+        op,
+        "Sagas",
+        html! {
+            h1 { "Sagas waiting for a participant" }
+            @if let Some((order, outcome)) = &notice {
+                @match outcome {
+                    Ok(s) => p.ok #outcome { a href={ "/console/orders/" (order) } { (order) } ": " (s) },
+                    Err(e) => p.bad #outcome { a href={ "/console/orders/" (order) } { (order) } ": " (e) },
+                }
+            }
+            p.hint {
+                "Each waits for its step's reply until the deadline, then the saga sends the step again or, out of attempts, compensates. "
+                "Retry the step now when the participant is known to be back. The timeline of a saga is on its order's page."
+            }
+            form.filters method="get" action="/console/sagas" {
+                label { "Step"
+                    select name="step" {
+                        option value="" selected[step.is_none()] { "any" }
+                        @for s in STEPS { option value=(s) selected[step == Some(s)] { (s) } }
+                    }
+                }
+                label { "Overdue only" input type="checkbox" name="overdue" value="1" checked[overdue] {} }
+                button type="submit" { "Show" }
+            }
+            @if waiting.is_empty() { p.empty #sagas-empty { "No saga waits." } } @else {
+                table.sagas {
+                    thead { tr { th { "Order" } th { "Step" } th.num { "Attempt" } th { "Deadline" } th { "" } } }
+                    tbody {
+                        @for w in &waiting {
+                            @let left = (w.due_at - now).num_seconds();
+                            tr id={ "saga-" (w.order_id) } {
+                                td { a href={ "/console/orders/" (w.order_id) } { (w.order_id) } }
+                                td.step { (w.step) }
+                                td.num.attempt { (w.attempt) }
+                                @if left < 0 { td.bad { "overdue by " (-left) " s" } } @else { td { "in " (left) " s" } }
+                                td {
+                                    form.inline method="post" action={ "/console/sagas/" (w.order_id) "/retry" } {
+                                        (view::csrf(op))
+                                        input name="why" placeholder="why (recorded)" aria-label="why retry" {}
+                                        button type="submit" { "Retry the step now" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if waiting.len() as i64 == LIMIT { p.hint { "The first " (LIMIT) " are shown." } }
+            }
+        },
+    ))
+}
