@@ -14,6 +14,13 @@ stale=$(psql "$DATABASE_URL" -Atqc "select datname from pg_database where datnam
 for db in $stale; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null; done
 
 cd "$ROOT"
+# Queues left the same way (tests/src/bin/drop-test-queues.rs): a broker piling up hundreds of
+# quorum queues run after run slows down until declarations time out.
+if command -v rabbitmqctl >/dev/null; then
+  timeout 120 rabbitmqctl list_queues --quiet --no-table-headers name 2>/dev/null \
+    | cargo run --quiet -p shop-tests --bin drop-test-queues \
+    || log "could not clean up stale test queues (continuing)"
+fi
 cargo run --quiet -p shop -- setup
 log="$LOCAL/logs/test.log"
 set +e
