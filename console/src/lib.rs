@@ -108,7 +108,7 @@ impl Console {
             )
             .route("/console/outbox", get(outbox::page))
             .route("/console/sagas", get(sagas::page))
-            .route("/console/sagas/{order}/retry", post(sagas::retry))
+            .route("/console/sagas/{order}/{action}", post(sagas::act))
             .route("/console/activity", get(actions::page))
             .layer(axum::middleware::map_response(harden))
             .with_state(self)

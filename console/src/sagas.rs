@@ -6,12 +6,21 @@
 //! to wait out every deadline: *Retry the step now* makes the step's deadline due at once,
 //! and the saga's deadlines role does what the deadline would have done, through the saga's
 //! own decision (`domain::saga`): send the step again as its next attempt or, out of
-//! attempts, compensate. Nothing here writes saga events itself. Each retry is recorded. A
-//! saga's timeline is on its order's page (the same read model as GraphQL `Order.checkout`).
+//! attempts, compensate. *Compensate* cancels the order as the operator (the same command as
+//! an operator's `POST /orders/{id}/cancel`); the saga sees the cancellation on the event
+//! store's feed and releases what it holds. Nothing here writes saga events itself. Every
+//! action is recorded. A saga's timeline is on its order's page (the same read model as
+//! GraphQL `Order.checkout`).
 
 use axum::extract::{Path, Query, State};
 use chrono::Utc;
+use domain::{
+    order::{CancelledBy, OrderCommand},
+    values::{OrderId, Reason},
+};
+use event_store::Metadata;
 use maud::{Markup, html};
+use orders::OrderError;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -50,20 +59,29 @@ pub struct WhyForm {
     why: String,
 }
 
-/// `POST /console/sagas/{order}/retry`.
-pub async fn retry(
+/// `POST /console/sagas/{order}/{retry|compensate}`.
+pub async fn act(
     State(console): State<Console>,
-    Path(order): Path<String>,
+    Path((order, action)): Path<(String, String)>,
     act: Act<WhyForm>,
 ) -> Result<Markup, ConsoleError> {
     let order: Uuid = order
         .parse()
         .map_err(|_| ConsoleError::BadRequest(format!("`{order}` is not an order id")))?;
-    let outcome = match saga::expedite(&console.pool, order).await? {
-        Some((step, attempt)) => Ok(format!(
-            "{step} attempt {attempt}: its deadline is due now; the saga sends the step again, or compensates when out of attempts"
-        )),
-        None => Err("the saga waits for no participant (finished or not started)".to_owned()),
+    let (verb, outcome) = match action.as_str() {
+        "retry" => ("retry_saga_step", retry(&console, order).await?),
+        "compensate" => {
+            let reason = Reason::parse(&act.form.why).map_err(|_| {
+                ConsoleError::BadRequest(
+                    "say why the checkout is compensated (1 to 500 characters)".into(),
+                )
+            })?;
+            (
+                "compensate_saga",
+                compensate(&console, &act.operator.actor, order, reason).await?,
+            )
+        }
+        other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
     };
     let shown = match &outcome {
         Ok(s) => format!("ok: {s}"),
@@ -73,7 +91,7 @@ pub async fn retry(
         &console.pool,
         actions::NewAction {
             actor: &act.operator.actor,
-            action: "retry_saga_step",
+            action: verb,
             target: &format!("saga:{order}"),
             order_id: Some(order),
             reason: act.form.why.trim(),
@@ -89,6 +107,64 @@ pub async fn retry(
         Some((order, outcome)),
     )
     .await
+}
+
+async fn retry(console: &Console, order: Uuid) -> Result<Result<String, String>, ConsoleError> {
+    Ok(match saga::expedite(&console.pool, order).await? {
+        Some((step, attempt)) => Ok(format!(
+            "{step} attempt {attempt}: its deadline is due now; the saga sends the step again, or compensates when out of attempts"
+        )),
+        None => Err("the saga waits for no participant (finished or not started)".to_owned()),
+    })
+}
+
+/// Cancels the order as `actor`; the saga compensates when it reads the cancellation.
+async fn compensate(
+    console: &Console,
+    actor: &str,
+    order: Uuid,
+    reason: Reason,
+) -> Result<Result<String, String>, ConsoleError> {
+    let metadata = Metadata {
+        correlation_id: order,
+        causation_id: Uuid::now_v7(),
+        actor: actor.to_owned(),
+        traceparent: None,
+        command_id: None,
+    };
+    let mut tx = console.pool.begin().await?;
+    let (state, expected) = match orders::load(&mut tx, OrderId(order)).await {
+        Ok(loaded) => loaded,
+        Err(e) => return Ok(Err(format!("the order cannot be read: {e}"))),
+    };
+    if state.customer_id().is_none() {
+        return Ok(Err("no such order".into()));
+    }
+    let command = OrderCommand::Cancel {
+        reason,
+        by: CancelledBy::Operator,
+    };
+    Ok(
+        match orders::decide_and_append(
+            &mut tx,
+            OrderId(order),
+            &state,
+            &expected,
+            command,
+            &metadata,
+        )
+        .await
+        {
+            Ok(version) => {
+                tx.commit().await?;
+                Ok(format!(
+                    "the order is cancelled (version {version}); the saga releases what it holds"
+                ))
+            }
+            Err(OrderError::Database(e)) => return Err(e.into()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 async fn render(
@@ -146,10 +222,16 @@ async fn render(
                                 td.num.attempt { (w.attempt) }
                                 @if left < 0 { td.bad { "overdue by " (-left) " s" } } @else { td { "in " (left) " s" } }
                                 td {
-                                    form.inline method="post" action={ "/console/sagas/" (w.order_id) "/retry" } {
+                                    form.inline.retry method="post" action={ "/console/sagas/" (w.order_id) "/retry" } {
                                         (view::csrf(op))
                                         input name="why" placeholder="why (recorded)" aria-label="why retry" {}
                                         button type="submit" { "Retry the step now" }
+                                    }
+                                    " "
+                                    form.inline.compensate method="post" action={ "/console/sagas/" (w.order_id) "/compensate" } {
+                                        (view::csrf(op))
+                                        input name="why" placeholder="why (required)" aria-label="why compensate" required {}
+                                        button.danger type="submit" { "Compensate" }
                                     }
                                 }
                             }

@@ -585,9 +585,14 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     assert_eq!(browser.text(&format!("#saga-{slow} .attempt")).await, "1");
     browser.screenshot("sagas").await;
     browser
-        .fill(&format!("#saga-{slow} input[name=why]"), "provider back")
+        .fill(
+            &format!("#saga-{slow} form.retry input[name=why]"),
+            "provider back",
+        )
         .await;
-    browser.click(&format!("#saga-{slow} button")).await;
+    browser
+        .click(&format!("#saga-{slow} form.retry button"))
+        .await;
     let outcome = browser.text("#outcome").await;
     assert!(outcome.contains("inventory attempt 1"), "{outcome}");
     eventually(60, "inventory asked again as attempt 2", || async {
@@ -603,6 +608,57 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     .unwrap();
     assert_eq!(retried.0, "provider back");
     assert!(retried.1.starts_with("ok: "), "{retried:?}");
+    // Compensate: the operator cancels a waiting checkout; the saga releases what it holds
+    // and ends compensated, the order is cancelled.
+    let given_up = orders[1];
+    browser.goto(&format!("{console}/sagas")).await;
+    browser
+        .fill(
+            &format!("#saga-{given_up} form.compensate input[name=why]"),
+            "customer called: cancel",
+        )
+        .await;
+    browser
+        .click(&format!("#saga-{given_up} form.compensate button"))
+        .await;
+    let outcome = browser.text("#outcome").await;
+    assert!(outcome.contains("the order is cancelled"), "{outcome}");
+    let status = eventually(60, "the saga compensated", || async {
+        let c = read_side::checkout::load(&shop.db.pool, given_up)
+            .await
+            .unwrap();
+        (c.status == read_side::checkout::Status::Compensated).then_some(c.status)
+    })
+    .await;
+    assert_eq!(status, read_side::checkout::Status::Compensated);
+    eventually(60, "the order cancelled in the read model", || async {
+        read_model(&shop, given_up)
+            .await
+            .filter(|(s, _)| s == "CANCELLED")
+    })
+    .await;
+    let compensated: (String, String, String) = sqlx::query_as(
+        "SELECT actor, reason, outcome FROM console_actions WHERE action = 'compensate_saga' AND order_id = $1",
+    )
+    .bind(given_up)
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(compensated.0, "operator:ops-grace");
+    assert_eq!(compensated.1, "customer called: cancel");
+    assert!(compensated.2.starts_with("ok: "), "{compensated:?}");
+    let actor: String = sqlx::query_scalar(
+        "SELECT metadata->>'actor' FROM events WHERE stream_id = $1 AND event_type = 'OrderCancelled'",
+    )
+    .bind(given_up)
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actor, "operator:ops-grace",
+        "the cancellation names the operator"
+    );
+
     // Without a session the page is not shown.
     let anonymous = shop
         .http
