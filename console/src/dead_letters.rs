@@ -1,7 +1,14 @@
 //! The dead-letter pages: one list over every source with filters, a detail view with the
 //! whole envelope, and the actions (replay one, discard one with a reason, replay the open
-//! ones a filter shows, in the order they failed). Every action goes through [`resolve`],
-//! which routes it to its source's library call and records it.
+//! ones a filter shows, in the order they failed, and correct-then-replay a saga message).
+//! Every action goes through [`resolve`], which routes it to its source's library call and
+//! records it.
+//!
+//! Only a saga message can be corrected: it is a message between processes, and its
+//! receiver checks the corrected one as it checks any (a reply must still answer a command
+//! the saga sent). A read-side dead letter is an event of the store, which is the source of
+//! truth and never edited; an outbox row is an event or command already committed with it.
+//! A correction is recorded with the message before and after.
 
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -206,6 +213,18 @@ pub async fn show(
             }
             h2 { "Message" }
             pre.body { (body) }
+            @if open && id.source() == Source::Saga {
+                h2 { "Correct, then replay" }
+                p.hint { "For a message its receiver cannot read (a field misnamed, a value malformed): it must stay a "
+                    (if l.origin.ends_with(".replies.dlq") { "participant's reply" } else { "command of this participant" })
+                    " about the same order, and its receiver checks it as any other. The message before and after is recorded." }
+                form.action.correct method="post" action={ "/console/dead-letters/" (id.path()) "/correct" } {
+                    (view::csrf(&op))
+                    textarea name="body" rows="12" aria-label="corrected message" required { (editable(&l.body)) }
+                    label { "Why (required)" input name="why" size="40" required {} }
+                    button type="submit" { "Replay the corrected message" }
+                }
+            }
             @if open {
                 h2 { "Recover" }
                 @if id.source() == Source::ReadSide {
@@ -240,18 +259,30 @@ async fn shown(console: &Console, body: &[u8]) -> Result<String, ConsoleError> {
     )
 }
 
+/// A message as an operator edits it: its JSON indented, or its text.
+fn editable(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| view::pretty(&v))
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
 #[derive(Deserialize)]
 pub struct ReasonForm {
     /// Why, in the operator's words (recorded).
     #[serde(default)]
     why: String,
+    /// A corrected message (correct-then-replay only).
+    #[serde(default)]
+    body: String,
 }
 
 /// What an operator can do to a dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Action {
     Replay,
     Discard,
+    /// Replay this body instead (saga messages only).
+    Correct(Vec<u8>),
 }
 
 pub async fn act(
@@ -263,16 +294,24 @@ pub async fn act(
     let action = match action.as_str() {
         "replay" => Action::Replay,
         "discard" => Action::Discard,
+        "correct" if id.source() == Source::Saga => {
+            Action::Correct(act.form.body.clone().into_bytes())
+        }
+        "correct" => {
+            return Err(ConsoleError::BadRequest(
+                "only a saga message can be corrected: a read-side dead letter is an event of the store (never edited), an outbox row was committed with its event".into(),
+            ));
+        }
         other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
     };
     let reason = act.form.why.trim();
-    if action == Action::Discard && reason.is_empty() {
+    if action != Action::Replay && reason.is_empty() {
         return Err(ConsoleError::BadRequest(
-            "say why the dead letter is discarded".into(),
+            "say why the dead letter is discarded or corrected".into(),
         ));
     }
     let order = letters::find(&console, id).await?.order_id;
-    let outcome = resolve(&console, &act.operator.actor, (id, order), action, reason).await?;
+    let outcome = resolve(&console, &act.operator.actor, (id, order), &action, reason).await?;
     Ok(outcome_page(&act.operator, &[(id, order, outcome)]))
 }
 
@@ -291,7 +330,7 @@ pub async fn replay_selection(
             &console,
             &act.operator.actor,
             (l.id, l.order_id),
-            Action::Replay,
+            &Action::Replay,
             reason,
         )
         .await?;
@@ -309,15 +348,19 @@ pub struct SelectionForm {
 }
 
 /// Runs one action on its source and records it; `Ok` holds the outcome shown (a refusal
-/// such as "not open any more" is an outcome, not an error).
+/// such as "not open any more" is an outcome, not an error). A correction the saga's check
+/// refuses is recorded, then answered 400.
 async fn resolve(
     console: &Console,
     actor: &str,
     (id, order): (LetterId, Option<Uuid>),
-    action: Action,
+    action: &Action,
     reason: &str,
 ) -> Result<Result<String, String>, ConsoleError> {
     use read_side::dead_letters as rs;
+    use saga::dead_letters::{Resolution, ResolveError};
+    let mut bad_correction = None;
+    let mut before = None;
     let outcome: Result<String, String> = match (id, action) {
         (LetterId::ReadSide(n), Action::Replay) => match rs::replay(&console.pool, n).await {
             Ok(released) => Ok(format!("replayed; {released} held event(s) applied")),
@@ -342,19 +385,36 @@ async fn resolve(
                     .into(),
             ));
         }
+        (LetterId::ReadSide(_) | LetterId::Outbox(_), Action::Correct(_)) => {
+            return Err(ConsoleError::BadRequest(
+                "only a saga message can be corrected".into(),
+            ));
+        }
         (LetterId::Saga(m), action) => match letters::broker(console).await {
             Err(e) => Err(format!("RabbitMQ: {e}")),
             Ok((conn, amqp)) => {
-                let r =
-                    saga::dead_letters::resolve(&conn, &amqp.names, m, action == Action::Replay)
-                        .await;
+                let resolution = match action {
+                    Action::Replay => Resolution::Replay,
+                    Action::Discard => Resolution::Discard,
+                    Action::Correct(body) => Resolution::ReplayCorrected(body.clone()),
+                };
+                let r = saga::dead_letters::resolve(&conn, &amqp.names, m, &resolution).await;
                 conn.close(200, "resolved".into()).await.ok();
-                match r {
-                    Ok(d) if action == Action::Replay => {
-                        Ok(format!("republished to {}", d.original_routing_key))
+                match (r, action) {
+                    (Ok(_), Action::Discard) => Ok("discarded".into()),
+                    (Ok(d), Action::Correct(_)) => {
+                        before = Some(as_json(&d.body));
+                        Ok(format!(
+                            "corrected and republished to {}",
+                            d.original_routing_key
+                        ))
                     }
-                    Ok(_) => Ok("discarded".into()),
-                    Err(e) => Err(e.to_string()),
+                    (Ok(d), _) => Ok(format!("republished to {}", d.original_routing_key)),
+                    (Err(ResolveError::Correction(e)), _) => {
+                        bad_correction = Some(e.to_string());
+                        Err(e.to_string())
+                    }
+                    (Err(e), _) => Err(e.to_string()),
                 }
             }
         },
@@ -362,6 +422,15 @@ async fn resolve(
     let verb = match action {
         Action::Replay => "replay_dead_letter",
         Action::Discard => "discard_dead_letter",
+        Action::Correct(_) => "correct_and_replay_dead_letter",
+    };
+    // A correction keeps the message before and after with the action.
+    let detail = match action {
+        Action::Correct(after) => Some(serde_json::json!({
+            "before": before,
+            "after": as_json(after),
+        })),
+        _ => None,
     };
     let shown = match &outcome {
         Ok(s) => format!("ok: {s}"),
@@ -376,11 +445,20 @@ async fn resolve(
             order_id: order,
             reason,
             outcome: &shown,
-            detail: None,
+            detail,
         },
     )
     .await?;
-    Ok(outcome)
+    match bad_correction {
+        Some(e) => Err(ConsoleError::BadRequest(e)),
+        None => Ok(outcome),
+    }
+}
+
+/// A message as recorded: its JSON, or its text.
+fn as_json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
 }
 
 type Outcome = (LetterId, Option<Uuid>, Result<String, String>);

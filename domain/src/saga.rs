@@ -189,6 +189,19 @@ pub enum SagaCommand {
 }
 
 impl SagaCommand {
+    /// The participant a command goes to (`inventory`, `payment`, `shipping`) and the order
+    /// it is about; `None` for the commands that stay in the process.
+    pub fn participant(&self) -> Option<(&'static str, OrderId)> {
+        match self {
+            SagaCommand::ReserveInventory { order_id, .. }
+            | SagaCommand::ReleaseInventory { order_id } => Some(("inventory", *order_id)),
+            SagaCommand::AuthorizePayment { order_id, .. }
+            | SagaCommand::VoidPayment { order_id } => Some(("payment", *order_id)),
+            SagaCommand::CreateShipment { order_id, .. } => Some(("shipping", *order_id)),
+            _ => None,
+        }
+    }
+
     /// The step whose reply this participant command asks for (`None` for compensations,
     /// which are not answered, and for commands that stay in the process).
     pub fn requests(&self) -> Option<Step> {

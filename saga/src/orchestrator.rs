@@ -234,20 +234,13 @@ impl Orchestrator {
         let mut outbox = Vec::new();
         let mut for_order = Vec::new();
         for c in commands {
-            let destination = match &c {
-                SagaCommand::ReserveInventory { .. } | SagaCommand::ReleaseInventory { .. } => {
-                    "inventory"
-                }
-                SagaCommand::AuthorizePayment { .. } | SagaCommand::VoidPayment { .. } => "payment",
-                SagaCommand::CreateShipment { .. } => "shipping",
-                SagaCommand::ArmDeadline { step, attempt } => {
+            let destination = match (&c, c.participant()) {
+                (_, Some((participant, _))) => participant,
+                (SagaCommand::ArmDeadline { step, attempt }, None) => {
                     self.arm_deadline(conn, order_id, *step, *attempt).await?;
                     continue;
                 }
-                SagaCommand::MarkInventoryReserved { .. }
-                | SagaCommand::MarkPaymentAuthorized { .. }
-                | SagaCommand::ConfirmOrder { .. }
-                | SagaCommand::CancelOrder { .. } => {
+                (_, None) => {
                     for_order.push(c);
                     continue;
                 }

@@ -120,8 +120,13 @@ pub async fn dlq(
                     }
                 }
                 DeadLetterId::Saga(id) => {
+                    let resolution = if replay {
+                        saga::dead_letters::Resolution::Replay
+                    } else {
+                        saga::dead_letters::Resolution::Discard
+                    };
                     let conn = platform::amqp::connect(&infra.amqp_url, "shop-dlq").await?;
-                    match saga::dead_letters::resolve(&conn, &names, id, replay).await {
+                    match saga::dead_letters::resolve(&conn, &names, id, &resolution).await {
                         Ok(d) => println!("saga dead letter {id} from {} {verb}", d.queue),
                         Err(e) => {
                             eprintln!("{e}");

@@ -5,7 +5,9 @@
 //! session's CSRF token (or without a session) changes nothing. An operator rebuilds a
 //! projection (progress to 100%, then the switch), aborts another rebuild, retries an outbox
 //! row a broker refused once the broker is fixed, and sees where a tampered order's chain
-//! breaks.
+//! breaks. An operator corrects a participant's reply the saga could not read and replays
+//! it: the checkout moves on, and the correction is recorded with the message before and
+//! after.
 
 use std::time::Duration;
 
@@ -286,6 +288,142 @@ async fn an_operator_finds_a_stuck_order_in_the_console_and_recovers_it_with_one
         "{:?}",
         after.url()
     );
+    browser.close().await;
+    shop.terminate(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_corrects_a_reply_the_saga_cannot_read_and_the_checkout_moves_on() {
+    // No participant runs: the saga waits for inventory, its deadline an hour away. The
+    // test answers for the inventory participant, with a reply whose field is misnamed.
+    let shop = ShopProcess::start_with(bin(), |_| {
+        vec![
+            ("SHOP_DEV_MODE".into(), "true".into()),
+            ("SAGA_PARTICIPANTS".into(), "false".into()),
+            ("SAGA_STEP_TIMEOUT".into(), "1h".into()),
+        ]
+    })
+    .await;
+    let customer = shop.token("customer", "c-correct");
+    let operator = shop.token("operator", "ops-hopper");
+    let order = shop.checkout(&customer, "SKU-1", "tok_visa").await;
+    let command: Uuid = eventually(60, "inventory asked", || async {
+        sqlx::query_scalar(
+            "SELECT message_id FROM saga_commands WHERE order_id = $1 AND step = 'inventory'",
+        )
+        .bind(order)
+        .fetch_optional(&shop.db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    let names = saga::topology::Names::new(&shop.prefix);
+    let rabbit = shop_tests::TestRabbit::new().await;
+    let ch = platform::amqp::confirm_channel(&rabbit.conn).await.unwrap();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "causation_id".into(),
+        lapin::types::AMQPValue::LongString(command.to_string().into()),
+    );
+    let reply_id = Uuid::now_v7();
+    let malformed = serde_json::json!({"order_id": order,
+        "input": {"type": "inventory_reserved", "reservation": "held-by-hand"}});
+    ch.basic_publish(
+        platform::amqp::COMMANDS_EXCHANGE.into(),
+        names.routing_key("replies").as_str().into(),
+        Default::default(),
+        &serde_json::to_vec(&malformed).unwrap(),
+        lapin::BasicProperties::default()
+            .with_message_id(reply_id.to_string().into())
+            .with_correlation_id(order.to_string().into())
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let console = format!("{}/console", shop.ops);
+    let browser = Browser::start().await;
+    sign_in(&browser, &console, &operator).await;
+    let letter = format!("{console}/dead-letters/saga/{reply_id}");
+    eventually(60, "the reply dead-lettered", || async {
+        browser
+            .goto(&format!("{console}/dead-letters?source=saga&order={order}"))
+            .await;
+        browser
+            .body()
+            .await
+            .contains("malformed_reply")
+            .then_some(())
+    })
+    .await;
+    browser.goto(&letter).await;
+    let detail = browser.body().await;
+    assert!(
+        detail.contains("missing field `reservation_id`"),
+        "{detail}"
+    );
+    browser.screenshot("dead-letter-correct").await;
+
+    // A correction about another order is refused (400), recorded, and changes nothing.
+    let corrected = |about: Uuid| {
+        serde_json::json!({"order_id": about,
+            "input": {"type": "inventory_reserved", "reservation_id": "held-by-hand"}})
+        .to_string()
+    };
+    browser
+        .fill("form.correct textarea", &corrected(Uuid::now_v7()))
+        .await;
+    browser
+        .fill(
+            "form.correct input[name=why]",
+            "participant renamed the field",
+        )
+        .await;
+    browser.click("form.correct button").await;
+    let refused = browser.body().await;
+    assert!(refused.contains("the dead letter about order"), "{refused}");
+    browser.goto(&letter).await;
+    assert_eq!(browser.text("dd.status").await, "open");
+
+    // The right correction: the saga takes the reply and asks for payment next.
+    browser
+        .fill("form.correct textarea", &corrected(order))
+        .await;
+    browser
+        .fill(
+            "form.correct input[name=why]",
+            "participant renamed the field",
+        )
+        .await;
+    browser.click("form.correct button").await;
+    let done = browser.text("td.outcome").await;
+    assert!(done.contains("corrected and republished"), "{done}");
+    eventually(60, "the saga asks for payment", || async {
+        sqlx::query_scalar::<_, String>("SELECT step FROM saga_deadlines WHERE order_id = $1")
+            .bind(order)
+            .fetch_optional(&shop.db.pool)
+            .await
+            .unwrap()
+            .filter(|s| s == "payment")
+    })
+    .await;
+    let recorded: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT reason, outcome, detail FROM console_actions
+         WHERE action = 'correct_and_replay_dead_letter' AND order_id = $1 ORDER BY id",
+    )
+    .bind(order)
+    .fetch_all(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert!(recorded[0].1.starts_with("refused: "), "{recorded:?}");
+    assert!(recorded[1].1.starts_with("ok: "), "{recorded:?}");
+    assert_eq!(recorded[1].0, "participant renamed the field");
+    let detail = recorded[1].2.as_ref().expect("before and after recorded");
+    assert_eq!(detail["before"], malformed);
+    assert_eq!(detail["after"]["input"]["reservation_id"], "held-by-hand");
     browser.close().await;
     shop.terminate(Duration::from_secs(30)).await;
 }

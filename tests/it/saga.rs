@@ -7,7 +7,12 @@ use domain::values::Sku;
 use lapin::{BasicProperties, options::BasicPublishOptions};
 use outbox_relay::{Relay, RelayConfig};
 use platform::config::InfraConfig;
-use saga::{SagaConfig, participants, topology::Names};
+use saga::{
+    SagaConfig,
+    dead_letters::{CorrectionError, Resolution, ResolveError},
+    participants,
+    topology::Names,
+};
 use serde_json::{Value, json};
 use shop_tests::{Gql, TestApi, TestKafka, TestRabbit, checkout_body};
 use sqlx::PgPool;
@@ -252,6 +257,11 @@ impl SagaStack {
         causation: Option<Uuid>,
     ) {
         let key = Names::new(&self.rabbit.prefix).routing_key("replies");
+        // As the relay sends it: the correlation id is the order's.
+        let order = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["order_id"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         let mut headers = lapin::types::FieldTable::default();
         if let Some(c) = causation {
             headers.insert(
@@ -266,6 +276,7 @@ impl SagaStack {
             body,
             BasicProperties::default()
                 .with_message_id(id.to_string().into())
+                .with_correlation_id(order.into())
                 .with_headers(headers),
         )
         .await
@@ -802,7 +813,7 @@ async fn a_refused_command_is_dead_lettered_and_replaying_it_after_the_fix_compl
     // The fix: shipping accepts commands again. Replay the dead letter: the saga completes.
     stack.restart_saga(SagaConfig::default()).await;
     let id = dead.message_id.expect("a message id");
-    saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, true)
+    saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, &Resolution::Replay)
         .await
         .unwrap();
     assert_eq!(stack.outcome(order).await.0, "OrderConfirmed");
@@ -813,9 +824,91 @@ async fn a_refused_command_is_dead_lettered_and_replaying_it_after_the_fix_compl
             .is_empty()
     );
     assert!(matches!(
-        saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, false).await,
+        saga::dead_letters::resolve(&stack.rabbit.conn, &names, id, &Resolution::Discard).await,
         Err(saga::dead_letters::ResolveError::NotFound(_))
     ));
+    stack.stop().await;
+}
+
+/// A participant's reply the orchestrator cannot read is dead-lettered; an operator's
+/// correction, replayed, moves the saga: the replay keeps the reply's `causation_id` (the
+/// command it answers). A correction about another order is refused and the letter stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reply_corrected_and_replayed_completes_the_saga() {
+    let stack = SagaStack::start(SagaConfig {
+        refuse_commands_at: Some("shipping".into()),
+        step_timeout: Duration::from_secs(600),
+        ..SagaConfig::default()
+    })
+    .await;
+    let order = stack.checkout(body("tok_visa", 1)).await;
+    let names = Names::new(&stack.rabbit.prefix);
+    let dead = || async {
+        saga::dead_letters::list(&stack.rabbit.conn, &names)
+            .await
+            .unwrap()
+    };
+    stack
+        .eventually("the shipping command refused, the saga waiting", || async {
+            dead().await.iter().any(|d| d.error_class == "refused")
+        })
+        .await;
+    let shipment = stack.command_sent(order, "shipment").await;
+    let reply = |order: Uuid, field: &str| {
+        serde_json::to_vec(&json!({"order_id": order,
+            "input": {"type": "shipment_created", field: "shipped-by-hand"}}))
+        .unwrap()
+    };
+    let ch = platform::amqp::confirm_channel(&stack.rabbit.conn)
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    stack
+        .publish_reply(&ch, &reply(order, "shipment"), id, Some(shipment))
+        .await;
+    stack
+        .eventually("the malformed reply dead-lettered", || async {
+            dead().await.iter().any(|d| {
+                d.message_id == Some(id)
+                    && d.error_class == "malformed_reply"
+                    && d.queue == names.dead_letter_queue("replies")
+            })
+        })
+        .await;
+
+    let elsewhere = Uuid::now_v7();
+    let refused = saga::dead_letters::resolve(
+        &stack.rabbit.conn,
+        &names,
+        id,
+        &Resolution::ReplayCorrected(reply(elsewhere, "shipment_id")),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ResolveError::Correction(CorrectionError::OtherOrder { corrected, .. })) if corrected == elsewhere
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        dead().await.iter().any(|d| d.message_id == Some(id)),
+        "a refused correction leaves the dead letter where it was"
+    );
+
+    saga::dead_letters::resolve(
+        &stack.rabbit.conn,
+        &names,
+        id,
+        &Resolution::ReplayCorrected(reply(order, "shipment_id")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stack.outcome(order).await.0, "OrderConfirmed");
+    assert!(
+        dead().await.iter().all(|d| d.message_id != Some(id)),
+        "the corrected reply was taken"
+    );
     stack.stop().await;
 }
 
