@@ -11,7 +11,6 @@
 //! A correction is recorded with the message before and after.
 
 use axum::extract::{Path, Query, State};
-use chrono::{DateTime, NaiveDateTime, Utc};
 use maud::{Markup, html};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -57,7 +56,7 @@ impl FilterForm {
         };
         let since = match self.since.trim() {
             "" => None,
-            s => Some(parse_time(s).ok_or_else(|| {
+            s => Some(view::parse_time(s).ok_or_else(|| {
                 ConsoleError::BadRequest(format!("`{s}` is not a time (YYYY-MM-DDTHH:MM, UTC)"))
             })?),
         };
@@ -79,17 +78,6 @@ impl FilterForm {
             input type="hidden" name="since" value=(self.since);
         }
     }
-}
-
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .ok()
-        .or_else(|| {
-            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M")
-                .ok()
-                .map(|t| t.and_utc())
-        })
 }
 
 pub async fn list(

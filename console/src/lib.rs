@@ -11,15 +11,18 @@
 //! cookie is HttpOnly and SameSite=Strict (Secure with `CONSOLE_SECURE_COOKIE`), and every
 //! POST carries the session's CSRF token. The console is a thin shell over the same library
 //! calls as `shop dlq`, `shop outbox` and `shop audit`: it owns no other table than its
-//! sessions and its action log.
+//! sessions, its action log and the audit verifications operators ask for ([`audit`], run
+//! by the `audit-verifier` role).
 
 pub mod actions;
+pub mod audit;
 mod dead_letters;
 mod error;
 mod letters;
 mod orders;
 mod outbox;
 mod overview;
+mod pace;
 mod projections;
 mod sagas;
 pub mod session;
@@ -110,6 +113,8 @@ impl Console {
             .route("/console/sagas", get(sagas::page))
             .route("/console/sagas/{order}/{action}", post(sagas::act))
             .route("/console/activity", get(actions::page))
+            .route("/console/audit", get(audit::page))
+            .route("/console/audit/verify", post(audit::start))
             .layer(axum::middleware::map_response(harden))
             .with_state(self)
     }

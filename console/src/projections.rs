@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use crate::{
     Console, ConsoleError, actions,
+    pace::Pace,
     session::{Act, Operator},
     view,
 };
@@ -198,49 +199,16 @@ fn state(p: &ProjectionStatus) -> String {
 
 /// A rebuild's progress bar and numbers.
 fn progress(r: &RebuildStatus, now: DateTime<Utc>) -> Markup {
-    let pace = Pace::of(r, now);
-    let max = r.total.max(r.processed).max(1);
     html! {
         div.rebuild {
-            progress value=(r.processed) max=(max) {}
-            span.percent { (pace.percent) "%" }
-            " " (r.processed) " of " (r.total) " events"
-            @if let Some(rate) = pace.per_second { ", " (format!("{rate:.0}")) " events/s" }
-            @if let Some(eta) = pace.eta_seconds { ", about " (eta) " s left" }
+            (pace(r, now).bar(r.processed, r.total, "events"))
             @if let Some(e) = &r.error { p.bad { (e) } }
         }
     }
 }
 
-/// A rebuild's pace: percent of the store's count at its start (the feed grows, so it is
-/// capped at 100), events per second since it started, seconds left at that rate.
-#[derive(Debug, PartialEq)]
-struct Pace {
-    percent: i64,
-    per_second: Option<f64>,
-    eta_seconds: Option<i64>,
-}
-
-impl Pace {
-    fn of(r: &RebuildStatus, now: DateTime<Utc>) -> Pace {
-        let percent = if r.total <= 0 {
-            100
-        } else {
-            (r.processed * 100 / r.total).clamp(0, 100)
-        };
-        let elapsed = r
-            .started_at
-            .map(|s| (r.updated_at.unwrap_or(now) - s).as_seconds_f64())
-            .filter(|s| *s > 0.0);
-        let per_second = elapsed.map(|s| r.processed as f64 / s).filter(|r| *r > 0.0);
-        let eta_seconds =
-            per_second.map(|rate| ((r.total - r.processed).max(0) as f64 / rate).ceil() as i64);
-        Pace {
-            percent,
-            per_second,
-            eta_seconds,
-        }
-    }
+fn pace(r: &RebuildStatus, now: DateTime<Utc>) -> Pace {
+    Pace::of(r.processed, r.total, r.started_at, r.updated_at, now)
 }
 
 /// The overview's compact table, linking here.
@@ -256,57 +224,10 @@ pub fn summary(all: &[ProjectionStatus]) -> Markup {
                         td { (state(p)) }
                         td.num { (p.position) }
                         td.num { (p.lag.map_or("?".into(), |l| l.to_string())) }
-                        td { @if let Some(r) = &p.rebuild { (Pace::of(r, Utc::now()).percent) "%" } }
+                        td { @if let Some(r) = &p.rebuild { (pace(r, Utc::now()).percent) "%" } }
                     }
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status(processed: i64, total: i64, secs: Option<i64>) -> RebuildStatus {
-        let start = Utc::now();
-        RebuildStatus {
-            version: 2,
-            processed,
-            total,
-            started_at: secs.map(|_| start),
-            updated_at: secs.map(|s| start + chrono::Duration::seconds(s)),
-            error: None,
-            aborting: false,
-        }
-    }
-
-    #[test]
-    fn pace_is_percent_of_the_count_at_the_start_rate_since_then_and_time_left_at_that_rate() {
-        let p = Pace::of(&status(2_500, 10_000, Some(5)), Utc::now());
-        assert_eq!(
-            p,
-            Pace {
-                percent: 25,
-                per_second: Some(500.0),
-                eta_seconds: Some(15)
-            }
-        );
-    }
-
-    #[test]
-    fn a_feed_that_grew_past_the_count_caps_at_100_percent_and_nothing_left() {
-        let p = Pace::of(&status(12_000, 10_000, Some(4)), Utc::now());
-        assert_eq!((p.percent, p.eta_seconds), (100, Some(0)));
-        // An empty store is done at once; a rebuild not yet timed has no rate.
-        let p = Pace::of(&status(0, 0, None), Utc::now());
-        assert_eq!(
-            p,
-            Pace {
-                percent: 100,
-                per_second: None,
-                eta_seconds: None
-            }
-        );
     }
 }

@@ -3,7 +3,7 @@
 //! inline style or script (the Content-Security-Policy forbids both).
 
 use axum::{http::header, response::IntoResponse};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 
 use crate::session::Operator;
@@ -15,6 +15,7 @@ const NAV: &[(&str, &str)] = &[
     ("/console/sagas", "Sagas"),
     ("/console/projections", "Projections"),
     ("/console/outbox", "Outbox"),
+    ("/console/audit", "Audit"),
     ("/console/activity", "Activity"),
 ];
 
@@ -100,4 +101,16 @@ pub async fn stylesheet() -> impl IntoResponse {
         ],
         include_str!("console.css"),
     )
+}
+
+/// A time from a form: `YYYY-MM-DDTHH:MM` (a datetime-local input, read as UTC) or RFC 3339.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M")
+                .ok()
+                .map(|t| t.and_utc())
+        })
 }

@@ -116,14 +116,15 @@ pub async fn verify_stream(
     verify_stream_keyed_from(conn, stream_id, from).await
 }
 
-/// The position of the store's first keyed event, if any.
-async fn keyed_from(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+/// The position of the store's first keyed event, if any (what [`check_chain`] takes).
+pub async fn keyed_from(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT min(position) FROM events WHERE hash_kid IS NOT NULL")
         .fetch_one(conn)
         .await
 }
 
-async fn verify_stream_keyed_from(
+/// Verifies one stream, given the store's [`keyed_from`] (read once for many streams).
+pub async fn verify_stream_keyed_from(
     conn: &mut PgConnection,
     stream_id: Uuid,
     keyed_from: Option<i64>,
@@ -140,6 +141,35 @@ async fn verify_stream_keyed_from(
         events: events.len(),
         broken,
     })
+}
+
+/// The streams with an event recorded in `[since, until)`, in the order they began (every
+/// stream, head rows without events included, when neither bound is given): what a
+/// verification of a range goes through, one stream at a time.
+pub async fn streams_in(
+    conn: &mut PgConnection,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if since.is_none() && until.is_none() {
+        return sqlx::query_scalar(
+            "SELECT stream_id FROM (SELECT stream_id, min(position) AS first FROM events GROUP BY stream_id
+               UNION ALL SELECT stream_id, NULL FROM streams s
+                 WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.stream_id = s.stream_id)) x
+             ORDER BY first NULLS LAST",
+        )
+        .fetch_all(conn)
+        .await;
+    }
+    sqlx::query_scalar(
+        "SELECT stream_id FROM events
+         WHERE ($1::timestamptz IS NULL OR recorded_at >= $1) AND ($2::timestamptz IS NULL OR recorded_at < $2)
+         GROUP BY stream_id ORDER BY min(position)",
+    )
+    .bind(since)
+    .bind(until)
+    .fetch_all(conn)
+    .await
 }
 
 /// Verifies every stream (of `stream_type`, when given); returns the broken ones and the

@@ -262,6 +262,11 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             secure_cookie: cfg.secure_cookie,
         };
         ops_router = ops_router.merge(console.router());
+        // The verifications operators ask for on the console's Audit page.
+        let verifier_pool = pools.queries.clone();
+        sup.spawn("audit-verifier", move |ctx| {
+            console::audit::run_role(verifier_pool.clone(), ctx)
+        });
     }
     sup.spawn("ops", move |ctx| {
         platform::ops::serve(ops.addr, ops_router.clone(), header_timeout, ctx)

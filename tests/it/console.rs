@@ -835,7 +835,155 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         .goto(&format!("{console}/orders/{}", orders[0]))
         .await;
     assert!(browser.text("#audit-verdict").await.contains("verifies"));
+    // The whole store verified from the Audit page: the tampered order is the one break.
+    browser.goto(&format!("{console}/audit")).await;
+    browser
+        .fill("form.filters input[name=why]", "monthly check")
+        .await;
+    browser.click("form.filters button").await;
+    let asked = browser.text("#outcome").await;
+    assert!(asked.contains("asked for"), "{asked}");
+    let verification: i64 = sqlx::query_scalar("SELECT max(id) FROM audit_verifications")
+        .fetch_one(&shop.db.pool)
+        .await
+        .unwrap();
+    let row = format!("#verification-{verification}");
+    eventually(60, "the verification done", || async {
+        browser.goto(&format!("{console}/audit")).await;
+        (browser.text(&format!("{row} .state")).await == "done").then_some(())
+    })
+    .await;
+    assert_eq!(browser.text(&format!("{row} .broken")).await, "1");
+    let breaks = browser.text("table.broken").await;
+    assert!(breaks.contains(&tampered.to_string()), "{breaks}");
+    assert!(breaks.contains("ContentChanged"), "{breaks}");
+    browser.screenshot("audit").await;
+    let recorded: String =
+        sqlx::query_scalar("SELECT reason FROM console_actions WHERE action = 'verify_audit'")
+            .fetch_one(&shop.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, "monthly check");
 
     browser.close().await;
     shop.terminate(Duration::from_secs(30)).await;
+}
+
+/// The audit-verifier's work, without a browser: a range covers only the streams with an
+/// event in it, a tampered stream is listed with where it breaks, a verification whose
+/// runner died is taken again from the start, one stopped by shutdown is asked for again,
+/// and only one waits or runs at a time.
+#[tokio::test]
+async fn an_audit_verification_finds_the_tampered_streams_of_its_range_and_outlives_its_runner() {
+    let db = shop_tests::TestDb::new().await;
+    db.allow_tampering().await;
+    let old: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
+    for s in &old {
+        crate::event_store::append_n(&db, *s, 3).await.unwrap();
+    }
+    let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let new: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
+    for s in &new {
+        crate::event_store::append_n(&db, *s, 3).await.unwrap();
+    }
+    for s in [old[0], new[1]] {
+        sqlx::query(
+            "UPDATE events SET payload = jsonb_set(payload, '{n}', '99') WHERE stream_id = $1 AND stream_version = 2",
+        )
+        .bind(s)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let ask = |since: Option<chrono::DateTime<chrono::Utc>>| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO audit_verifications (requested_by, since) VALUES ('operator:t', $1) RETURNING id",
+            )
+            .bind(since)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    type Row = (String, i32, i32, i64, serde_json::Value);
+    let row = |id: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT state, streams, checked, events, broken FROM audit_verifications WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let running = tokio_util::sync::CancellationToken::new();
+
+    // The range since the second pair: two streams, one broken at version 2.
+    let ranged = ask(Some(since)).await.unwrap();
+    assert!(
+        ask(None).await.is_err(),
+        "a second verification waits for the first"
+    );
+    assert_eq!(
+        console::audit::work(&db.pool, &running).await.unwrap(),
+        Some(ranged)
+    );
+    let (state, streams, checked, events, broken) = row(ranged).await;
+    assert_eq!(
+        (state.as_str(), streams, checked, events),
+        ("done", 2, 2, 6)
+    );
+    let broken = broken.as_array().unwrap().clone();
+    assert_eq!(broken.len(), 1, "{broken:?}");
+    assert_eq!(broken[0]["stream_id"], new[1].to_string());
+    assert_eq!(broken[0]["version"], 2);
+    assert_eq!(broken[0]["problem"], "ContentChanged");
+    assert_eq!(
+        console::audit::work(&db.pool, &running).await.unwrap(),
+        None
+    );
+
+    // The whole store, its runner dead an hour ago: taken again, from the start.
+    let whole = ask(None).await.unwrap();
+    sqlx::query(
+        "UPDATE audit_verifications SET state = 'running', checked = 1,
+            started_at = now() - interval '1 hour', updated_at = now() - interval '1 hour'
+         WHERE id = $1",
+    )
+    .bind(whole)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        console::audit::work(&db.pool, &running).await.unwrap(),
+        Some(whole)
+    );
+    let (state, streams, checked, _, broken) = row(whole).await;
+    assert_eq!((state.as_str(), streams, checked), ("done", 4, 4));
+    let mut ids: Vec<String> = broken
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["stream_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let mut expected = vec![old[0].to_string(), new[1].to_string()];
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    // Shutdown while it runs: asked for again, for the next runner.
+    let stopping = ask(None).await.unwrap();
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    assert_eq!(
+        console::audit::work(&db.pool, &stopped).await.unwrap(),
+        Some(stopping)
+    );
+    assert_eq!(row(stopping).await.0, "requested");
 }

@@ -44,7 +44,7 @@ fn outbox(stream: Uuid, n: usize) -> Vec<OutboxMessage> {
 }
 
 /// Appends `n` events to `stream` in its own committed transaction.
-async fn append_n(db: &TestDb, stream: Uuid, n: i64) -> Result<i64, StoreError> {
+pub(crate) async fn append_n(db: &TestDb, stream: Uuid, n: i64) -> Result<i64, StoreError> {
     let mut tx = db.pool.begin().await?;
     let (_, expected) = event_store::load_stream(&mut tx, stream).await?;
     let events: Vec<_> = (0..n).map(event).collect();

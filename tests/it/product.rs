@@ -26,6 +26,7 @@ async fn shop_run_serves_checkouts_end_to_end_and_stops_cleanly() {
         "saga:replies",
         "participant:payment",
         "rebuilds",
+        "audit-verifier",
         "retention",
         "ops",
     ];
