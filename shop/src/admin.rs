@@ -301,13 +301,18 @@ async fn shown(pool: &sqlx::PgPool, body: &[u8]) -> anyhow::Result<String> {
     )
 }
 
-pub async fn customers(infra: &InfraConfig, command: CustomersCommand) -> anyhow::Result<ExitCode> {
+/// `shop customers ...`; `actor` is recorded with an erasure (who asked).
+pub async fn customers(
+    infra: &InfraConfig,
+    command: CustomersCommand,
+    actor: &str,
+) -> anyhow::Result<ExitCode> {
     let pool = platform::db::connect(&infra.database_url, 2).await?;
     match command {
         CustomersCommand::Forget { customer_id } => {
             let id = domain::values::CustomerId::parse(&customer_id)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let e = write_side::customers::forget(&pool, &id, "cli").await?;
+            let e = write_side::customers::forget(&pool, &id, actor).await?;
             println!(
                 "{}: forgotten (data keys deleted: {}, profile deleted: {}, payment tokens deleted: {})",
                 id.as_str(),

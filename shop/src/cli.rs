@@ -25,6 +25,10 @@ pub struct Cli {
     pub audit_keys: crate::audit::AuditKeys,
     #[command(flatten)]
     pub master_keys: MasterKeys,
+    /// Why, in your words: recorded with what a changing subcommand did (replay, discard,
+    /// retry, rebuild, prices, stock, forget) in the console's action log.
+    #[arg(long, global = true, default_value = "")]
+    pub why: String,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -7,5 +7,6 @@
 pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod recorded;
 pub mod retention;
 pub mod run;

@@ -43,6 +43,24 @@ async fn async_main() -> anyhow::Result<ExitCode> {
     cli.audit_keys
         .install(appends, cli.infra.dev_mode)
         .context("audit keys")?;
+    // A change is recorded in the action log (shop::recorded), however it ended.
+    let acting = shop::recorded::acting(&cli.command);
+    let (infra, why, actor) = (cli.infra.clone(), cli.why.clone(), shop::recorded::actor());
+    let result = dispatch(cli, &actor).await;
+    if let Some(a) = acting {
+        let outcome = shop::recorded::outcome(&result);
+        if let Err(e) = shop::recorded::record(&infra, &a, &actor, &why, &outcome).await {
+            eprintln!(
+                "{} on {} ({outcome}) was NOT recorded in the action log: {e:#}",
+                a.action, a.target
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    result
+}
+
+async fn dispatch(cli: Cli, actor: &str) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => migrate(&cli.infra).await?,
         Command::Setup => setup(&cli.infra).await?,
@@ -101,7 +119,7 @@ async fn async_main() -> anyhow::Result<ExitCode> {
             command,
         } => return dlq(&cli.infra, &queue_prefix, command).await,
         Command::Projections { command } => return projections(&cli.infra, command).await,
-        Command::Customers { command } => return customers(&cli.infra, command).await,
+        Command::Customers { command } => return customers(&cli.infra, command, actor).await,
         Command::Token {
             role,
             subject,

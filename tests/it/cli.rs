@@ -263,10 +263,42 @@ async fn dlq_lists_shows_and_discards_dead_letters() {
     // Replaying an undecodable message fails again and keeps it open.
     let (ok, out) = shop(&db.url, &["dlq", "replay", &id.to_string()]);
     assert!(!ok && out.contains("failed again"), "{out}");
-    let (ok, out) = shop(&db.url, &["dlq", "discard", &id.to_string()]);
+    let (ok, out) = shop(
+        &db.url,
+        &[
+            "dlq",
+            "discard",
+            &id.to_string(),
+            "--why",
+            "garbage from a test",
+        ],
+    );
     assert!(ok && out.contains("discarded"), "{out}");
     let (_, out) = shop(&db.url, &["dlq", "list"]);
     assert!(out.contains("0 read-side dead letter(s)"), "{out}");
+    // Both changes are in the action log, as the console records its own; the reads are not.
+    let recorded: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT actor, action, target, reason, outcome FROM console_actions ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let target = format!("dead-letter:read-side/{id}");
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert!(recorded[0].0.starts_with("cli:"), "{recorded:?}");
+    assert_eq!(
+        (recorded[0].1.as_str(), recorded[0].2.as_str()),
+        ("replay_dead_letter", target.as_str())
+    );
+    assert!(recorded[0].4.starts_with("refused"), "{recorded:?}");
+    assert_eq!(
+        (
+            recorded[1].1.as_str(),
+            recorded[1].3.as_str(),
+            recorded[1].4.as_str()
+        ),
+        ("discard_dead_letter", "garbage from a test", "ok")
+    );
     // Saga dead letters are addressed by message id; an unknown one is reported.
     let missing = uuid::Uuid::new_v4().to_string();
     let (ok, out) = shop(

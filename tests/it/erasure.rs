@@ -265,7 +265,17 @@ async fn a_forgotten_customer_is_unreadable_everywhere_while_history_verifies_an
             .fetch_one(&shop.db.pool)
             .await
             .unwrap();
-    assert_eq!(erased_by, "cli");
+    assert!(erased_by.starts_with("cli:"), "{erased_by}");
+    let recorded: String = sqlx::query_scalar(
+        "SELECT actor FROM console_actions WHERE action = 'forget_customer' AND target = 'customer:alice'",
+    )
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded, erased_by,
+        "the CLI's erasure is in the action log"
+    );
 
     // A master key that does not unwrap the stored data keys stops `shop run` at start, with
     // the reason, before any checkout's shipment could fail on it.
