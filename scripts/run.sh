@@ -28,8 +28,8 @@ profile=(--release)
 cargo run "${profile[@]}" -q -p shop -- setup
 # Development seed: the catalog's products and prices (checkouts carry no prices) and their
 # stock in the stand-in inventory; existing products and stock are kept.
-cargo run "${profile[@]}" -q -p shop -- catalog seed
-cargo run "${profile[@]}" -q -p shop -- inventory seed
+cargo run "${profile[@]}" -q -p shop -- catalog seed --why "development seed (scripts/run.sh)"
+cargo run "${profile[@]}" -q -p shop -- inventory seed --why "development seed (scripts/run.sh)"
 if [[ -z "$check" ]]; then
   log "bearer-token keys: $JWT_KEYS_FILE; mint a token with"
   log "  JWT_KEYS_FILE=$JWT_KEYS_FILE cargo run -q -p shop -- token --role customer --customer-id alice"

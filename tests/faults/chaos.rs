@@ -58,7 +58,7 @@ fn run_quietly(cmd: &str, args: &[&str]) {
 fn kafka_pid() -> String {
     if let Ok(pid) = std::fs::read_to_string(root().join(".local/kafka/kafka.pid"))
         && Command::new("kill")
-            .args(["-0", pid.trim()])
+            .args(["-s", "0", "--", pid.trim()])
             .status()
             .is_ok_and(|s| s.success())
     {

@@ -153,9 +153,13 @@ impl Browser {
 
 /// Kills chromedriver and every Chromium process it started (its process group): killing
 /// the driver alone leaves the browser running.
+///
+/// The signal is given with `-s` and the group after `--`: Debian 12's `kill` (procps-ng
+/// 4.0.2) reads `kill -KILL -<pgid>` as `kill(-1, SIGKILL)`, every process of the machine.
+/// That took down CI's whole run (exit -1) and every service with it.
 fn stop_driver(driver: &mut Child) {
     Command::new("kill")
-        .args(["-KILL", &format!("-{}", driver.id())])
+        .args(["-s", "KILL", "--", &format!("-{}", driver.id())])
         .status()
         .ok();
     driver.kill().ok();

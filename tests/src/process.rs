@@ -194,7 +194,8 @@ impl ShopProcess {
             .expect("shop run is running")
             .id();
         let ok = Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
+            // `-s SIG -- PID`: procps-ng 4.0.2 misreads some `-SIG` forms (see browser.rs).
+            .args(["-s", signal, "--", &pid.to_string()])
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "kill -{signal} failed");
