@@ -1,5 +1,7 @@
 //! Sagas: the checkouts waiting for a participant, by step, soonest deadline first, and the
-//! operator's "retry the step now".
+//! operator's "retry the step now" and "compensate"; the sagas that ended most recently,
+//! completed or compensated (with why); a search by order id, which opens the order's page
+//! (where its saga's timeline is).
 //!
 //! Why: a saga waits for a participant's reply up to `SAGA_STEP_TIMEOUT` per attempt. When
 //! the participant is known to be back (after an outage, a fix), an operator should not have
@@ -12,7 +14,10 @@
 //! action is recorded. A saga's timeline is on its order's page (the same read model as
 //! GraphQL `Order.checkout`).
 
-use axum::extract::{Path, Query, State};
+use axum::{
+    extract::{Path, Query, State},
+    response::{IntoResponse, Redirect, Response},
+};
 use chrono::Utc;
 use domain::{
     order::{CancelledBy, OrderCommand},
@@ -38,19 +43,33 @@ const STEPS: [&str; 3] = ["inventory", "payment", "shipment"];
 
 #[derive(Deserialize, Default)]
 pub struct SagaQuery {
+    /// `waiting` (the default), `completed` or `compensated`.
+    #[serde(default)]
+    state: String,
     #[serde(default)]
     step: String,
     /// `1`: only deadlines already past.
     #[serde(default)]
     overdue: String,
+    /// An order id: opens its page.
+    #[serde(default)]
+    order: String,
 }
 
 pub async fn page(
     State(console): State<Console>,
     op: Operator,
     Query(q): Query<SagaQuery>,
-) -> Result<Markup, ConsoleError> {
-    render(&console, &op, &q, None).await
+) -> Result<Response, ConsoleError> {
+    match q.order.trim() {
+        "" => Ok(render(&console, &op, &q, None).await?.into_response()),
+        id => {
+            let id: Uuid = id
+                .parse()
+                .map_err(|_| ConsoleError::BadRequest(format!("`{id}` is not an order id")))?;
+            Ok(Redirect::to(&format!("/console/orders/{id}")).into_response())
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -182,6 +201,52 @@ async fn render(
                 .ok_or_else(|| ConsoleError::BadRequest(format!("unknown step `{s}`")))?,
         ),
     };
+    let ended = match q.state.trim() {
+        "" | "waiting" => None,
+        s => Some(
+            saga::Outcome::ALL
+                .into_iter()
+                .find(|o| o.name() == s)
+                .ok_or_else(|| ConsoleError::BadRequest(format!("unknown state `{s}`")))?,
+        ),
+    };
+    let search = html! {
+        form.filters method="get" action="/console/sagas" {
+            label { "Order id" input name="order" size="38" {} }
+            button type="submit" { "Open its saga" }
+            " "
+            a href="/console/sagas" { "waiting" } " · "
+            @for o in saga::Outcome::ALL {
+                a href={ "/console/sagas?state=" (o.name()) } { "recently " (o.name()) } " · "
+            }
+        }
+    };
+    if let Some(outcome) = ended {
+        let rows = saga::ended(&console.pool, Some(outcome), LIMIT).await?;
+        return Ok(view::page(
+            op,
+            "Sagas",
+            html! {
+                h1 { "Sagas recently " (outcome.name()) }
+                (search)
+                @if rows.is_empty() { p.empty { "None." } } @else {
+                    table.sagas.ended {
+                        thead { tr { th { "Order" } th { "Ended" } th { "Why" } } }
+                        tbody {
+                            @for e in &rows {
+                                tr id={ "ended-" (e.order_id) } {
+                                    td { a href={ "/console/orders/" (e.order_id) } { (e.order_id) } }
+                                    td { (view::time(e.at)) }
+                                    td.reason { (e.reason.as_deref().unwrap_or("")) }
+                                }
+                            }
+                        }
+                    }
+                    @if rows.len() as i64 == LIMIT { p.hint { "The newest " (LIMIT) " are shown." } }
+                }
+            },
+        ));
+    }
     let overdue = q.overdue == "1";
     let waiting = saga::waiting(&console.pool, step, overdue, LIMIT).await?;
     let now = Utc::now();
@@ -190,6 +255,7 @@ async fn render(
         "Sagas",
         html! {
             h1 { "Sagas waiting for a participant" }
+            (search)
             @if let Some((order, outcome)) = &notice {
                 @match outcome {
                     Ok(s) => p.ok #outcome { a href={ "/console/orders/" (order) } { (order) } ": " (s) },
@@ -198,7 +264,8 @@ async fn render(
             }
             p.hint {
                 "Each waits for its step's reply until the deadline, then the saga sends the step again or, out of attempts, compensates. "
-                "Retry the step now when the participant is known to be back. The timeline of a saga is on its order's page."
+                "Retry the step now when the participant is known to be back; compensate (cancel the order as the operator) to give up on it. "
+                "The timeline of a saga is on its order's page."
             }
             form.filters method="get" action="/console/sagas" {
                 label { "Step"

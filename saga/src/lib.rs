@@ -381,6 +381,88 @@ pub async fn waiting(
     .await
 }
 
+/// How a saga ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step succeeded; the order is confirmed.
+    Completed,
+    /// It gave up (a refusal, a failure, out of attempts, the order cancelled) and undid what
+    /// may have been held.
+    Compensated,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Completed, Outcome::Compensated];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Compensated => "compensated",
+        }
+    }
+
+    /// The saga event that ends it this way.
+    fn event_type(self) -> &'static str {
+        match self {
+            Outcome::Completed => "SagaCompleted",
+            Outcome::Compensated => "SagaCompensationStarted",
+        }
+    }
+}
+
+/// A saga that ended: its order, how, why (a compensation's reason) and when.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub order_id: uuid::Uuid,
+    pub outcome: Outcome,
+    pub reason: Option<String>,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The sagas that ended most recently, newest first (`outcome` narrows to one way), read
+/// from the sagas' own streams in the event store.
+pub async fn ended(
+    pool: &sqlx::PgPool,
+    outcome: Option<Outcome>,
+    limit: i64,
+) -> Result<Vec<Ended>, sqlx::Error> {
+    let types: Vec<&str> = Outcome::ALL
+        .into_iter()
+        .filter(|o| outcome.is_none_or(|x| x == *o))
+        .map(Outcome::event_type)
+        .collect();
+    let rows: Vec<(
+        uuid::Uuid,
+        String,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT stream_id, event_type, payload->>'reason', recorded_at FROM events
+             WHERE stream_type = $1 AND event_type = ANY($2)
+             ORDER BY position DESC LIMIT $3",
+    )
+    .bind(orchestrator::SAGA_STREAM)
+    .bind(&types)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(stream, kind, reason, at)| Ended {
+            // The saga's stream id is the order id with one nibble flipped: flipping it
+            // again gives the order.
+            order_id: domain::saga::stream_id(domain::values::OrderId(stream)),
+            outcome: if kind == Outcome::Completed.event_type() {
+                Outcome::Completed
+            } else {
+                Outcome::Compensated
+            },
+            reason,
+            at,
+        })
+        .collect())
+}
+
 /// Makes a waiting saga's step deadline due now, so the deadlines role does at once what it
 /// would have done when the deadline passed: send the step again as its next attempt or,
 /// out of attempts, compensate. Returns the step and attempt that were waiting, `None` when

@@ -796,6 +796,22 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         actor, "operator:ops-grace",
         "the cancellation names the operator"
     );
+    // It is listed among the sagas recently compensated, with why; a search by its order id
+    // opens the order's page, where the saga's timeline is.
+    browser
+        .goto(&format!("{console}/sagas?state=compensated"))
+        .await;
+    assert_eq!(
+        browser.text(&format!("#ended-{given_up} .reason")).await,
+        "order cancelled"
+    );
+    browser.goto(&format!("{console}/sagas")).await;
+    browser
+        .fill("form.filters input[name=order]", &given_up.to_string())
+        .await;
+    browser.click("form.filters button[type=submit]").await;
+    let url = browser.client.current_url().await.unwrap();
+    assert_eq!(url.path(), format!("/console/orders/{given_up}"));
 
     // Without a session the page is not shown.
     let anonymous = shop
