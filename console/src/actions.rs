@@ -45,6 +45,14 @@ pub struct NewAction<'a> {
     pub detail: Option<serde_json::Value>,
 }
 
+/// An action's outcome as the log says it: `ok: ...` or `refused: ...`.
+pub fn shown(outcome: &Result<String, String>) -> String {
+    match outcome {
+        Ok(s) => format!("ok: {s}"),
+        Err(e) => format!("refused: {e}"),
+    }
+}
+
 /// Records an action (and logs it).
 pub async fn record(pool: &PgPool, a: NewAction<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(

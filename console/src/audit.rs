@@ -151,10 +151,7 @@ pub async fn start(
         ),
         Err(e) => return Err(e.into()),
     };
-    let shown = match &outcome {
-        Ok(s) => format!("ok: {s}"),
-        Err(e) => format!("refused: {e}"),
-    };
+    let shown = actions::shown(&outcome);
     actions::record(
         &console.pool,
         actions::NewAction {

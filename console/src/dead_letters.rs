@@ -420,10 +420,7 @@ async fn resolve(
         })),
         _ => None,
     };
-    let shown = match &outcome {
-        Ok(s) => format!("ok: {s}"),
-        Err(e) => format!("refused: {e}"),
-    };
+    let shown = actions::shown(&outcome);
     actions::record(
         &console.pool,
         actions::NewAction {

@@ -102,10 +102,7 @@ pub async fn act(
         }
         other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
     };
-    let shown = match &outcome {
-        Ok(s) => format!("ok: {s}"),
-        Err(e) => format!("refused: {e}"),
-    };
+    let shown = actions::shown(&outcome);
     actions::record(
         &console.pool,
         actions::NewAction {

@@ -296,14 +296,7 @@ async fn an_operator_finds_a_stuck_order_in_the_console_and_recovers_it_with_one
 async fn an_operator_corrects_a_reply_the_saga_cannot_read_and_the_checkout_moves_on() {
     // No participant runs: the saga waits for inventory, its deadline an hour away. The
     // test answers for the inventory participant, with a reply whose field is misnamed.
-    let shop = ShopProcess::start_with(bin(), |_| {
-        vec![
-            ("SHOP_DEV_MODE".into(), "true".into()),
-            ("SAGA_PARTICIPANTS".into(), "false".into()),
-            ("SAGA_STEP_TIMEOUT".into(), "1h".into()),
-        ]
-    })
-    .await;
+    let shop = shop_without_participants().await;
     let customer = shop.token("customer", "c-correct");
     let operator = shop.token("operator", "ops-hopper");
     let order = shop.checkout(&customer, "SKU-1", "tok_visa").await;
@@ -428,6 +421,18 @@ async fn an_operator_corrects_a_reply_the_saga_cannot_read_and_the_checkout_move
     shop.terminate(Duration::from_secs(30)).await;
 }
 
+/// `shop run` with no participant: every saga waits for inventory, its deadline an hour away.
+async fn shop_without_participants() -> ShopProcess {
+    ShopProcess::start_with(bin(), |_| {
+        vec![
+            ("SHOP_DEV_MODE".into(), "true".into()),
+            ("SAGA_PARTICIPANTS".into(), "false".into()),
+            ("SAGA_STEP_TIMEOUT".into(), "1h".into()),
+        ]
+    })
+    .await
+}
+
 /// Signs `browser` in to the console with `token` and checks it landed on the overview.
 async fn sign_in(browser: &Browser, console: &str, token: &str) {
     browser.goto(&format!("{console}/sign-in")).await;
@@ -469,14 +474,7 @@ async fn rebuild_row(shop: &ShopProcess) -> (i32, Option<i32>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_order_break() {
     // No participant runs here: every saga waits for inventory, its deadline an hour away.
-    let shop = ShopProcess::start_with(bin(), |_| {
-        vec![
-            ("SHOP_DEV_MODE".into(), "true".into()),
-            ("SAGA_PARTICIPANTS".into(), "false".into()),
-            ("SAGA_STEP_TIMEOUT".into(), "1h".into()),
-        ]
-    })
-    .await;
+    let shop = shop_without_participants().await;
     let customer = shop.token("customer", "c-rebuild");
     let operator = shop.token("operator", "ops-grace");
     let mut orders = Vec::new();
