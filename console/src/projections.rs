@@ -5,16 +5,18 @@
 //! operator starts that here with `read_side::rebuild::request`, the same call as the GraphQL
 //! mutation `rebuildProjection`, watches it (events done of the store's count, events/s,
 //! ETA; the page reloads itself every 2 s while a rebuild runs, without JavaScript) and can
-//! abort it. The previous version keeps serving, and is kept, until the rebuilt one has
-//! caught up with the store and switches in by itself in one transaction
-//! (`read_side::rebuild`). Starting and aborting are recorded in the action log.
+//! abort it. A rebuild started here waits for the operator: once it has caught up with the
+//! store it keeps following the feed, `ready`, and switches in (one transaction,
+//! `read_side::rebuild::switch`) only when the operator presses Switch, after checking it.
+//! The previous version keeps serving, and is kept, until then. Starting, switching and
+//! aborting are recorded in the action log.
 
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 use read_side::{
     projection::Kind,
-    rebuild::{self, Abort, RebuildError},
+    rebuild::{self, Abort, RebuildError, Switch},
     status::{ProjectionStatus, RebuildStatus, State as Phase},
 };
 use serde::Deserialize;
@@ -40,7 +42,7 @@ pub struct WhyForm {
     why: String,
 }
 
-/// `POST /console/projections/{name}/{rebuild|abort}`.
+/// `POST /console/projections/{name}/{rebuild|switch|abort}`.
 pub async fn act(
     State(console): State<Console>,
     Path((name, action)): Path<(String, String)>,
@@ -52,18 +54,14 @@ pub async fn act(
     let why = act.form.why.trim();
     let (verb, outcome) = match action.as_str() {
         "rebuild" => ("rebuild_projection", start(&console, name).await?),
+        "switch" => ("switch_projection", switch(&console, rebuilt(name)?).await?),
         "abort" => {
             if why.is_empty() {
                 return Err(ConsoleError::BadRequest(
                     "say why the rebuild is aborted".into(),
                 ));
             }
-            let kind = Kind::parse(name).ok_or_else(|| {
-                ConsoleError::BadRequest(format!(
-                    "`{name}` is rebuilt by replaying its Kafka topics: there is nothing to abort"
-                ))
-            })?;
-            ("abort_rebuild", abort(&console, kind).await?)
+            ("abort_rebuild", abort(&console, rebuilt(name)?).await?)
         }
         other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
     };
@@ -84,10 +82,36 @@ pub async fn act(
     render(&console, &act.operator, Some((name, outcome))).await
 }
 
+/// A projection rebuilt from the event store (analytics replays Kafka: no version to switch
+/// to or abort).
+fn rebuilt(name: &str) -> Result<Kind, ConsoleError> {
+    Kind::parse(name).ok_or_else(|| {
+        ConsoleError::BadRequest(format!(
+            "`{name}` is rebuilt by replaying its Kafka topics: it has no rebuilt version to switch to or abort"
+        ))
+    })
+}
+
 async fn start(console: &Console, name: &str) -> Result<Result<String, String>, ConsoleError> {
-    Ok(match rebuild::request(&console.pool, name).await {
-        Ok(Some(version)) => Ok(format!("building version {version} from the event store")),
+    Ok(match rebuild::request(&console.pool, name, true).await {
+        Ok(Some(version)) => Ok(format!(
+            "building version {version} from the event store; switch to it once it is ready"
+        )),
         Ok(None) => Ok("reset: its consumer group replays its topics from the start".into()),
+        Err(RebuildError::Database(e)) => return Err(e.into()),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+async fn switch(console: &Console, kind: Kind) -> Result<Result<String, String>, ConsoleError> {
+    Ok(match rebuild::switch(&console.pool, kind).await {
+        Ok(Switch::Now { version }) => Ok(format!(
+            "switching to version {version}; the previous version is dropped then"
+        )),
+        Ok(Switch::WhenCaughtUp { version }) => Ok(format!(
+            "version {version} switches in as soon as it has caught up with the store"
+        )),
+        Ok(Switch::Nothing) => Err("there is no rebuilt version to switch to".into()),
         Err(RebuildError::Database(e)) => return Err(e.into()),
         Err(e) => Err(e.to_string()),
     })
@@ -130,8 +154,9 @@ async fn render(
                 }
             }
             p.hint {
-                "A rebuild replays the event store into a new version while the current one serves; "
-                "the new version switches in by itself once it has caught up, and the old one is dropped then. "
+                "A rebuild replays the event store into a new version while the current one serves. "
+                "Once it has caught up it is ready: it follows the live feed and waits for your Switch "
+                "(check it first); the current version is kept until then, and dropped after. "
                 "Analytics is rebuilt by replaying its Kafka topics instead."
             }
             @for p in &all { (card(op, p)) }
@@ -156,6 +181,15 @@ fn card(op: &Operator, p: &ProjectionStatus) -> Markup {
             @match &p.rebuild {
                 Some(r) => {
                     (progress(r, Utc::now()))
+                    @if r.held && !r.aborting {
+                        form.inline method="post" action={ "/console/projections/" (p.name) "/switch" } {
+                            (view::csrf(op))
+                            input name="why" placeholder="why (recorded)" aria-label="why switch" {}
+                            button type="submit" {
+                                @if r.ready { "Switch to v" (r.version) } @else { "Switch to v" (r.version) " once caught up" }
+                            }
+                        }
+                    }
                     form.inline method="post" action={ "/console/projections/" (p.name) "/abort" } {
                         (view::csrf(op))
                         input name="why" placeholder="why abort (recorded)" aria-label="why abort" required {}
@@ -177,6 +211,11 @@ fn card(op: &Operator, p: &ProjectionStatus) -> Markup {
 fn state(p: &ProjectionStatus) -> String {
     match (&p.state, &p.rebuild) {
         (_, Some(r)) if r.aborting => format!("aborting the rebuild of v{}", r.version),
+        (Phase::Rebuilding, Some(r)) if r.ready && r.held => format!(
+            "live; v{} is ready: caught up, following the feed, waiting for a switch",
+            r.version
+        ),
+        (Phase::Rebuilding, Some(r)) if r.ready => format!("live; switching to v{}", r.version),
         (Phase::Rebuilding, Some(r)) => format!("live; rebuilding v{}", r.version),
         (Phase::RebuildInterrupted, Some(r)) if r.error.is_some() => {
             format!(

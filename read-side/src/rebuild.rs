@@ -12,6 +12,11 @@
 //!    has seen further than the feed horizon (from the event store), repoints the views and
 //!    records the new active version. Readers see the old version or the new one, never an
 //!    empty table. The old tables are dropped afterwards.
+//!
+//! A rebuild started with [`RebuildOptions::hold`] (the console's) stops short of step 3: it
+//! is `ready`, keeps following the feed so it stays caught up, and switches only when an
+//! operator says so ([`switch`]) or stops when one aborts it ([`abort`]). A runner that dies
+//! meanwhile is resumed by the rebuild worker and waits again.
 
 use std::collections::HashMap;
 
@@ -32,6 +37,9 @@ pub struct RebuildOptions {
     pub batch_size: i64,
     /// Start from scratch even if an interrupted rebuild could be resumed.
     pub restart: bool,
+    /// Once caught up, follow the feed and wait for an operator's [`switch`] instead of
+    /// switching at once (kept with the rebuild: a resumed one waits too).
+    pub hold: bool,
 }
 
 impl Default for RebuildOptions {
@@ -39,6 +47,7 @@ impl Default for RebuildOptions {
         Self {
             batch_size: 100_000,
             restart: false,
+            hold: false,
         }
     }
 }
@@ -78,14 +87,19 @@ pub fn known_names() -> Vec<&'static str> {
 /// Starts rebuilding the projection `name` in the background (or resumes an interrupted
 /// rebuild) and returns the version being built; progress shows in [`crate::status::all`].
 /// `analytics` is instead reset, so its group replays its Kafka topics from offset 0 (`None`).
-/// The GraphQL mutation and the console both start rebuilds here.
-pub async fn request(pool: &PgPool, name: &str) -> Result<Option<i32>, RebuildError> {
+/// The GraphQL mutation and the console both start rebuilds here; the console's `hold` one
+/// waits for its [`switch`].
+pub async fn request(pool: &PgPool, name: &str, hold: bool) -> Result<Option<i32>, RebuildError> {
     if name == crate::analytics::NAME {
         crate::analytics::rebuild(pool).await?;
         return Ok(None);
     }
     let kind = Kind::parse(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
-    let started = start(pool, kind, &RebuildOptions::default()).await?;
+    let options = RebuildOptions {
+        hold,
+        ..RebuildOptions::default()
+    };
+    let started = start(pool, kind, &options).await?;
     let version = started.version();
     // Runs here at once; if it fails or this process dies, the rebuild stays interrupted and
     // the `rebuilds` role of `shop run` resumes it (run_worker).
@@ -154,6 +168,40 @@ pub async fn abort(pool: &PgPool, kind: Kind) -> Result<Abort, RebuildError> {
     Ok(outcome)
 }
 
+/// What [`switch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// The rebuild had caught up: it switches in within a second.
+    Now { version: i32 },
+    /// The rebuild is still replaying: it switches in by itself once it has caught up.
+    WhenCaughtUp { version: i32 },
+    /// There was no rebuild to switch to (none, or one being aborted).
+    Nothing,
+}
+
+/// Lets the held rebuild of `kind` switch in ([`RebuildOptions::hold`]); its runner does the
+/// atomic switch and drops the previous version.
+pub async fn switch(pool: &PgPool, kind: Kind) -> Result<Switch, RebuildError> {
+    let released: Option<(i32, Option<String>)> = sqlx::query_as(
+        "UPDATE projections SET rebuild_hold = false
+         WHERE name = $1 AND rebuild_version IS NOT NULL AND rebuild_state IS DISTINCT FROM 'aborting'
+         RETURNING rebuild_version, rebuild_state",
+    )
+    .bind(kind.name())
+    .fetch_optional(pool)
+    .await?;
+    let outcome = match released {
+        Some((version, state)) if state.as_deref() == Some("ready") => Switch::Now { version },
+        Some((version, _)) => Switch::WhenCaughtUp { version },
+        None => Switch::Nothing,
+    };
+    tracing::info!(projection = kind.name(), outcome = ?outcome, "rebuild switch");
+    Ok(outcome)
+}
+
+/// How often a held rebuild reads the feed for events appended since.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Drops an aborted rebuild's tables and clears it from the projection's row (the caller
 /// holds the rebuild lock).
 async fn discard(pool: &PgPool, kind: Kind, version: i32) -> Result<(), sqlx::Error> {
@@ -164,7 +212,8 @@ async fn discard(pool: &PgPool, kind: Kind, version: i32) -> Result<(), sqlx::Er
     sqlx::query(
         "UPDATE projections SET rebuild_version = NULL, rebuild_state = NULL, rebuild_cursor_tx = NULL,
                 rebuild_cursor_pos = NULL, rebuild_processed = 0, rebuild_total = NULL,
-                rebuild_started_at = NULL, rebuild_updated_at = NULL, rebuild_error = NULL
+                rebuild_started_at = NULL, rebuild_updated_at = NULL, rebuild_error = NULL,
+                rebuild_hold = false
          WHERE name = $1 AND rebuild_version = $2",
     )
     .bind(kind.name())
@@ -406,12 +455,14 @@ pub async fn start(
             sqlx::query(
                 "UPDATE projections SET rebuild_version = $2, rebuild_state = 'running', rebuild_cursor_tx = '0'::xid8,
                         rebuild_cursor_pos = 0, rebuild_processed = 0, rebuild_total = $3,
-                        rebuild_started_at = now(), rebuild_updated_at = now(), rebuild_error = NULL
+                        rebuild_started_at = now(), rebuild_updated_at = now(), rebuild_error = NULL,
+                        rebuild_hold = $4
                  WHERE name = $1",
             )
             .bind(kind.name())
             .bind(rebuild.version)
             .bind(rebuild.total)
+            .bind(options.hold)
             .execute(&mut *tx)
             .await?;
         }
@@ -577,6 +628,7 @@ impl Rebuild {
                 .await?;
             }
             tx.commit().await?;
+            self.follow(&mut on_progress).await?;
             self.switch().await
         }
         .await;
@@ -641,6 +693,45 @@ impl Rebuild {
         }
     }
 
+    /// Keeps a held rebuild ([`RebuildOptions::hold`]) caught up with the feed, marked
+    /// `ready`, until [`switch`] releases it (or at once for one not held) or [`abort`]
+    /// stops it.
+    async fn follow(&mut self, on_progress: &mut impl FnMut(Progress)) -> Result<(), RebuildError> {
+        let name = self.kind.name();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let read = self.replay_page(&mut tx).await?;
+            let (state, hold): (Option<String>, bool) = sqlx::query_as(
+                "UPDATE projections SET rebuild_cursor_tx = $2::text::xid8, rebuild_cursor_pos = $3,
+                        rebuild_processed = $4, rebuild_total = GREATEST(rebuild_total, $4),
+                        rebuild_state = CASE WHEN rebuild_hold AND rebuild_state = 'running' THEN 'ready' ELSE rebuild_state END,
+                        rebuild_updated_at = CASE WHEN $5 THEN now() ELSE rebuild_updated_at END
+                 WHERE name = $1 RETURNING rebuild_state, rebuild_hold",
+            )
+            .bind(name)
+            .bind(self.cursor.tx_id.to_string())
+            .bind(self.cursor.position)
+            .bind(self.processed)
+            .bind(read > 0)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            self.total = self.total.max(self.processed);
+            if read > 0 {
+                on_progress(self.progress());
+            }
+            if state.as_deref() == Some("aborting") {
+                return Err(RebuildError::Aborted(name));
+            }
+            if !hold {
+                return Ok(());
+            }
+            if (read as i64) < PAGE {
+                tokio::time::sleep(FOLLOW_EVERY).await;
+            }
+        }
+    }
+
     /// Reads and applies one page of the feed after the cursor; returns how many it read.
     async fn replay_page(&mut self, conn: &mut PgConnection) -> Result<usize, RebuildError> {
         let (events, cursor) = event_store::read_feed(conn, self.cursor, PAGE).await?;
@@ -697,7 +788,8 @@ impl Rebuild {
         sqlx::query(
             "UPDATE projections SET active_version = $2, rebuild_version = NULL, rebuild_state = NULL,
                     rebuild_cursor_tx = NULL, rebuild_cursor_pos = NULL, rebuild_processed = 0, rebuild_total = NULL,
-                    rebuild_started_at = NULL, rebuild_updated_at = NULL, rebuild_error = NULL, last_rebuilt_at = now()
+                    rebuild_started_at = NULL, rebuild_updated_at = NULL, rebuild_error = NULL, last_rebuilt_at = now(),
+                    rebuild_hold = false
              WHERE name = $1",
         )
         .bind(name)

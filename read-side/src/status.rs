@@ -32,6 +32,10 @@ pub struct RebuildStatus {
     pub error: Option<String>,
     /// An operator asked it to stop ([`crate::rebuild::abort`]); it does at its next batch.
     pub aborting: bool,
+    /// It waits for an operator's switch ([`crate::rebuild::switch`]) once caught up.
+    pub held: bool,
+    /// It has caught up and follows the feed, waiting for that switch.
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +180,9 @@ pub async fn all(
                     error: r.try_get("rebuild_error")?,
                     aborting: r.try_get::<Option<String>, _>("rebuild_state")?.as_deref()
                         == Some("aborting"),
+                    held: r.try_get("rebuild_hold")?,
+                    ready: r.try_get::<Option<String>, _>("rebuild_state")?.as_deref()
+                        == Some("ready"),
                 }),
             },
             last_rebuilt_at: r.try_get("last_rebuilt_at")?,

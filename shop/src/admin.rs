@@ -198,6 +198,7 @@ pub async fn projections(
             let options = rebuild::RebuildOptions {
                 batch_size,
                 restart,
+                hold: false,
             };
             let started = match rebuild::start(&pool, kind, &options).await {
                 Ok(r) => r,

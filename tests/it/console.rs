@@ -3,7 +3,7 @@
 //! poison message stuck in the stuck-orders search, sees why, replays its dead letters with
 //! one recorded action and watches the order reach its final status; a POST without the
 //! session's CSRF token (or without a session) changes nothing. An operator rebuilds a
-//! projection (progress to 100%, then the switch), aborts another rebuild, retries an outbox
+//! projection (progress to 100%, ready and following the feed, then her switch), aborts another rebuild, retries an outbox
 //! row a broker refused once the broker is fixed, and sees where a tampered order's chain
 //! breaks. An operator corrects a participant's reply the saga could not read and replays
 //! it: the checkout moves on, and the correction is recorded with the message before and
@@ -491,12 +491,7 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     let browser = Browser::start().await;
     sign_in(&browser, &console, &operator).await;
 
-    // Hold the projection's write lock (as a live write would) so the rebuild, once it has
-    // replayed the whole store, waits at its switch: the page shows it at 100%.
-    let mut held = shop.db.pool.begin().await.unwrap();
-    read_side::projection::lock_for_write(&mut held, read_side::projection::Kind::OrderSummary)
-        .await
-        .unwrap();
+    // A rebuild started here replays the whole store, then waits, ready, for the switch.
     browser.goto(&format!("{console}/projections")).await;
     browser
         .fill(
@@ -509,21 +504,42 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         .await;
     let started = browser.text("#outcome").await;
     assert!(started.contains("building version 2"), "{started}");
-    let (version, state, percent) =
-        eventually(60, "the rebuild at 100%, waiting to switch", || async {
-            let card = projection_card(&browser, &console).await;
-            (card.2.as_deref() == Some("100%")).then_some(card)
-        })
-        .await;
+    let (version, state, percent) = eventually(60, "the rebuild ready at 100%", || async {
+        let card = projection_card(&browser, &console).await;
+        card.1.contains("ready").then_some(card)
+    })
+    .await;
     assert_eq!(version, "1");
-    assert!(state.contains("rebuilding v2"), "{state}");
+    assert!(state.contains("v2 is ready"), "{state}");
     assert_eq!(percent.as_deref(), Some("100%"));
-    // The old version still serves every order meanwhile.
+    // The old version still serves every order meanwhile, and is kept.
     for id in &orders {
         assert_eq!(read_model(&shop, *id).await.unwrap().0, "PENDING");
     }
+    // Ready, the new version follows the feed: an order placed now is in it before the switch.
+    let late = shop.checkout(&customer, "SKU-4", "tok_visa").await;
+    orders.push(late);
+    eventually(60, "the late order in the waiting version", || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM order_summary_v2 WHERE order_id = $1")
+            .bind(late)
+            .fetch_optional(&shop.db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
     browser.screenshot("projections").await;
-    held.commit().await.unwrap();
+    let card = "#projection-order_summary";
+    browser
+        .fill(
+            &format!("{card} form[action$='/switch'] input[name=why]"),
+            "v2 checked",
+        )
+        .await;
+    browser
+        .click("form[action='/console/projections/order_summary/switch'] button")
+        .await;
+    let switched = browser.text("#outcome").await;
+    assert!(switched.contains("switching to version 2"), "{switched}");
     let (version, state, _) = eventually(60, "the rebuilt version switched in", || async {
         let card = projection_card(&browser, &console).await;
         (card.0 == "2").then_some(card)
@@ -534,23 +550,24 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     for id in &orders {
         assert_eq!(read_model(&shop, *id).await.unwrap().0, "PENDING");
     }
+    let previous: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('order_summary_v1')::text")
+            .fetch_one(&shop.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(previous, None, "the previous version goes once switched");
 
     // Another rebuild, aborted while it waits to switch: its tables go, version 2 stays.
-    let mut held = shop.db.pool.begin().await.unwrap();
-    read_side::projection::lock_for_write(&mut held, read_side::projection::Kind::OrderSummary)
-        .await
-        .unwrap();
     browser.goto(&format!("{console}/projections")).await;
     browser
         .click("form[action='/console/projections/order_summary/rebuild'] button")
         .await;
-    eventually(60, "the second rebuild waiting to switch", || async {
+    eventually(60, "the second rebuild ready", || async {
         let card = projection_card(&browser, &console).await;
-        (card.2.as_deref() == Some("100%")).then_some(())
+        card.1.contains("v3 is ready").then_some(())
     })
     .await;
     // Aborting needs a reason: the browser's form requires one, the server too.
-    let card = "#projection-order_summary";
     browser
         .fill(
             &format!("{card} form[action$='/abort'] input[name=why]"),
@@ -562,7 +579,6 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         .await;
     let aborted = browser.text("#outcome").await;
     assert!(aborted.contains("stops at its next batch"), "{aborted}");
-    held.commit().await.unwrap();
     eventually(60, "the aborted rebuild cleared", || async {
         (rebuild_row(&shop).await == (2, None)).then_some(())
     })
@@ -587,10 +603,16 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     let actions: Vec<&str> = recorded.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(
         actions,
-        ["rebuild_projection", "rebuild_projection", "abort_rebuild"]
+        [
+            "rebuild_projection",
+            "switch_projection",
+            "rebuild_projection",
+            "abort_rebuild"
+        ]
     );
     assert_eq!(recorded[0].1, "projector fix deployed");
-    assert_eq!(recorded[2].1, "wrong build");
+    assert_eq!(recorded[1].1, "v2 checked");
+    assert_eq!(recorded[3].1, "wrong build");
     assert!(
         recorded.iter().all(|r| r.2.starts_with("ok: ")),
         "{recorded:?}"

@@ -236,6 +236,7 @@ async fn a_rebuild_while_commands_arrive_produces_the_live_read_model_and_graphq
     let options = RebuildOptions {
         batch_size: 20,
         restart: false,
+        hold: false,
     };
     let mut seen = Vec::new();
     let report = rebuild::start(&pool, Kind::OrderSummary, &options)
@@ -368,6 +369,7 @@ async fn a_second_rebuild_is_refused_and_a_failed_one_resumes_where_it_stopped()
     let options = RebuildOptions {
         batch_size: 50,
         restart: false,
+        hold: false,
     };
 
     // A rebuild holds its lock: a second one is refused, from the library and from GraphQL.
@@ -624,6 +626,7 @@ async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
     let options = RebuildOptions {
         batch_size: 20,
         restart: false,
+        hold: false,
     };
     let interrupted = rebuild::start(&pool, Kind::OrderSummary, &options)
         .await
@@ -671,6 +674,7 @@ async fn an_aborted_rebuild_leaves_the_active_version_and_no_tables_behind() {
     let options = RebuildOptions {
         batch_size: 20,
         restart: false,
+        hold: false,
     };
     let tables = || async {
         sqlx::query_scalar::<_, String>(

@@ -136,7 +136,7 @@ impl OperationsMutation {
     ) -> async_graphql::Result<Projection> {
         operator(ctx, "rebuilding")?;
         let pool = ctx.data::<PgPool>()?;
-        let name = match rebuild::request(pool, &name).await {
+        let name = match rebuild::request(pool, &name, false).await {
             Ok(_) => name,
             Err(e @ RebuildError::Unknown(_)) => {
                 return Err(error("BAD_USER_INPUT", e.to_string()));
