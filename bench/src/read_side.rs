@@ -139,6 +139,7 @@ pub async fn read_side(infra: &InfraConfig, args: &ReadBenchArgs) -> anyhow::Res
     let options = RebuildOptions {
         batch_size: args.batch_size,
         restart: false,
+        hold: false,
     };
     let started = Instant::now();
     let report = rebuild::start(&pool, Kind::OrderSummary, &options)

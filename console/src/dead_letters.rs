@@ -9,6 +9,10 @@
 //! the saga sent). A read-side dead letter is an event of the store, which is the source of
 //! truth and never edited; an outbox row is an event or command already committed with it.
 //! A correction is recorded with the message before and after.
+//!
+//! An email recorded dead is *resent* rather than replayed: drafted afresh from the event
+//! store and the customer's profile as they are now (`notifications::resend`), so fixing
+//! her address first is the usual recovery; discarding gives it up.
 
 use axum::extract::{Path, Query, State};
 use maud::{Markup, html};
@@ -218,10 +222,20 @@ pub async fn show(
                 @if id.source() == Source::ReadSide {
                     p.hint { "Replay applies the event as the event store holds it (the source of truth), then the events held behind it." }
                 }
+                @if id.source() == Source::Email {
+                    p.hint { "Resend drafts the email again from the order's events and the customer's profile as they are now "
+                        "(fix her address on her profile first if the server refused it) and sends it once, with the same Message-ID." }
+                }
                 form.action method="post" action={ "/console/dead-letters/" (id.path()) "/replay" } {
                     (view::csrf(&op))
                     label { "Why (recorded)" input name="why" size="40" {} }
-                    button type="submit" { @if id.source() == Source::Outbox { "Retry publishing" } @else { "Replay" } }
+                    button type="submit" {
+                        @match id.source() {
+                            Source::Outbox => "Retry publishing",
+                            Source::Email => "Resend",
+                            _ => "Replay",
+                        }
+                    }
                 }
                 @if id.source() != Source::Outbox {
                     form.action method="post" action={ "/console/dead-letters/" (id.path()) "/discard" } {
@@ -287,7 +301,7 @@ pub async fn act(
         }
         "correct" => {
             return Err(ConsoleError::BadRequest(
-                "only a saga message can be corrected: a read-side dead letter is an event of the store (never edited), an outbox row was committed with its event".into(),
+                "only a saga message can be corrected: a read-side dead letter is an event of the store (never edited), an outbox row was committed with its event, an email is drafted from the store and the profile".into(),
             ));
         }
         other => return Err(ConsoleError::NotFound(format!("no action `{other}`"))),
@@ -345,6 +359,7 @@ async fn resolve(
     action: &Action,
     reason: &str,
 ) -> Result<Result<String, String>, ConsoleError> {
+    use notifications::resend::{ResendError, Resent};
     use read_side::dead_letters as rs;
     use saga::dead_letters::{Resolution, ResolveError};
     let mut bad_correction = None;
@@ -373,7 +388,25 @@ async fn resolve(
                     .into(),
             ));
         }
-        (LetterId::ReadSide(_) | LetterId::Outbox(_), Action::Correct(_)) => {
+        (LetterId::Email(e), Action::Replay) => match &console.mailer {
+            None => Err("this process sends no email (no SMTP settings)".into()),
+            Some(mailer) => match notifications::resend::resend(&console.pool, mailer, e).await {
+                Ok(Resent::Sent) => Ok("sent again; the SMTP server accepted it".into()),
+                Ok(Resent::NoAddress) => {
+                    Ok("not sent: the customer has no profile any more".into())
+                }
+                Err(ResendError::Database(e)) => return Err(e.into()),
+                Err(e) => Err(e.to_string()),
+            },
+        },
+        (LetterId::Email(e), Action::Discard) => {
+            if notifications::resend::discard(&console.pool, e).await? {
+                Ok("discarded".into())
+            } else {
+                Err(format!("the email of event {e} is not dead any more"))
+            }
+        }
+        (LetterId::ReadSide(_) | LetterId::Outbox(_) | LetterId::Email(_), Action::Correct(_)) => {
             return Err(ConsoleError::BadRequest(
                 "only a saga message can be corrected".into(),
             ));

@@ -1,6 +1,7 @@
 //! Dead letters of every source as one list: read-side projections (`dead_letters`, with the
 //! events parked behind them), the saga's RabbitMQ dead-letter queues (commands, replies and
-//! each participant's), and outbox rows the relay set aside after a broker refused them.
+//! each participant's), outbox rows the relay set aside after a broker refused them, and
+//! emails the email group recorded dead (`email_inbox`).
 //!
 //! Each source keeps its own store and its own recovery (the library calls `shop dlq` and
 //! `shop outbox` use); this module only reads them into one shape and routes an action to
@@ -22,16 +23,24 @@ pub enum Source {
     Saga,
     /// An outbox row the broker refused (the relay stopped retrying it).
     Outbox,
+    /// An email the SMTP server refused for good, or that could not be written.
+    Email,
 }
 
 impl Source {
-    pub const ALL: [Source; 3] = [Source::ReadSide, Source::Saga, Source::Outbox];
+    pub const ALL: [Source; 4] = [
+        Source::ReadSide,
+        Source::Saga,
+        Source::Outbox,
+        Source::Email,
+    ];
 
     pub fn slug(self) -> &'static str {
         match self {
             Source::ReadSide => "read-side",
             Source::Saga => "saga",
             Source::Outbox => "outbox",
+            Source::Email => "email",
         }
     }
 
@@ -48,6 +57,8 @@ pub enum LetterId {
     Saga(Uuid),
     /// The outbox row id.
     Outbox(i64),
+    /// The id of the order event the email is about.
+    Email(Uuid),
 }
 
 impl LetterId {
@@ -56,6 +67,7 @@ impl LetterId {
             LetterId::ReadSide(_) => Source::ReadSide,
             LetterId::Saga(_) => Source::Saga,
             LetterId::Outbox(_) => Source::Outbox,
+            LetterId::Email(_) => Source::Email,
         }
     }
 
@@ -63,7 +75,7 @@ impl LetterId {
     pub fn path(self) -> String {
         match self {
             LetterId::ReadSide(n) | LetterId::Outbox(n) => format!("{}/{n}", self.source().slug()),
-            LetterId::Saga(id) => format!("saga/{id}"),
+            LetterId::Saga(id) | LetterId::Email(id) => format!("{}/{id}", self.source().slug()),
         }
     }
 
@@ -73,6 +85,7 @@ impl LetterId {
             Source::ReadSide => id.parse().map(LetterId::ReadSide).map_err(|_| bad()),
             Source::Saga => Uuid::parse_str(id).map(LetterId::Saga).map_err(|_| bad()),
             Source::Outbox => id.parse().map(LetterId::Outbox).map_err(|_| bad()),
+            Source::Email => Uuid::parse_str(id).map(LetterId::Email).map_err(|_| bad()),
         }
     }
 }
@@ -141,6 +154,9 @@ pub async fn gather(console: &Console, filter: &Filter) -> Result<Gathered, Cons
     if wants(Source::Outbox) {
         out.letters.extend(outbox(console).await?);
     }
+    if wants(Source::Email) {
+        out.letters.extend(emails(console).await?);
+    }
     if wants(Source::Saga) {
         match saga_letters(console).await {
             Ok(letters) => out.letters.extend(letters),
@@ -163,6 +179,7 @@ pub async fn find(console: &Console, id: LetterId) -> Result<Letter, ConsoleErro
             return Ok(read_side_letter(d, &parked(console).await?));
         }
         LetterId::Outbox(_) => outbox(console).await?,
+        LetterId::Email(_) => emails(console).await?,
         LetterId::Saga(_) => saga_letters(console)
             .await
             .map_err(|e| ConsoleError::Refused(format!("RabbitMQ: {e}")))?,
@@ -251,6 +268,57 @@ async fn outbox(console: &Console) -> Result<Vec<Letter>, ConsoleError> {
         .collect())
 }
 
+async fn emails(console: &Console) -> Result<Vec<Letter>, ConsoleError> {
+    let rows = notifications::inbox::dead(&console.pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let error = r.error.unwrap_or_default();
+            Letter {
+                id: LetterId::Email(r.event_id),
+                origin: format!("email:{}", r.kind),
+                order_id: Some(r.order_id),
+                reason: email_reason(&error).into(),
+                error,
+                attempts: "1".into(),
+                first_seen: Some(r.handled_at),
+                last_seen: Some(r.handled_at),
+                status: "open".into(),
+                held_behind: Vec::new(),
+                details: vec![
+                    ("event id".into(), r.event_id.to_string()),
+                    ("kind".into(), r.kind.clone()),
+                ],
+                // What the email is drafted from on a resend (never kept: the address is the
+                // customer's profile's, the text the templates').
+                body: serde_json::to_vec(&serde_json::json!({
+                    "event_id": r.event_id,
+                    "order_id": r.order_id,
+                    "kind": r.kind,
+                }))
+                .unwrap_or_default(),
+            }
+        })
+        .collect())
+}
+
+/// An email's error class: the SMTP server refused it (a 5xx, or 4xx too often), or the shop
+/// could not write it (its event, the profile or the template).
+/// (The texts of `notifications::mailer`: `SMTP <code>`, `deferred N times, last: ...`.)
+fn email_reason(error: &str) -> &'static str {
+    let server = [
+        "SMTP ",
+        "deferred ",
+        "not sendable to this server",
+        "unusable address",
+    ];
+    if server.iter().any(|p| error.starts_with(p)) {
+        "refused"
+    } else {
+        "unwritable"
+    }
+}
+
 /// The order a saga message is about: its correlation id, else the body's `order_id`.
 fn saga_order(correlation: Option<&str>, body: &[u8]) -> Option<Uuid> {
     correlation
@@ -327,6 +395,7 @@ mod tests {
             LetterId::ReadSide(12),
             LetterId::Outbox(7),
             LetterId::Saga(id),
+            LetterId::Email(id),
         ] {
             let path = l.path();
             let (source, rest) = path.split_once('/').unwrap();
@@ -337,8 +406,27 @@ mod tests {
             ("saga", "12"),
             ("outbox", "-"),
             ("email", "1"),
+            ("mail", &id.to_string()),
         ] {
             assert!(LetterId::parse(source, id).is_err(), "{source}/{id}");
+        }
+    }
+
+    #[test]
+    fn an_email_refused_by_the_server_is_told_from_one_the_shop_could_not_write() {
+        for refused in [
+            "SMTP 550",
+            "deferred 5 times, last: SMTP 451",
+            "unusable address",
+        ] {
+            assert_eq!(email_reason(refused), "refused", "{refused}");
+        }
+        for unwritable in [
+            "order 0190f3a2-5500-7000-8000-000000000550 has no events",
+            "the customer's profile is unreadable",
+            "the template did not render: x",
+        ] {
+            assert_eq!(email_reason(unwritable), "unwritable", "{unwritable}");
         }
     }
 

@@ -64,6 +64,11 @@ pub struct Console {
     pub readiness: Option<Readiness>,
     /// The order topic's high watermarks, for the projections' lag.
     pub watermarks: Option<read_side::status::Watermarks>,
+    /// The saga's orchestrator, for an operator's *mark resolved* (none: this process runs no
+    /// saga).
+    pub saga: Option<saga::orchestrator::Orchestrator>,
+    /// Sends an email recorded dead again (none: this process sends no email).
+    pub mailer: Option<notifications::Mailer>,
     /// An order with no saga progress for this long is stuck (step timeout x attempts).
     pub stuck_after: Duration,
     pub secure_cookie: bool,

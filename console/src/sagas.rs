@@ -1,5 +1,5 @@
 //! Sagas: the checkouts waiting for a participant, by step, soonest deadline first, and the
-//! operator's "retry the step now" and "compensate"; the sagas that ended most recently,
+//! operator's "retry the step now", "mark resolved" and "compensate"; the sagas that ended most recently,
 //! completed or compensated (with why); a search by order id, which opens the order's page
 //! (where its saga's timeline is).
 //!
@@ -8,7 +8,11 @@
 //! to wait out every deadline: *Retry the step now* makes the step's deadline due at once,
 //! and the saga's deadlines role does what the deadline would have done, through the saga's
 //! own decision (`domain::saga`): send the step again as its next attempt or, out of
-//! attempts, compensate. *Compensate* cancels the order as the operator (the same command as
+//! attempts, compensate. *Mark resolved* is for a step done outside the shop (stock set
+//! aside by hand, a payment taken by phone, a parcel the warehouse sent): with its reference
+//! (the reservation, authorization or shipment id) it is taken as the step's success through
+//! the saga's own decision (`Orchestrator::resolve_by_hand`, the operator recorded as the
+//! author of what follows), and the saga moves on. *Compensate* cancels the order as the operator (the same command as
 //! an operator's `POST /orders/{id}/cancel`); the saga sees the cancellation on the event
 //! store's feed and releases what it holds. Nothing here writes saga events itself. Every
 //! action is recorded. A saga's timeline is on its order's page (the same read model as
@@ -26,6 +30,7 @@ use domain::{
 use event_store::Metadata;
 use maud::{Markup, html};
 use orders::OrderError;
+use saga::orchestrator::{ByHand, SagaError};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -76,9 +81,29 @@ pub async fn page(
 pub struct WhyForm {
     #[serde(default)]
     why: String,
+    /// The step's result done by hand (mark resolved only).
+    #[serde(default)]
+    reference: String,
 }
 
-/// `POST /console/sagas/{order}/{retry|compensate}`.
+/// The longest reference a step resolved by hand takes (a reservation, authorization or
+/// tracking number).
+const MAX_REFERENCE: usize = 100;
+
+/// A reference an operator typed: trimmed, 1 to [`MAX_REFERENCE`] characters, no control
+/// characters (it becomes the order's reservation, authorization or shipment id, which the
+/// customer sees).
+fn reference(typed: &str) -> Result<&str, ConsoleError> {
+    let r = typed.trim();
+    if r.is_empty() || r.chars().count() > MAX_REFERENCE || r.chars().any(char::is_control) {
+        return Err(ConsoleError::BadRequest(format!(
+            "give the step's reference (its reservation, authorization or shipment id): 1 to {MAX_REFERENCE} characters, no control characters"
+        )));
+    }
+    Ok(r)
+}
+
+/// `POST /console/sagas/{order}/{retry|resolve|compensate}`.
 pub async fn act(
     State(console): State<Console>,
     Path((order, action)): Path<(String, String)>,
@@ -89,6 +114,18 @@ pub async fn act(
         .map_err(|_| ConsoleError::BadRequest(format!("`{order}` is not an order id")))?;
     let (verb, outcome) = match action.as_str() {
         "retry" => ("retry_saga_step", retry(&console, order).await?),
+        "resolve" => {
+            let reference = reference(&act.form.reference)?;
+            if act.form.why.trim().is_empty() {
+                return Err(ConsoleError::BadRequest(
+                    "say how the step was done outside the shop".into(),
+                ));
+            }
+            (
+                "resolve_saga_step",
+                resolve(&console, &act.operator.actor, order, reference).await?,
+            )
+        }
         "compensate" => {
             let reason = Reason::parse(&act.form.why).map_err(|_| {
                 ConsoleError::BadRequest(
@@ -132,6 +169,34 @@ async fn retry(console: &Console, order: Uuid) -> Result<Result<String, String>,
         )),
         None => Err("the saga waits for no participant (finished or not started)".to_owned()),
     })
+}
+
+/// Takes the waiting step as done by hand, with `reference` as its result.
+async fn resolve(
+    console: &Console,
+    actor: &str,
+    order: Uuid,
+    reference: &str,
+) -> Result<Result<String, String>, ConsoleError> {
+    let Some(saga) = &console.saga else {
+        return Ok(Err("this process runs no saga".into()));
+    };
+    Ok(
+        match saga
+            .resolve_by_hand(OrderId(order), reference, actor, Uuid::now_v7())
+            .await
+        {
+            Ok(ByHand::Resolved { step }) => Ok(format!(
+                "{} marked resolved by hand ({reference}); the saga moves on",
+                saga::orchestrator::step_name(step)
+            )),
+            Ok(ByHand::NotWaiting) => {
+                Err("the saga waits for no step (finished or not started)".into())
+            }
+            Err(SagaError::Database(e)) => return Err(e.into()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 /// Cancels the order as `actor`; the saga compensates when it reads the cancellation.
@@ -261,7 +326,8 @@ async fn render(
             }
             p.hint {
                 "Each waits for its step's reply until the deadline, then the saga sends the step again or, out of attempts, compensates. "
-                "Retry the step now when the participant is known to be back; compensate (cancel the order as the operator) to give up on it. "
+                "Retry the step now when the participant is known to be back; mark it resolved, with its reference, when it was done outside the shop "
+                "(the saga takes it as the step's success and moves on); compensate (cancel the order as the operator) to give up on it. "
                 "The timeline of a saga is on its order's page."
             }
             form.filters method="get" action="/console/sagas" {
@@ -292,6 +358,13 @@ async fn render(
                                         button type="submit" { "Retry the step now" }
                                     }
                                     " "
+                                    form.inline.resolve method="post" action={ "/console/sagas/" (w.order_id) "/resolve" } {
+                                        (view::csrf(op))
+                                        input name="reference" placeholder={ (w.step) " reference" } aria-label="reference of the step done by hand" required maxlength=(MAX_REFERENCE) {}
+                                        input name="why" placeholder="how it was done (required)" aria-label="why resolved" required {}
+                                        button type="submit" { "Mark resolved" }
+                                    }
+                                    " "
                                     form.inline.compensate method="post" action={ "/console/sagas/" (w.order_id) "/compensate" } {
                                         (view::csrf(op))
                                         input name="why" placeholder="why (required)" aria-label="why compensate" required {}
@@ -306,4 +379,27 @@ async fn render(
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_done_by_hand_is_trimmed_and_bounded_and_has_no_control_characters() {
+        assert_eq!(reference("  DHL-123 ").unwrap(), "DHL-123");
+        assert_eq!(
+            reference(&"x".repeat(MAX_REFERENCE)).unwrap().len(),
+            MAX_REFERENCE
+        );
+        for bad in [
+            "",
+            "   ",
+            "DHL\n123",
+            "a\u{7}b",
+            &"x".repeat(MAX_REFERENCE + 1),
+        ] {
+            assert!(reference(bad).is_err(), "{bad:?}");
+        }
+    }
 }

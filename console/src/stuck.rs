@@ -4,7 +4,8 @@
 //! cancelled) and either nothing moved it (neither its stream nor its saga's) for longer than
 //! the saga's step timeout x attempts, or a saga dead letter or failed outbox row names it.
 //! An order with an open read-side dead letter is listed too, final or not: its read models
-//! stopped at the event before, so what customers see of it is stuck.
+//! stopped at the event before, so what customers see of it is stuck; so is a final order
+//! whose email is dead: its customer was never told of its end.
 
 use std::collections::HashMap;
 
@@ -87,7 +88,9 @@ pub async fn stuck_orders(
             ));
         }
         for l in letters.iter().filter(|l| l.order_id == Some(order_id)) {
-            if is_final && l.id.source() != Source::ReadSide {
+            // A final order is still stuck when a read model disagrees with it or its
+            // customer was never told of its end (a dead email).
+            if is_final && ![Source::ReadSide, Source::Email].contains(&l.id.source()) {
                 continue;
             }
             causes.push(format!(

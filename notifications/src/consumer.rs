@@ -239,10 +239,7 @@ impl EmailGroup {
         // an SMTP outage can hand the partition to another instance while this one retries):
         // the winner sends and records; the other then finds the record.
         let mut lock = self.pool.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 7))")
-            .bind(env.event_id)
-            .execute(&mut *lock)
-            .await?;
+        inbox::lock(&mut lock, env.event_id).await?;
         // What the message claims, only to file a poison message under a kind.
         let claimed = if env.event_type == wire::ORDER_CANCELLED {
             Kind::OrderCancelled
@@ -257,14 +254,7 @@ impl EmailGroup {
                 deferrals,
             )
             .await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 7))")
-            .bind(env.event_id)
-            .execute(&mut *lock)
-            .await;
-        if unlocked.is_err() {
-            // Closing the session releases the lock; it must not go back to the pool holding it.
-            drop(lock.detach());
-        }
+        inbox::unlock(lock, env.event_id).await;
         result
     }
 
@@ -278,47 +268,23 @@ impl EmailGroup {
         if inbox::handled(conn, event_id).await? {
             return self.done(msg, None).await;
         }
-        // The event as stored, not as the message says: a forged message cannot choose whom
-        // to write or what. Data that cannot be used now never can: recorded as dead, never
-        // retried (a poison message must not hold the group).
-        let stored = match stored(conn, order_id, event_id).await? {
-            Ok(s) => s,
-            Err(error) => return self.dead(msg, event_id, order_id, claimed, error).await,
-        };
-        let (kind, placed, cancelled) = stored;
-        let profile =
-            match write_side::customers::find(&self.pool, placed.customer_id.as_str()).await {
-                Ok(Some(p)) => p,
-                Ok(None) => {
-                    metrics::counter!("email_no_address_total").increment(1);
-                    return self
-                        .done(msg, Some((event_id, order_id, kind, Outcome::NoAddress)))
-                        .await;
-                }
-                Err(sqlx::Error::Decode(_)) => {
-                    let error = "the customer's profile is unreadable".to_owned();
-                    return self.dead(msg, event_id, order_id, kind, error).await;
-                }
-                Err(e) => return Err(e.into()),
-            };
-        let rendered = match templates::render(kind, &profile.name, &placed, cancelled.as_ref()) {
-            Ok(r) => r,
-            Err(e) => {
-                let error = format!("the template did not render: {e}");
+        // Data that cannot be used now never can: recorded as dead, never retried (a poison
+        // message must not hold the group).
+        let (kind, letter) = match draft(&self.pool, conn, order_id, event_id).await? {
+            Draft::Ready { kind, letter } => (kind, letter),
+            Draft::NoAddress { kind } => {
+                metrics::counter!("email_no_address_total").increment(1);
+                return self
+                    .done(msg, Some((event_id, order_id, kind, Outcome::NoAddress)))
+                    .await;
+            }
+            Draft::Unusable { kind, error } => {
+                let kind = kind.unwrap_or(claimed);
                 return self.dead(msg, event_id, order_id, kind, error).await;
             }
         };
-        let to = profile.email.as_str().to_owned();
-        let sent = self
-            .mailer
-            .send(Email {
-                to_name: &profile.name,
-                to: &to,
-                message_id: format!("{event_id}@shop"),
-                subject: &rendered.subject,
-                body: rendered.body,
-            })
-            .await;
+        let to = letter.to.clone();
+        let sent = self.mailer.send(letter.email(event_id)).await;
         let outcome = match sent {
             Ok(()) => {
                 metrics::counter!("email_sent_total", "kind" => kind.as_str()).increment(1);
@@ -389,6 +355,89 @@ impl EmailGroup {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// An event's email, ready to send.
+pub(crate) struct Letter {
+    pub to_name: String,
+    pub to: String,
+    pub rendered: templates::Rendered,
+}
+
+impl Letter {
+    /// The email, with the event's Message-ID (`<event id@shop>`): a second send of the same
+    /// event is the same message to mail clients.
+    pub fn email(&self, event_id: Uuid) -> Email<'_> {
+        Email {
+            to_name: &self.to_name,
+            to: &self.to,
+            message_id: format!("{event_id}@shop"),
+            subject: &self.rendered.subject,
+            body: self.rendered.body.clone(),
+        }
+    }
+}
+
+/// What the email of an event is, from what the shop holds now.
+pub(crate) enum Draft {
+    Ready {
+        kind: Kind,
+        letter: Letter,
+    },
+    /// The customer has no profile: no address to write to.
+    NoAddress {
+        kind: Kind,
+    },
+    /// The event, the profile or the template cannot give an email (`kind` when the event
+    /// could be read).
+    Unusable {
+        kind: Option<Kind>,
+        error: String,
+    },
+}
+
+/// Drafts the email of event `event_id` of order `order_id`: the event as stored, not as a
+/// message says (a forged message cannot choose whom to write or what), the address from the
+/// customer's profile, rendered by the templates. The group and an operator's resend
+/// ([`crate::resend`]) both draft here.
+pub(crate) async fn draft(
+    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
+    order_id: Uuid,
+    event_id: Uuid,
+) -> Result<Draft, sqlx::Error> {
+    let (kind, placed, cancelled) = match stored(conn, order_id, event_id).await? {
+        Ok(s) => s,
+        Err(error) => return Ok(Draft::Unusable { kind: None, error }),
+    };
+    let profile = match write_side::customers::find(pool, placed.customer_id.as_str()).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(Draft::NoAddress { kind }),
+        Err(sqlx::Error::Decode(_)) => {
+            let error = "the customer's profile is unreadable".to_owned();
+            return Ok(Draft::Unusable {
+                kind: Some(kind),
+                error,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(
+        match templates::render(kind, &profile.name, &placed, cancelled.as_ref()) {
+            Ok(rendered) => Draft::Ready {
+                kind,
+                letter: Letter {
+                    to_name: profile.name.clone(),
+                    to: profile.email.as_str().to_owned(),
+                    rendered,
+                },
+            },
+            Err(e) => Draft::Unusable {
+                kind: Some(kind),
+                error: format!("the template did not render: {e}"),
+            },
+        },
+    )
 }
 
 /// What to email, from the event store: the event `event_id` of order `order_id` (its

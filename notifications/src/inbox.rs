@@ -1,6 +1,9 @@
-//! Every SQL statement on `email_inbox`: whether an event was handled, and recording how.
+//! Every SQL statement on `email_inbox`: whether an event was handled, recording how, the
+//! emails recorded dead and an operator's settling of one; and the per-event lock the group
+//! and an operator's resend share.
 
-use sqlx::PgConnection;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, pool::PoolConnection};
 use uuid::Uuid;
 
 use crate::templates::Kind;
@@ -42,13 +45,7 @@ pub async fn record(
     let (name, error) = match outcome {
         Outcome::Sent { .. } => ("sent", None),
         Outcome::NoAddress => ("no_address", None),
-        Outcome::Dead { to, error } => (
-            "dead",
-            Some(match to {
-                Some(to) => error.replace(to.as_str(), "<recipient>"),
-                None => error.clone(),
-            }),
-        ),
+        Outcome::Dead { to, error } => ("dead", Some(redact(to.as_deref(), error))),
     };
     sqlx::query(
         "INSERT INTO email_inbox (event_id, order_id, kind, outcome, error)
@@ -62,4 +59,90 @@ pub async fn record(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Takes the event's lock (a session advisory lock): one sender per event at a time, across
+/// processes and with an operator's resend. Waits for a holder.
+pub async fn lock(conn: &mut PgConnection, event_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 7))")
+        .bind(event_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Releases [`lock`]. If that fails the session is closed instead (which releases it): it
+/// must not go back to the pool holding the lock.
+pub async fn unlock(mut conn: PoolConnection<sqlx::Postgres>, event_id: Uuid) {
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 7))")
+        .bind(event_id)
+        .execute(&mut *conn)
+        .await;
+    if unlocked.is_err() {
+        drop(conn.detach());
+    }
+}
+
+/// An email recorded dead.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadEmail {
+    pub event_id: Uuid,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub error: Option<String>,
+    pub handled_at: DateTime<Utc>,
+}
+
+/// Emails recorded dead, oldest first (at most 1,000).
+pub async fn dead(pool: &PgPool) -> Result<Vec<DeadEmail>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT event_id, order_id, kind, error, handled_at FROM email_inbox
+         WHERE outcome = 'dead' ORDER BY handled_at LIMIT 1000",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The recorded outcome of `event_id` and its order, if it was handled.
+pub async fn outcome_of(
+    conn: &mut PgConnection,
+    event_id: Uuid,
+) -> Result<Option<(String, Uuid)>, sqlx::Error> {
+    sqlx::query_as("SELECT outcome, order_id FROM email_inbox WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+/// Settles an email recorded dead with a new outcome (an operator's resend, or `None`: an
+/// operator's discard); false if it is not dead any more.
+pub async fn settle(
+    conn: &mut PgConnection,
+    event_id: Uuid,
+    outcome: Option<&Outcome>,
+) -> Result<bool, sqlx::Error> {
+    let (name, error) = match outcome {
+        None => ("discarded", None),
+        Some(Outcome::Sent { .. }) => ("sent", None),
+        Some(Outcome::NoAddress) => ("no_address", None),
+        Some(Outcome::Dead { to, error }) => ("dead", Some(redact(to.as_deref(), error))),
+    };
+    let settled = sqlx::query(
+        "UPDATE email_inbox SET outcome = $2, error = COALESCE($3, error), handled_at = now()
+         WHERE event_id = $1 AND outcome = 'dead'",
+    )
+    .bind(event_id)
+    .bind(name)
+    .bind(error)
+    .execute(&mut *conn)
+    .await?;
+    Ok(settled.rows_affected() == 1)
+}
+
+/// A server's text without the recipient (personal data the inbox does not keep).
+fn redact(to: Option<&str>, error: &str) -> String {
+    match to {
+        Some(to) => error.replace(to, "<recipient>"),
+        None => error.to_owned(),
+    }
 }

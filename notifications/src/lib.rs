@@ -6,6 +6,7 @@
 //! - [`templates`]: the emails' text (minijinja templates compiled into the binary).
 //! - [`mailer`]: SMTP through lettre, failures classified, the circuit breaker.
 //! - [`inbox`]: every statement on `email_inbox`.
+//! - [`resend`]: an operator's second try at an email recorded dead, or its discard.
 //!
 //! The address comes from the customer's profile (`write_side::customers`), never from an
 //! event; the order's lines and totals from the event store.
@@ -14,7 +15,8 @@
 pub mod consumer;
 pub mod inbox;
 pub mod mailer;
+pub mod resend;
 pub mod templates;
 
 pub use consumer::{EmailGroup, Health, NAME, run_role};
-pub use mailer::MailerConfig;
+pub use mailer::{Mailer, MailerConfig};

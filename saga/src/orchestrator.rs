@@ -65,6 +65,18 @@ fn record_metrics(
     }
 }
 
+/// The saga's own actor on what it records.
+const SAGA_ACTOR: &str = "system:saga";
+
+/// What [`Orchestrator::resolve_by_hand`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByHand {
+    /// The waiting step was taken as done; the saga moved on.
+    Resolved { step: Step },
+    /// The saga waits for no step (finished, or not started).
+    NotWaiting,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SagaError {
     #[error("a concurrent input changed the saga; retry")]
@@ -146,9 +158,57 @@ impl Orchestrator {
             span_id = tracing::field::Empty,
         );
         platform::trace::follow(&span, trace.as_deref());
-        self.decide_and_record(conn, order_id, input, causation, trace)
+        self.decide_and_record(conn, order_id, input, causation, trace, SAGA_ACTOR)
             .instrument(span)
             .await
+    }
+
+    /// An operator's *mark resolved*: the step the saga of `order_id` waits for was done
+    /// outside the shop (stock set aside by hand, a payment taken by phone, a parcel the
+    /// warehouse sent), and `reference` is its result (the reservation, authorization or
+    /// shipment id). It is taken as that step's success through the saga's own decision,
+    /// recorded with `actor` as its author, and the saga moves on as after a participant's
+    /// reply (the next step, or the order confirmed). A participant's reply to that step
+    /// arriving later is a duplicate and ignored. `causation` is the operator's action.
+    pub async fn resolve_by_hand(
+        &self,
+        order_id: OrderId,
+        reference: &str,
+        actor: &str,
+        causation: Uuid,
+    ) -> Result<ByHand, SagaError> {
+        for _ in 0..10 {
+            let mut tx = self.pool.begin().await?;
+            let (state, _) = load(&mut tx, order_id, self.config.step_attempts).await?;
+            let saga::Phase::Awaiting(step) = state.phase else {
+                return Ok(ByHand::NotWaiting);
+            };
+            let result = reference.to_owned();
+            let input = match step {
+                Step::Inventory => SagaInput::InventoryReserved {
+                    reservation_id: result,
+                },
+                Step::Payment => SagaInput::PaymentAuthorized {
+                    authorization_id: result,
+                },
+                Step::Shipment => SagaInput::ShipmentCreated {
+                    shipment_id: result,
+                },
+            };
+            match self
+                .decide_and_record(&mut tx, order_id, input, causation, None, actor)
+                .await
+            {
+                Ok(()) => {
+                    tx.commit().await?;
+                    tracing::info!(%order_id, step = step_name(step), actor, "saga step resolved by hand");
+                    return Ok(ByHand::Resolved { step });
+                }
+                Err(SagaError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(SagaError::Conflict)
     }
 
     async fn decide_and_record(
@@ -158,6 +218,7 @@ impl Orchestrator {
         input: SagaInput,
         causation: Uuid,
         trace: Option<String>,
+        actor: &str,
     ) -> Result<(), SagaError> {
         let (state, expected, step_started) =
             load_with_time(conn, order_id, self.config.step_attempts).await?;
@@ -170,7 +231,7 @@ impl Orchestrator {
         let meta = Metadata {
             correlation_id: order_id.0,
             causation_id: causation,
-            actor: "system:saga".into(),
+            actor: actor.to_owned(),
             traceparent: trace.clone(),
             command_id: None,
         };

@@ -211,9 +211,13 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
         ),
         None => {}
     }
+    // Checked before anything runs: a bad SMTP_URL or EMAIL_FROM is a start-up error. The
+    // console resends dead emails with it.
+    let mailer = match roles.email.as_ref() {
+        Some(cfg) => Some(notifications::Mailer::new(cfg).context("email settings")?),
+        None => None,
+    };
     if let Some(cfg) = roles.email {
-        // Checked before anything runs: a bad SMTP_URL or EMAIL_FROM is a start-up error.
-        notifications::mailer::Mailer::new(&cfg).context("email settings")?;
         let (p, infra, topic) = (pool.clone(), infra.clone(), topic.clone());
         sup.spawn("email", move |ctx| {
             notifications::run_role(
@@ -234,6 +238,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
                 names: saga::topology::Names::new(&s.queue_prefix),
             },
             s.step_timeout * s.step_attempts.max(1),
+            saga::orchestrator::Orchestrator::new(pool.clone(), s.clone()),
         )
     });
     if let Some(saga_cfg) = roles.saga {
@@ -248,9 +253,9 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
     let readiness = readiness.roles(sup.roles(), ops.ready_grace);
     let mut ops_router = platform::ops::router(readiness.clone());
     if let (Some(cfg), Some(auth)) = (roles.console, console_auth) {
-        let (amqp, stuck_after) = match saga_view {
-            Some((amqp, stuck_after)) => (Some(amqp), stuck_after),
-            None => (None, Duration::from_secs(60)),
+        let (amqp, stuck_after, saga) = match saga_view {
+            Some((amqp, stuck_after, saga)) => (Some(amqp), stuck_after, Some(saga)),
+            None => (None, Duration::from_secs(60), None),
         };
         let console = console::Console {
             pool: pools.queries.clone(),
@@ -259,6 +264,8 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             readiness: Some(readiness),
             watermarks: watermarks.clone(),
             stuck_after,
+            saga,
+            mailer,
             secure_cookie: cfg.secure_cookie,
         };
         ops_router = ops_router.merge(console.router());

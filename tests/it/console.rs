@@ -293,7 +293,7 @@ async fn an_operator_finds_a_stuck_order_in_the_console_and_recovers_it_with_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_corrects_a_reply_the_saga_cannot_read_and_the_checkout_moves_on() {
+async fn an_operator_corrects_a_reply_the_saga_cannot_read_then_resolves_the_other_steps_by_hand() {
     // No participant runs: the saga waits for inventory, its deadline an hour away. The
     // test answers for the inventory participant, with a reply whose field is misnamed.
     let shop = shop_without_participants().await;
@@ -417,6 +417,202 @@ async fn an_operator_corrects_a_reply_the_saga_cannot_read_and_the_checkout_move
     let detail = recorded[1].2.as_ref().expect("before and after recorded");
     assert_eq!(detail["before"], malformed);
     assert_eq!(detail["after"]["input"]["reservation_id"], "held-by-hand");
+
+    // No payment participant answers: the money was taken by phone, and the warehouse sent
+    // the parcel. The operator marks each step resolved with its reference (both required),
+    // and the saga moves on to the order's end.
+    let resolve = |reference: &'static str, why: &'static str| {
+        let (browser, console) = (&browser, &console);
+        async move {
+            browser.goto(&format!("{console}/sagas")).await;
+            let row = format!("#saga-{order} form.resolve");
+            browser
+                .fill(&format!("{row} input[name=reference]"), reference)
+                .await;
+            browser.fill(&format!("{row} input[name=why]"), why).await;
+            browser.click(&format!("{row} button")).await;
+            browser.text("#outcome").await
+        }
+    };
+    let paid = resolve("PHONE-AUTH-77", "paid by phone").await;
+    assert!(
+        paid.contains("payment marked resolved by hand (PHONE-AUTH-77)"),
+        "{paid}"
+    );
+    eventually(60, "the saga asks for the shipment", || async {
+        sqlx::query_scalar::<_, String>("SELECT step FROM saga_deadlines WHERE order_id = $1")
+            .bind(order)
+            .fetch_optional(&shop.db.pool)
+            .await
+            .unwrap()
+            .filter(|s| s == "shipment")
+    })
+    .await;
+    browser.screenshot("sagas-resolve").await;
+    let shipped = resolve("DHL-123", "sent by the warehouse").await;
+    assert!(shipped.contains("shipment marked resolved"), "{shipped}");
+    eventually(60, "the order confirmed", || async {
+        read_model(&shop, order)
+            .await
+            .filter(|(status, _)| status == "CONFIRMED")
+    })
+    .await;
+    // The saga's decisions and the order's events name the operator as their author.
+    let authors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, metadata->>'actor' FROM events
+         WHERE stream_id IN ($1, $2) AND event_type IN ('SagaStepSucceeded', 'OrderConfirmed')
+         ORDER BY position",
+    )
+    .bind(order)
+    .bind(domain::saga::stream_id(domain::values::OrderId(order)))
+    .fetch_all(&shop.db.pool)
+    .await
+    .unwrap();
+    let by_hand: Vec<_> = authors
+        .iter()
+        .filter(|(_, actor)| actor == "operator:ops-hopper")
+        .map(|(t, _)| t.as_str())
+        .collect();
+    assert_eq!(
+        by_hand,
+        ["SagaStepSucceeded", "SagaStepSucceeded", "OrderConfirmed"],
+        "{authors:?}"
+    );
+    // Ended, the saga waits for nothing: there is nothing left to resolve.
+    browser.goto(&format!("{console}/sagas")).await;
+    assert!(!browser.body().await.contains(&format!("saga-{order}")));
+    let resolved: Vec<(String, String)> = sqlx::query_as(
+        "SELECT reason, outcome FROM console_actions WHERE action = 'resolve_saga_step' AND order_id = $1 ORDER BY id",
+    )
+    .bind(order)
+    .fetch_all(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolved.len(), 2, "{resolved:?}");
+    assert_eq!(resolved[0].0, "paid by phone");
+    assert!(
+        resolved.iter().all(|r| r.1.starts_with("ok: ")),
+        "{resolved:?}"
+    );
+    browser.close().await;
+    shop.terminate(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resends_an_email_the_server_refused_once_the_address_is_fixed() {
+    let shop =
+        ShopProcess::start_with(bin(), |_| vec![("SHOP_DEV_MODE".into(), "true".into())]).await;
+    let customer = shop.token("customer", "c-mail");
+    let operator = shop.token("operator", "ops-lamarr");
+    let domain = format!("{}example.com", shop.prefix);
+    let profile = |email: String| {
+        let (shop, customer) = (&shop, &customer);
+        async move {
+            let r = shop
+                .http
+                .put(format!("{}/customers/c-mail", shop.api))
+                .bearer_auth(customer)
+                .json(&serde_json::json!({"name": "Hedy", "email": email}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    // The server refuses `bounce*` recipients for good (550): the email is recorded dead.
+    profile(format!("bounce-hedy@{domain}")).await;
+    let order = shop.checkout(&customer, "SKU-1", "tok_visa").await;
+    let event: Uuid = eventually(90, "the confirmation's email recorded dead", || async {
+        sqlx::query_scalar(
+            "SELECT event_id FROM email_inbox WHERE order_id = $1 AND outcome = 'dead'",
+        )
+        .bind(order)
+        .fetch_optional(&shop.db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+
+    let console = format!("{}/console", shop.ops);
+    let browser = Browser::start().await;
+    sign_in(&browser, &console, &operator).await;
+    browser
+        .goto(&format!("{console}/dead-letters?source=email"))
+        .await;
+    let list = browser.body().await;
+    assert!(list.contains(&order.to_string()), "{list}");
+    assert!(list.contains("refused"), "{list}");
+    // The order is confirmed, yet stuck: its customer was never told.
+    browser.goto(&format!("{console}/orders/stuck")).await;
+    let stuck = browser.body().await;
+    assert!(stuck.contains(&order.to_string()), "{stuck}");
+    assert!(stuck.contains("email dead letter"), "{stuck}");
+
+    let letter = format!("{console}/dead-letters/email/{event}");
+    browser.goto(&letter).await;
+    let detail = browser.body().await;
+    assert!(detail.contains("SMTP 550"), "{detail}");
+    assert!(
+        !detail.contains("bounce-hedy"),
+        "the address is not kept: {detail}"
+    );
+    browser.screenshot("dead-letter-email").await;
+    // Resent as it stands, it is refused again and stays dead.
+    browser
+        .fill(
+            "form.action[action$='/replay'] input[name=why]",
+            "server fixed?",
+        )
+        .await;
+    browser.click("form.action[action$='/replay'] button").await;
+    let again = browser.text("td.outcome").await;
+    assert!(again.contains("refused it again"), "{again}");
+    browser.goto(&letter).await;
+    assert_eq!(browser.text("dd.status").await, "open");
+
+    // She corrects her address; the resend drafts from the profile as it is now.
+    let fixed = format!("hedy@{domain}");
+    profile(fixed.clone()).await;
+    browser.goto(&letter).await;
+    browser
+        .fill(
+            "form.action[action$='/replay'] input[name=why]",
+            "customer corrected her address",
+        )
+        .await;
+    browser.click("form.action[action$='/replay'] button").await;
+    let sent = browser.text("td.outcome").await;
+    assert!(sent.contains("sent again"), "{sent}");
+    let mails = crate::email::wait_mail(&fixed, 1).await;
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0].0, format!("<{event}@shop>"));
+    assert!(mails[0].1.contains("confirmed"), "{:?}", mails[0].1);
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM email_inbox WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(&shop.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "sent");
+    browser
+        .goto(&format!("{console}/dead-letters?source=email"))
+        .await;
+    assert!(!browser.body().await.contains(&order.to_string()));
+    // Settled, it is no dead letter any more: nothing is left to resend.
+    browser.goto(&letter).await;
+    let gone = browser.body().await;
+    assert!(gone.contains("no dead letter"), "{gone}");
+    let recorded: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT action, reason, outcome FROM console_actions WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order)
+    .fetch_all(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert!(recorded.iter().all(|r| r.0 == "replay_dead_letter"));
+    assert!(recorded[0].2.starts_with("refused: "), "{recorded:?}");
+    assert_eq!(recorded[1].1, "customer corrected her address");
+    assert!(recorded[1].2.starts_with("ok: sent again"), "{recorded:?}");
     browser.close().await;
     shop.terminate(Duration::from_secs(30)).await;
 }

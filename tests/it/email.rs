@@ -254,7 +254,7 @@ fn unquote(text: &str) -> String {
 }
 
 /// The emails the SMTP server delivered to `to`: (Message-ID, Subject, whole text).
-fn mailbox(to: &str) -> Vec<(String, String, String)> {
+pub(crate) fn mailbox(to: &str) -> Vec<(String, String, String)> {
     let dir = std::env::var("SMTP_MAILDIR").expect("SMTP_MAILDIR (source scripts/lib.sh)");
     let mut out = Vec::new();
     for sub in ["new", "cur"] {
@@ -279,7 +279,7 @@ fn mailbox(to: &str) -> Vec<(String, String, String)> {
 }
 
 /// Waits until `to` has `n` emails (at most 30 s: delivery is asynchronous in the server).
-async fn wait_mail(to: &str, n: usize) -> Vec<(String, String, String)> {
+pub(crate) async fn wait_mail(to: &str, n: usize) -> Vec<(String, String, String)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let mails = mailbox(to);
