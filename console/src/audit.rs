@@ -204,7 +204,9 @@ async fn render(
             p.hint {
                 "Checks the hash chain of every stream with an event in the range (all of each such stream), as "
                 code { "shop audit verify" } " does: content changed, events removed or reordered, a tail cut off. "
-                "One order's chain is on its page. The check runs in the background; leave and come back."
+                "One order's chain is on its page, a customer's orders on hers. The check runs in the background; leave and come back. "
+                "What the chain alone cannot show (a stream deleted or cut short since) a signed checkpoint can: "
+                a href="/console/audit/checkpoints" { "compare a checkpoint with the store" } "."
             }
             form.filters method="post" action="/console/audit/verify" {
                 (view::csrf(op))

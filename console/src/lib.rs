@@ -16,6 +16,8 @@
 
 pub mod actions;
 pub mod audit;
+mod checkpoints;
+mod customers;
 mod dead_letters;
 mod error;
 mod letters;
@@ -67,6 +69,8 @@ pub struct Console {
     /// The saga's orchestrator, for an operator's *mark resolved* (none: this process runs no
     /// saga).
     pub saga: Option<saga::orchestrator::Orchestrator>,
+    /// Where the `audit-checkpoints` role writes signed checkpoints (none: it writes none).
+    pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Sends an email recorded dead again (none: this process sends no email).
     pub mailer: Option<notifications::Mailer>,
     /// An order with no saga progress for this long is stuck (step timeout x attempts).
@@ -109,6 +113,7 @@ impl Console {
             .route("/console/orders", get(orders::search))
             .route("/console/orders/stuck", get(stuck::page))
             .route("/console/orders/{id}", get(orders::page))
+            .route("/console/customers/{id}", get(customers::page))
             .route("/console/projections", get(projections::page))
             .route(
                 "/console/projections/{name}/{action}",
@@ -120,6 +125,10 @@ impl Console {
             .route("/console/activity", get(actions::page))
             .route("/console/audit", get(audit::page))
             .route("/console/audit/verify", post(audit::start))
+            .route(
+                "/console/audit/checkpoints",
+                get(checkpoints::page).post(checkpoints::compare),
+            )
             .layer(axum::middleware::map_response(harden))
             .with_state(self)
     }

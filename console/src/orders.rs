@@ -23,11 +23,21 @@ pub struct Search {
     id: String,
 }
 
-/// The header's "Open order" box.
+/// The header's "Open" box: an order id opens the order, a customer id her orders' audit.
 pub async fn search(_op: Operator, Query(q): Query<Search>) -> Result<Redirect, ConsoleError> {
-    let id = Uuid::parse_str(q.id.trim())
-        .map_err(|_| ConsoleError::BadRequest(format!("`{}` is not an order id", q.id)))?;
-    Ok(Redirect::to(&format!("/console/orders/{id}")))
+    let typed = q.id.trim();
+    if let Ok(id) = Uuid::parse_str(typed) {
+        return Ok(Redirect::to(&format!("/console/orders/{id}")));
+    }
+    let customer = domain::values::CustomerId::parse(typed).map_err(|_| {
+        ConsoleError::BadRequest(format!(
+            "`{typed}` is neither an order id nor a customer id"
+        ))
+    })?;
+    Ok(Redirect::to(&format!(
+        "/console/customers/{}",
+        customer.as_str()
+    )))
 }
 
 pub async fn page(
@@ -79,6 +89,9 @@ pub async fn page(
                         Some(s) => { (s.status) " (version " (s.version) ")" },
                         None => span.warn { "not projected yet" },
                     }
+                }
+                @if let Some(c) = summary.as_ref().map(|s| s.customer_id.as_str()) {
+                    dt { "Customer" } dd { a href={ "/console/customers/" (c) } { (c) } }
                 }
                 dt { "Checkout" }
                 dd.status #checkout-status { (format!("{:?}", checkout.status)) }

@@ -1,5 +1,6 @@
 //! The overview: is every role up (and how often it restarted), how far behind are the
-//! projections, how big and how old is the outbox backlog, how many dead letters by source
+//! projections and every consumer group (Kafka lag per group and topic; the saga's RabbitMQ
+//! queues, waiting messages and consumers), how big and how old is the outbox backlog, how many dead letters by source
 //! and reason, how many sagas are in flight and how many orders are stuck, and the roles'
 //! recent errors. Each number links to the page that acts on it.
 
@@ -31,6 +32,8 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
             .or_default() += 1;
     }
     let in_flight = saga::sagas_in_flight(&console.pool).await?;
+    let groups = read_side::status::groups(&console.pool, console.watermarks.as_ref()).await?;
+    let queues = queues(&console).await;
     let stuck = stuck::stuck_orders(&console, &gathered.letters).await?;
     let details = roles
         .as_ref()
@@ -72,6 +75,38 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
             }
             h2 { "Projections" }
             (projections::summary(&projections))
+            h2 { "Consumer groups" }
+            table.groups {
+                thead { tr { th { "Group" } th { "Topic" } th.num { "Position" } th.num { "Lag" } } }
+                tbody {
+                    @for g in &groups {
+                        tr id={ "group-" (g.group) } {
+                            td { (g.group) }
+                            td { (g.topic) }
+                            td.num { (g.position) }
+                            td.num.lag { (g.lag.map_or("?".into(), |l| l.to_string())) }
+                        }
+                    }
+                }
+            }
+            @match &queues {
+                Err(e) => p.warn { "The saga's queues could not be read: " (e) },
+                Ok(q) if q.is_empty() => {},
+                Ok(q) => {
+                    table.queues {
+                        thead { tr { th { "Saga queue" } th.num { "Waiting" } th.num { "Consumers" } } }
+                        tbody {
+                            @for (queue, waiting, consumers) in q {
+                                tr {
+                                    td { (queue) }
+                                    td.num { (waiting) }
+                                    td class={ "num " (if *consumers == 0 && !queue.ends_with(".dlq") { "bad" } else { "" }) } { (consumers) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             h2 { "Dead letters by source and reason" }
             @if by_reason.is_empty() { p.empty.ok { "None open." } } @else {
                 table {
@@ -89,4 +124,19 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
             }
         },
     ))
+}
+
+/// The saga's queues with their depth and consumers (none when this process runs no saga).
+async fn queues(console: &Console) -> Result<Vec<(String, u32, u32)>, String> {
+    if console.amqp.is_none() {
+        return Ok(Vec::new());
+    }
+    let (conn, amqp) = letters::broker(console).await?;
+    let wait = std::time::Duration::from_secs(3);
+    let depths = match tokio::time::timeout(wait, saga::queue_depths(&conn, &amqp.names)).await {
+        Ok(d) => d.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {wait:?}")),
+    };
+    conn.close(200, "counted".into()).await.ok();
+    depths
 }

@@ -49,8 +49,8 @@ fn framed(op: &Operator, title: &str, every: Option<(u32, &str)>, body: Markup) 
                         strong { "shop console" }
                         @for (href, name) in NAV { a href=(href) { (name) } }
                         form.search method="get" action="/console/orders" {
-                            input name="id" placeholder="order id" aria-label="order id" {}
-                            button type="submit" { "Open order" }
+                            input name="id" placeholder="order or customer id" aria-label="order or customer id" {}
+                            button type="submit" { "Open" }
                         }
                     }
                     form.signout method="post" action="/console/sign-out" {

@@ -68,6 +68,50 @@ pub enum Finding {
     Unkeyed { position: i64, stream_id: Uuid },
 }
 
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::BadSignature => write!(
+                f,
+                "BadSignature: the checkpoint's signature does not verify with the audit keys"
+            ),
+            Finding::StreamDeleted { stream_id } => write!(f, "StreamDeleted {stream_id}"),
+            Finding::Truncated {
+                stream_id,
+                checkpoint_version,
+                now,
+            } => write!(
+                f,
+                "Truncated {stream_id}: version {checkpoint_version} then, {now} event(s) now"
+            ),
+            Finding::Rewritten { stream_id, version } => write!(
+                f,
+                "Rewritten {stream_id}: the event at version {version} is not the one checkpointed"
+            ),
+            Finding::Unkeyed {
+                position,
+                stream_id,
+            } => write!(
+                f,
+                "Unkeyed {stream_id}: the event at position {position} carries no audit key"
+            ),
+        }
+    }
+}
+
+impl Finding {
+    /// The stream it is about, if any.
+    pub fn stream_id(&self) -> Option<Uuid> {
+        match self {
+            Finding::BadSignature => None,
+            Finding::StreamDeleted { stream_id }
+            | Finding::Truncated { stream_id, .. }
+            | Finding::Rewritten { stream_id, .. }
+            | Finding::Unkeyed { stream_id, .. } => Some(*stream_id),
+        }
+    }
+}
+
 /// The bytes the MAC covers: every field but `mac`, as canonical JSON.
 fn signed_bytes(c: &Checkpoint) -> Vec<u8> {
     let mut v = serde_json::to_value(c).expect("a checkpoint serializes");

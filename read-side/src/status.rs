@@ -74,6 +74,14 @@ impl Watermarks {
         &self.topic
     }
 
+    /// The same client on another topic, named in full.
+    pub fn for_topic(&self, topic: &str) -> Self {
+        Self {
+            consumer: self.consumer.clone(),
+            topic: topic.to_owned(),
+        }
+    }
+
     /// The same client on `name` under this topic's prefix (`<prefix>orders.events` →
     /// `<prefix><name>`).
     pub fn sibling(&self, name: &str) -> Self {
@@ -190,6 +198,60 @@ pub async fn all(
     }
     let topics = watermarks.map(|w| [w.sibling(crate::analytics::ACTIVITY_TOPIC), w.clone()]);
     out.push(crate::analytics::status(pool, topics.as_ref().map(|t| &t[..])).await?);
+    Ok(out)
+}
+
+/// Per partition: (low, high) watermarks.
+type Marks = HashMap<i32, (i64, i64)>;
+
+/// One consumer group's position on one topic, and how far behind the topic it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    pub group: String,
+    pub topic: String,
+    /// The sum of its next offsets to apply.
+    pub position: i64,
+    /// Messages on the topic beyond them (`None`: no watermarks, the brokers did not answer).
+    pub lag: Option<i64>,
+}
+
+/// Every consumer group that keeps its Kafka positions in `projection_checkpoints` (the
+/// projections, analytics, the email group), per topic, with its lag from the brokers' high
+/// watermarks.
+pub async fn groups(
+    pool: &PgPool,
+    watermarks: Option<&Watermarks>,
+) -> Result<Vec<GroupLag>, sqlx::Error> {
+    let rows: Vec<(String, String, Vec<i32>, Vec<i64>)> = sqlx::query_as(
+        "SELECT projection, topic, array_agg(partition ORDER BY partition), array_agg(next_offset ORDER BY partition)
+         FROM projection_checkpoints GROUP BY projection, topic ORDER BY projection, topic",
+    )
+    .fetch_all(pool)
+    .await?;
+    // Each topic's watermarks, fetched once.
+    let mut marks: HashMap<String, Option<Marks>> = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for (group, topic, partitions, next) in rows {
+        let next: HashMap<i32, i64> = partitions.into_iter().zip(next).collect();
+        let topic_marks = match (marks.get(&topic), watermarks) {
+            (Some(m), _) => m.clone(),
+            (None, Some(w)) => {
+                let m = w.for_topic(&topic).fetch().await;
+                marks.insert(topic.clone(), m.clone());
+                m
+            }
+            (None, None) => None,
+        };
+        let lag = topic_marks
+            .as_ref()
+            .map(|m| lag_over(m, m.keys().copied(), |p| next.get(&p).copied()));
+        out.push(GroupLag {
+            group,
+            topic,
+            position: next.values().sum(),
+            lag,
+        });
+    }
     Ok(out)
 }
 

@@ -322,16 +322,7 @@ async fn report_dead_letter_depth(
     while !stop.is_cancelled() {
         for d in topology::DESTINATIONS {
             let queue = names.dead_letter_queue(d);
-            let q = ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await?;
+            let q = declared(&ch, &queue).await?;
             metrics::gauge!("saga_dlq_depth", "queue" => queue).set(f64::from(q.message_count()));
         }
         tokio::select! {
@@ -341,6 +332,38 @@ async fn report_dead_letter_depth(
     }
     ch.close(200, "shutdown".into()).await.ok();
     Ok(())
+}
+
+/// A saga queue's depth: (queue, messages ready, consumers), for every destination's queue
+/// and its dead-letter queue (passive declares: nothing is created; a queue that does not
+/// exist is an error).
+pub async fn queue_depths(
+    conn: &lapin::Connection,
+    names: &topology::Names,
+) -> Result<Vec<(String, u32, u32)>, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let mut out = Vec::new();
+    for d in topology::DESTINATIONS {
+        for queue in [names.queue(d), names.dead_letter_queue(d)] {
+            let q = declared(&ch, &queue).await?;
+            out.push((queue, q.message_count(), q.consumer_count()));
+        }
+    }
+    ch.close(200, "counted".into()).await.ok();
+    Ok(out)
+}
+
+/// An existing queue as the broker counts it (a passive declare).
+async fn declared(ch: &lapin::Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
 }
 
 /// How many sagas wait for a participant: each has one armed step deadline (the console's

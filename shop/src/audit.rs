@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::Context;
-use event_store::checkpoint::{self, Checkpoint, Finding};
+use event_store::checkpoint::{self, Checkpoint};
 use platform::{config::InfraConfig, keys::Keyring, supervisor::RoleCtx};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -170,7 +170,7 @@ pub async fn verify(
             .with_context(|| format!("{} is not an audit checkpoint", file.display()))?;
         findings = checkpoint::compare(&mut conn, &c).await?;
         for f in &findings {
-            println!("CHECKPOINT {}", describe(f));
+            println!("CHECKPOINT {f}");
         }
         println!(
             "checkpoint of {} at position {} ({} streams): {} finding(s)",
@@ -185,29 +185,4 @@ pub async fn verify(
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn describe(f: &Finding) -> String {
-    match f {
-        Finding::BadSignature => {
-            "BadSignature: the checkpoint's signature does not verify with the audit keys".into()
-        }
-        Finding::StreamDeleted { stream_id } => format!("StreamDeleted {stream_id}"),
-        Finding::Truncated {
-            stream_id,
-            checkpoint_version,
-            now,
-        } => {
-            format!("Truncated {stream_id}: version {checkpoint_version} then, {now} event(s) now")
-        }
-        Finding::Rewritten { stream_id, version } => {
-            format!(
-                "Rewritten {stream_id}: the event at version {version} is not the one checkpointed"
-            )
-        }
-        Finding::Unkeyed {
-            position,
-            stream_id,
-        } => format!("Unkeyed {stream_id}: the event at position {position} carries no audit key"),
-    }
 }

@@ -196,6 +196,10 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             crate::retention::run_role(p.clone(), cfg.clone(), ctx)
         });
     }
+    let checkpoint_dir = roles
+        .checkpoints
+        .as_ref()
+        .and_then(|c| c.audit_checkpoint_dir.clone());
     match roles.checkpoints {
         Some(crate::audit::CheckpointConfig {
             audit_checkpoint_dir: Some(dir),
@@ -266,6 +270,7 @@ pub async fn run(infra: &InfraConfig, roles: RoleConfigs, ops: OpsConfig) -> any
             stuck_after,
             saga,
             mailer,
+            checkpoint_dir,
             secure_cookie: cfg.secure_cookie,
         };
         ops_router = ops_router.merge(console.router());

@@ -137,6 +137,17 @@ async fn an_operator_finds_a_stuck_order_in_the_console_and_recovers_it_with_one
         cookie.same_site().map(|s| s.to_string()).as_deref(),
         Some("Strict")
     );
+    // Every consumer group's lag (the projections' and the email group's Kafka positions)
+    // and the saga's queues with their consumers.
+    for group in ["order_summary", "email"] {
+        let lag = browser.text(&format!("#group-{group} .lag")).await;
+        assert!(lag.parse::<i64>().is_ok(), "{group}: {lag:?}");
+    }
+    let queues = browser.text("table.queues").await;
+    assert!(
+        queues.contains(&format!("{}checkout.inventory", shop.prefix)),
+        "{queues}"
+    );
     browser.screenshot("overview").await;
 
     // One search lists the stuck order with its cause.
@@ -1067,6 +1078,32 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
         .goto(&format!("{console}/orders/{}", orders[0]))
         .await;
     assert!(browser.text("#audit-verdict").await.contains("verifies"));
+    // Her orders' audit, found by her customer id in the header's box: one of them breaks.
+    browser
+        .fill("form.search input[name=id]", "c-rebuild")
+        .await;
+    browser.click("form.search button").await;
+    let verdict = browser.text("#customer-verdict").await;
+    assert_eq!(
+        verdict,
+        format!(
+            "1 of her {} order(s) have a broken hash chain.",
+            orders.len()
+        )
+    );
+    assert!(
+        browser
+            .text(&format!("#order-{tampered} .verdict"))
+            .await
+            .contains("breaks at version 1")
+    );
+    assert_eq!(
+        browser
+            .text(&format!("#order-{} .verdict", orders[0]))
+            .await,
+        "verifies"
+    );
+    browser.screenshot("customer").await;
     // The whole store verified from the Audit page: the tampered order is the one break.
     browser.goto(&format!("{console}/audit")).await;
     browser
@@ -1096,6 +1133,53 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
             .await
             .unwrap();
     assert_eq!(recorded, "monthly check");
+
+    // A signed checkpoint written outside the database (where the audit-checkpoints role
+    // writes them), then an order deleted from the store (its one event: no participant
+    // ran): comparing that file with the store from the console shows the stream gone,
+    // which no chain of what is left can.
+    let out = ShopProcess::run_to_exit(
+        {
+            let mut c = shop.command(&["audit", "checkpoint", "--out"]);
+            c.arg(&shop.checkpoints);
+            c
+        },
+        "shop audit checkpoint",
+    )
+    .await;
+    let written = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let file = std::path::Path::new(&written)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let cut = orders[2];
+    sqlx::query("DELETE FROM events WHERE stream_id = $1")
+        .bind(cut)
+        .execute(&shop.db.pool)
+        .await
+        .unwrap();
+    browser.goto(&format!("{console}/audit")).await;
+    browser.click("a[href='/console/audit/checkpoints']").await;
+    let row = format!("form.compare:has(input[value='{file}'])");
+    browser
+        .fill(&format!("{row} input[name=why]"), "after the restore")
+        .await;
+    browser.click(&format!("{row} button")).await;
+    let found = browser.text("#comparison").await;
+    assert!(found.contains("1 finding(s)"), "{found}");
+    assert!(found.contains(&format!("StreamDeleted {cut}")), "{found}");
+    browser.screenshot("checkpoint").await;
+    let recorded: (String, String) = sqlx::query_as(
+        "SELECT target, outcome FROM console_actions WHERE action = 'compare_checkpoint'",
+    )
+    .fetch_one(&shop.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        (format!("checkpoint:{file}"), "ok: 1 finding(s)".into())
+    );
 
     browser.close().await;
     shop.terminate(Duration::from_secs(30)).await;
