@@ -244,7 +244,7 @@ pub async fn activity(
     samples.sort_unstable();
 
     println!();
-    print_header();
+    print_header("vs baseline");
     println!("{}", baseline.row(None));
     println!("{}", http.row(Some(&baseline)));
     println!(

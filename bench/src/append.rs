@@ -2,13 +2,17 @@
 //! the same process against the same PostgreSQL, because this machine is noisy and only
 //! ratios compare across runs.
 //!
-//! `shop-bench append` runs, in order, on a fresh scratch database:
-//! 1. baseline: plain `INSERT`s of the same event row and outbox row, one transaction each;
-//! 2. the event-store append path in-process (decide + records + one-statement append);
-//! 3. `POST /orders` over HTTP against the command API served in this process.
+//! `shop-bench append` runs, on a fresh scratch database, for each client count (default 16
+//! and 64), in order:
+//! 1. the peer: cqrs-es 0.5 with postgres-es doing the same new-order command ([`crate::peer`]),
+//!    the baseline every ratio is against;
+//! 2. plain `INSERT`s of the same event row and outbox row, one transaction each (the floor
+//!    of what this schema costs);
+//! 3. the event-store append path in-process (decide + records + one-statement append);
+//! 4. `POST /orders` over HTTP against the command API served in this process.
 //!
-//! All three use the same number of concurrent clients (default 64) and report
-//! operations/s and p50/p99 latency. Results go in `docs/benchmarks.md`.
+//! Every phase reports operations/s, p50/p99 latency and its ratio to the peer. Results go
+//! in `docs/benchmarks.md`.
 
 use std::{
     sync::{
@@ -34,9 +38,9 @@ pub struct BenchArgs {
     /// Operations per measured phase.
     #[arg(long, default_value_t = 20_000)]
     pub requests: usize,
-    /// Concurrent clients.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
+    /// Concurrent clients: every phase runs at each count.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub clients: Vec<usize>,
 }
 
 pub(crate) struct Stats {
@@ -117,7 +121,7 @@ where
     })
 }
 
-fn place_command(i: usize) -> PlaceOrder {
+pub(crate) fn place_command(i: usize) -> PlaceOrder {
     let order_id = OrderId(Uuid::now_v7());
     PlaceOrder {
         order_id,
@@ -151,7 +155,7 @@ thread_local! {
     static SEALING_KEY: platform::vault::DataKey = platform::vault::DataKey::ephemeral();
 }
 
-fn bench_metadata(order_id: OrderId) -> Metadata {
+pub(crate) fn bench_metadata(order_id: OrderId) -> Metadata {
     Metadata {
         correlation_id: order_id.0,
         causation_id: Uuid::now_v7(),
@@ -295,28 +299,16 @@ pub(crate) async fn scratch_db(
 }
 
 // Long on purpose: a benchmark reads top to bottom as its phases (set-up, baseline, measured
-// run, report) and splitting it would hide the order that makes the ratio fair.
+// runs, report) and splitting it would hide the order that makes the ratio fair.
 pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> {
-    let (n, c) = (args.requests, args.concurrency);
-    let (pool, name, _) = scratch_db(database_url, c as u32).await?;
+    let n = args.requests;
+    let most = args.clients.iter().copied().max().unwrap_or(1).max(1);
+    let (pool, name, _) = scratch_db(database_url, most as u32).await?;
     println!(
-        "shop-bench append: {n} operations per phase, {c} concurrent clients, scratch database {name}\n"
+        "shop-bench append: {n} operations per phase at {:?} concurrent clients, scratch database {name}\n",
+        args.clients
     );
-
-    // Warm-up: connections, caches, the API's first requests.
-    let p = pool.clone();
-    load("warm-up", 500, c, move |i| baseline_op(p.clone(), i)).await?;
-
-    let p = pool.clone();
-    let baseline = load("baseline: plain INSERTs (1 tx each)", n, c, move |i| {
-        baseline_op(p.clone(), i)
-    })
-    .await?;
-    let p = pool.clone();
-    let appended = load("event-store append (in-process)", n, c, move |i| {
-        append_op(p.clone(), i)
-    })
-    .await?;
+    let peer = Arc::new(crate::peer::framework(&pool).await?);
 
     let cfg = write_side::WriteSideConfig {
         http_addr: "127.0.0.1:0".parse()?,
@@ -353,7 +345,7 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     })
     .to_string();
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(c)
+        .pool_max_idle_per_host(most)
         .build()?;
     let run_id = Uuid::new_v4();
     let http_op = move |i: usize| {
@@ -370,26 +362,59 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
             Ok(())
         }
     };
+
+    // Warm-up: connections, caches, the API's first requests.
+    let p = pool.clone();
+    load("warm-up", 500, most, move |i| baseline_op(p.clone(), i)).await?;
     let warm = http_op.clone();
-    load("warm-up", 500, c, move |i| warm(n + i)).await?;
-    let http = load("POST /orders over HTTP", n, c, http_op).await?;
+    load("warm-up", 500, most, move |i| warm(usize::MAX / 2 + i)).await?;
+
+    let mut tables = Vec::new();
+    for (round, &c) in args.clients.iter().enumerate() {
+        // Distinct idempotency keys per round.
+        let offset = round * n;
+        let cqrs = peer.clone();
+        let peer_run = load("cqrs-es 0.5 + postgres-es (peer)", n, c, move |i| {
+            let cqrs = cqrs.clone();
+            async move { crate::peer::place(&cqrs, place_command(i)).await }
+        })
+        .await?;
+        let p = pool.clone();
+        let baseline = load("plain INSERTs, event + outbox (1 tx)", n, c, move |i| {
+            baseline_op(p.clone(), i)
+        })
+        .await?;
+        let p = pool.clone();
+        let appended = load("event-store append (in-process)", n, c, move |i| {
+            append_op(p.clone(), i)
+        })
+        .await?;
+        let op = http_op.clone();
+        let http = load("POST /orders over HTTP", n, c, move |i| op(offset + i)).await?;
+        tables.push((c, [peer_run, baseline, appended, http]));
+    }
     shutdown.cancel();
     let _ = server.await;
 
-    print_header();
-    println!("{}", baseline.row(None));
-    println!("{}", appended.row(Some(&baseline)));
-    println!("{}", http.row(Some(&baseline)));
+    for (c, [peer_run, baseline, appended, http]) in &tables {
+        println!("{c} concurrent clients:\n");
+        print_header("vs cqrs-es");
+        println!("{}", peer_run.row(None));
+        for s in [baseline, appended, http] {
+            println!("{}", s.row(Some(peer_run)));
+        }
+        println!();
+    }
 
     pool.close().await;
     drop_db(database_url, &name).await
 }
 
 /// The header of the table [`Stats::row`] fills.
-pub(crate) fn print_header() {
+pub(crate) fn print_header(against: &str) {
     println!(
         "| {:<36} | {:>7} | {:>10} | {:>8} | {:>8} | {:>10} |",
-        "phase", "ops", "ops/s", "p50 ms", "p99 ms", "vs baseline"
+        "phase", "ops", "ops/s", "p50 ms", "p99 ms", against
     );
     println!(
         "|{:-<38}|{:-<9}|{:-<12}|{:-<10}|{:-<10}|{:-<13}|",
@@ -397,19 +422,25 @@ pub(crate) fn print_header() {
     );
 }
 
-/// Drops a scratch database, retrying a few times: after large writes an autovacuum worker
-/// may still be attached, which `WITH (FORCE)` cannot end for a non-superuser.
+/// Drops a scratch database, retrying for a minute: after large writes an autovacuum worker
+/// may still be attached, which `WITH (FORCE)` cannot end for a non-superuser. If it is still
+/// busy then, the database is left behind with a warning (the numbers are printed already).
 pub(crate) async fn drop_db(admin_url: &str, name: &str) -> anyhow::Result<()> {
     let mut admin = PgConnection::connect(admin_url).await?;
     let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
     for attempt in 1.. {
         match admin.execute(sql.as_str()).await {
             Ok(_) => break,
-            Err(e) if attempt < 10 => {
+            Err(e) if attempt < 60 => {
                 tracing::debug!(error = %e, "scratch database busy; retrying the drop");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                eprintln!(
+                    "warning: the scratch database {name} is left behind ({e}); drop it later: DROP DATABASE \"{name}\""
+                );
+                break;
+            }
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ use platform::config::InfraConfig;
 
 mod activity;
 mod append;
+mod peer;
 mod read_side;
 mod relay;
 mod saga;
