@@ -219,6 +219,10 @@ pub async fn append_at(
             expected: expected.version,
         });
     }
+    if !outbox.is_empty() {
+        // Readers in this process look again shortly (they find the rows once committed).
+        crate::wake::appended();
+    }
     Ok(AppendOutcome {
         version: new_version,
         head_hash: prev,

@@ -24,6 +24,7 @@
 //! - [`hash`]: canonical encoding and the chain hash.
 //! - [`append`](mod@append): the one-statement append (events + outbox rows).
 //! - [`read`]: loading a stream (or one event, or several streams), the global feed.
+//! - [`wake`]: how the outbox's and the feed's readers wait between polls (no NOTIFY).
 //! - [`audit`]: hash-chain verification.
 //! - [`checkpoint`]: signed checkpoints of every stream's head, and comparing one with now.
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod hash;
 pub mod model;
 pub mod outbox;
 pub mod read;
+pub mod wake;
 
 pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
 pub use envelope::{Envelope, Headers};

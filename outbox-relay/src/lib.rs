@@ -34,7 +34,7 @@ use std::{
 
 use anyhow::Context;
 use rand::Rng;
-use sqlx::{Connection, PgConnection, PgPool, postgres::PgListener};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use event_store::outbox::{self as store, Destination, OutboxRow};
@@ -77,10 +77,14 @@ pub struct RelayConfig {
         default_value_t = 1000
     )]
     pub batch_size: i64,
-    /// How often to look for rows when no NOTIFY arrives (and how often a standby instance
-    /// tries to become leader).
+    /// How often a standby instance tries to become the publishing leader.
     #[arg(id = "relay_poll_interval", long = "relay-poll-interval", env = "RELAY_POLL_INTERVAL", default_value = "1s", value_parser = platform::config::parse_duration)]
     pub poll_interval: Duration,
+    /// The longest wait between polls of an idle outbox (`event_store::wake`: the wait starts
+    /// at 1 ms and doubles; an append in this process cuts it short; one in another process
+    /// is found within this).
+    #[arg(id = "relay_max_idle", long = "relay-max-idle", env = "RELAY_MAX_IDLE", default_value = "100ms", value_parser = platform::config::parse_duration)]
+    pub max_idle: Duration,
     /// Published rows are deleted after this long.
     #[arg(id = "relay_retention", long = "relay-retention", env = "RELAY_RETENTION", default_value = "24h", value_parser = platform::config::parse_duration)]
     pub retention: Duration,
@@ -352,8 +356,7 @@ async fn run_loop(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (poll_interval, max_backoff) = (relay.cfg.poll_interval, relay.cfg.max_backoff);
-    let mut listener = PgListener::connect_with(&relay.pool).await?;
-    listener.listen("outbox").await?;
+    let mut idle = event_store::wake::Idle::new(relay.cfg.max_idle);
     let mut leader: Option<Leadership> = None;
     let mut failures = 0u32;
     let mut last_prune = Instant::now() - Duration::from_secs(3600);
@@ -412,13 +415,15 @@ async fn run_loop(
             }
         };
         match step {
-            Ok(Outcome::Did { .. }) => failures = 0,
+            Ok(Outcome::Did { .. }) => {
+                failures = 0;
+                idle.busy();
+            }
             Ok(Outcome::Idle) => {
                 failures = 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = listener.recv() => {}
-                    _ = tokio::time::sleep(poll_interval) => {}
+                    _ = idle.wait() => {}
                 }
             }
             Err(e) => {

@@ -65,6 +65,10 @@ fn record_metrics(
     }
 }
 
+/// The longest wait between polls of an idle feed (an order placed by another process is
+/// taken on within it).
+const FEED_MAX_IDLE: Duration = Duration::from_millis(100);
+
 /// The saga's own actor on what it records.
 const SAGA_ACTOR: &str = "system:saga";
 
@@ -499,18 +503,19 @@ impl Orchestrator {
         }
     }
 
-    /// Starts and stops sagas from the event store's feed until `shutdown`. Wakes on the
-    /// outbox's NOTIFY (every append sends one) and polls every second as a fallback.
+    /// Starts and stops sagas from the event store's feed until `shutdown`. Polls with an
+    /// adaptive wait (`event_store::wake`): at once after finding events, idle from 1 ms up
+    /// to [`FEED_MAX_IDLE`], cut short by an append in this process.
     pub async fn run_feed(self, ctx: RoleCtx) -> anyhow::Result<()> {
         let shutdown = ctx.shutdown().clone();
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen("outbox").await?;
+        let mut idle = event_store::wake::Idle::new(FEED_MAX_IDLE);
         ctx.up();
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let wait = match self.feed_page().await {
                 Ok(n) if n > 0 => {
                     failures = 0;
+                    idle.busy();
                     ctx.up();
                     continue;
                 }
@@ -532,8 +537,7 @@ impl Orchestrator {
                 },
                 None => tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = listener.recv() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = idle.wait() => {}
                 },
             }
         }
