@@ -25,6 +25,13 @@ use crate::{
 /// Files listed at most, newest first.
 const LIMIT: usize = 50;
 
+/// The largest checkpoint file compared (a checkpoint names every stream's head: about
+/// 100 bytes per stream, so this is some 2.5 million streams).
+const MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Findings shown at most (all are counted; the action log keeps the first 100).
+const SHOWN: usize = 500;
+
 /// One checkpoint file in the directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct File {
@@ -57,8 +64,14 @@ fn list(dir: &Path) -> std::io::Result<Vec<File>> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let meta = entry.metadata()?;
-        if !meta.is_file() || !is_checkpoint_name(&name) {
+        if !is_checkpoint_name(&name) {
+            continue;
+        }
+        // Not following symbolic links; a file renamed away meanwhile is skipped.
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if !meta.is_file() {
             continue;
         }
         files.push(File {
@@ -114,7 +127,14 @@ pub async fn compare(
             dir.display()
         )));
     };
-    let read = tokio::fs::read(dir.join(&file.name)).await;
+    let read = if file.bytes > MAX_BYTES {
+        Err(std::io::Error::other(format!(
+            "{} bytes, more than the {MAX_BYTES} compared here: use shop audit verify --checkpoint",
+            file.bytes
+        )))
+    } else {
+        tokio::fs::read(dir.join(&file.name)).await
+    };
     let parsed = read
         .map_err(|e| format!("reading it: {e}"))
         .and_then(|bytes| {
@@ -130,9 +150,11 @@ pub async fn compare(
         Ok(c) => {
             let mut conn = console.pool.acquire().await?;
             let findings = checkpoint::compare(&mut conn, &c).await?;
+            // What an unsigned file says of itself is not shown as if it were so.
+            let signed = !findings.contains(&Finding::BadSignature);
             Compared {
                 file: file.name.clone(),
-                checkpoint: Some((c.created_at, c.position, c.streams.len())),
+                checkpoint: signed.then_some((c.created_at, c.position, c.streams.len())),
                 findings: Ok(findings),
             }
         }
@@ -236,8 +258,9 @@ fn result(c: &Compared) -> Markup {
                 Ok(f) if f.is_empty() => p.ok #outcome { "No finding: the store still holds every stream as checkpointed." },
                 Ok(f) => {
                     p.bad #outcome { (f.len()) " finding(s):" }
+                    @if f.len() > SHOWN { p.hint { "The first " (SHOWN) " are shown." } }
                     ul.findings {
-                        @for finding in f {
+                        @for finding in f.iter().take(SHOWN) {
                             li {
                                 (finding.to_string())
                                 @if let Some(id) = finding.stream_id() {

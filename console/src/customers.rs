@@ -29,7 +29,10 @@ pub async fn page(
             .bind(customer.as_str())
             .fetch_optional(&console.pool)
             .await?;
-    let broken = orders.iter().filter(|o| o.report.broken.is_some()).count();
+    // An order the read model lists but the store no longer holds was deleted: as bad as a
+    // broken chain.
+    let bad = |o: &read_side::audit::OrderAudit| o.report.broken.is_some() || o.head.is_none();
+    let broken = orders.iter().filter(|o| bad(o)).count();
     Ok(view::page(
         &op,
         "Customer",
@@ -43,21 +46,22 @@ pub async fn page(
             } @else if broken == 0 {
                 p.ok #customer-verdict { "The hash chain of each of her " (orders.len()) " order(s) verifies." }
             } @else {
-                p.bad #customer-verdict { (broken) " of her " (orders.len()) " order(s) have a broken hash chain." }
+                p.bad #customer-verdict { (broken) " of her " (orders.len()) " order(s) have a broken hash chain or are missing from the store." }
             }
             @if orders.len() as i64 == LIMIT { p.hint { "Her newest " (LIMIT) " orders are shown." } }
             table.customer-orders {
                 thead { tr { th { "Order" } th { "Last event" } th.num { "Events" } th { "Recorded" } th { "Hash chain" } } }
                 tbody {
                     @for o in &orders {
-                        tr id={ "order-" (o.order_id) } class=[o.report.broken.is_some().then_some("broken")] {
+                        tr id={ "order-" (o.order_id) } class=[bad(o).then_some("broken")] {
                             td { a href={ "/console/orders/" (o.order_id) } { (o.order_id) } }
                             td { (o.head.as_ref().map_or("-", |h| h.event_type.as_str())) }
                             td.num { (o.report.events) }
                             td { (o.head.as_ref().map_or("-".into(), |h| view::time(h.recorded_at))) }
-                            @match &o.report.broken {
-                                None => td.ok.verdict { "verifies" },
-                                Some(b) => td.bad.verdict { "breaks at version " (b.stream_version) ": " (format!("{:?}", b.problem)) },
+                            @match (&o.report.broken, &o.head) {
+                                (Some(b), _) => td.bad.verdict { "breaks at version " (b.stream_version) ": " (format!("{:?}", b.problem)) },
+                                (None, None) => td.bad.verdict { "missing from the event store" },
+                                (None, Some(_)) => td.ok.verdict { "verifies" },
                             }
                         }
                     }

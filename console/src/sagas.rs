@@ -23,6 +23,7 @@ use axum::{
     response::{IntoResponse, Redirect, Response},
 };
 use chrono::Utc;
+use domain::saga::Step;
 use domain::{
     order::{CancelledBy, OrderCommand},
     values::{OrderId, Reason},
@@ -84,6 +85,9 @@ pub struct WhyForm {
     /// The step's result done by hand (mark resolved only).
     #[serde(default)]
     reference: String,
+    /// The step the operator saw waiting (mark resolved only).
+    #[serde(default)]
+    step: String,
 }
 
 /// The longest reference a step resolved by hand takes (a reservation, authorization or
@@ -95,7 +99,13 @@ const MAX_REFERENCE: usize = 100;
 /// customer sees).
 fn reference(typed: &str) -> Result<&str, ConsoleError> {
     let r = typed.trim();
-    if r.is_empty() || r.chars().count() > MAX_REFERENCE || r.chars().any(char::is_control) {
+    // Control characters, and the invisible ones that reorder or hide text (bidirectional
+    // overrides, zero-width characters, the byte-order mark).
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    if r.is_empty() || r.chars().count() > MAX_REFERENCE || r.chars().any(hidden) {
         return Err(ConsoleError::BadRequest(format!(
             "give the step's reference (its reservation, authorization or shipment id): 1 to {MAX_REFERENCE} characters, no control characters"
         )));
@@ -116,6 +126,16 @@ pub async fn act(
         "retry" => ("retry_saga_step", retry(&console, order).await?),
         "resolve" => {
             let reference = reference(&act.form.reference)?;
+            let step = match act.form.step.as_str() {
+                "inventory" => Step::Inventory,
+                "payment" => Step::Payment,
+                "shipment" => Step::Shipment,
+                other => {
+                    return Err(ConsoleError::BadRequest(format!(
+                        "`{other}` is not a step of the saga"
+                    )));
+                }
+            };
             if act.form.why.trim().is_empty() {
                 return Err(ConsoleError::BadRequest(
                     "say how the step was done outside the shop".into(),
@@ -123,7 +143,7 @@ pub async fn act(
             }
             (
                 "resolve_saga_step",
-                resolve(&console, &act.operator.actor, order, reference).await?,
+                resolve(&console, &act.operator.actor, order, step, reference).await?,
             )
         }
         "compensate" => {
@@ -176,6 +196,7 @@ async fn resolve(
     console: &Console,
     actor: &str,
     order: Uuid,
+    step: Step,
     reference: &str,
 ) -> Result<Result<String, String>, ConsoleError> {
     let Some(saga) = &console.saga else {
@@ -183,7 +204,7 @@ async fn resolve(
     };
     Ok(
         match saga
-            .resolve_by_hand(OrderId(order), reference, actor, Uuid::now_v7())
+            .resolve_by_hand(OrderId(order), step, reference, actor, Uuid::now_v7())
             .await
         {
             Ok(ByHand::Resolved { step }) => Ok(format!(
@@ -193,6 +214,10 @@ async fn resolve(
             Ok(ByHand::NotWaiting) => {
                 Err("the saga waits for no step (finished or not started)".into())
             }
+            Ok(ByHand::StepChanged { waiting }) => Err(format!(
+                "the saga has moved on: it now waits for {}; nothing was done (look again)",
+                saga::orchestrator::step_name(waiting)
+            )),
             Err(SagaError::Database(e)) => return Err(e.into()),
             Err(e) => Err(e.to_string()),
         },
@@ -360,6 +385,7 @@ async fn render(
                                     " "
                                     form.inline.resolve method="post" action={ "/console/sagas/" (w.order_id) "/resolve" } {
                                         (view::csrf(op))
+                                        input type="hidden" name="step" value=(w.step);
                                         input name="reference" placeholder={ (w.step) " reference" } aria-label="reference of the step done by hand" required maxlength=(MAX_REFERENCE) {}
                                         input name="why" placeholder="how it was done (required)" aria-label="why resolved" required {}
                                         button type="submit" { "Mark resolved" }
@@ -397,6 +423,8 @@ mod tests {
             "   ",
             "DHL\n123",
             "a\u{7}b",
+            "DHL\u{202E}321",
+            "zero\u{200B}width",
             &"x".repeat(MAX_REFERENCE + 1),
         ] {
             assert!(reference(bad).is_err(), "{bad:?}");

@@ -41,13 +41,20 @@ pub enum ResendError {
     Database(#[from] sqlx::Error),
 }
 
-/// Sends the email of `event_id` again if it is recorded dead.
+/// Sends the email of `event_id` again if it is recorded dead. Runs to its end in a task of
+/// its own even if the caller goes away (a browser closed mid-send), so the event's lock is
+/// always released and the outcome recorded.
 pub async fn resend(pool: &PgPool, mailer: &Mailer, event_id: Uuid) -> Result<Resent, ResendError> {
-    let mut conn = pool.acquire().await?;
-    inbox::lock(&mut conn, event_id).await?;
-    let result = resend_locked(pool, &mut conn, mailer, event_id).await;
-    inbox::unlock(conn, event_id).await;
-    result
+    let (pool, mailer) = (pool.clone(), mailer.clone());
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        inbox::lock(&mut conn, event_id).await?;
+        let result = resend_locked(&pool, &mut conn, &mailer, event_id).await;
+        inbox::unlock(conn, event_id).await;
+        result
+    })
+    .await
+    .map_err(|e| ResendError::Database(sqlx::Error::Io(std::io::Error::other(e))))?
 }
 
 async fn resend_locked(
@@ -93,11 +100,17 @@ async fn resend_locked(
     }
 }
 
-/// Gives up an email recorded dead (recorded `discarded`); false if it is not dead.
+/// Gives up an email recorded dead (recorded `discarded`); false if it is not dead. Like
+/// [`resend`], in a task of its own.
 pub async fn discard(pool: &PgPool, event_id: Uuid) -> Result<bool, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    inbox::lock(&mut conn, event_id).await?;
-    let settled = inbox::settle(&mut conn, event_id, None).await;
-    inbox::unlock(conn, event_id).await;
-    settled
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        inbox::lock(&mut conn, event_id).await?;
+        let settled = inbox::settle(&mut conn, event_id, None).await;
+        inbox::unlock(conn, event_id).await;
+        settled
+    })
+    .await
+    .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?
 }

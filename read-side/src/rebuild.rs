@@ -430,12 +430,14 @@ pub async fn start(
                     .await?;
             }
             // An abort asked of a runner that died stays asked: the resumed run honours it.
+            // A requester that wants to switch by hand (the console) holds it from now on.
             sqlx::query(
                 "UPDATE projections SET rebuild_state = CASE WHEN rebuild_state = 'aborting' THEN 'aborting' ELSE 'running' END,
-                        rebuild_error = NULL, rebuild_updated_at = now()
+                        rebuild_error = NULL, rebuild_updated_at = now(), rebuild_hold = rebuild_hold OR $2
                  WHERE name = $1",
             )
             .bind(kind.name())
+            .bind(options.hold)
             .execute(&mut *tx)
             .await?;
         }
@@ -704,7 +706,7 @@ impl Rebuild {
             let (state, hold): (Option<String>, bool) = sqlx::query_as(
                 "UPDATE projections SET rebuild_cursor_tx = $2::text::xid8, rebuild_cursor_pos = $3,
                         rebuild_processed = $4, rebuild_total = GREATEST(rebuild_total, $4),
-                        rebuild_state = CASE WHEN rebuild_hold AND rebuild_state = 'running' THEN 'ready' ELSE rebuild_state END,
+                        rebuild_state = CASE WHEN rebuild_hold AND rebuild_state = 'running' AND $6 THEN 'ready' ELSE rebuild_state END,
                         rebuild_updated_at = CASE WHEN $5 THEN now() ELSE rebuild_updated_at END
                  WHERE name = $1 RETURNING rebuild_state, rebuild_hold",
             )
@@ -713,6 +715,8 @@ impl Rebuild {
             .bind(self.cursor.position)
             .bind(self.processed)
             .bind(read > 0)
+            // Ready once a page comes back short: caught up with the feed's horizon.
+            .bind((read as i64) < PAGE)
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -772,7 +776,14 @@ impl Rebuild {
         let name = self.kind.name();
         let mut tx = self.pool.begin().await?;
         projection::lock_for_switch(&mut tx, self.kind).await?;
-        if aborting(&mut tx, name).await? {
+        // The row locked: an abort asked from now on waits for this transaction, then finds
+        // no rebuild (it was switched); one asked before is seen here.
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT rebuild_state FROM projections WHERE name = $1 FOR UPDATE")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+        if state.as_deref() == Some("aborting") {
             return Err(RebuildError::Aborted(name));
         }
         while self.replay_page(&mut tx).await? > 0 {}
@@ -855,10 +866,32 @@ pub async fn run_worker(pool: PgPool, ctx: platform::supervisor::RoleCtx) -> any
 
 async fn worker_loop(pool: &PgPool, ctx: &platform::supervisor::RoleCtx) -> anyhow::Result<()> {
     use crate::status::{self, State};
-    let mut poisoned: std::collections::HashMap<&'static str, std::time::Instant> =
-        std::collections::HashMap::new();
+    let mut poisoned: HashMap<&'static str, std::time::Instant> = HashMap::new();
+    // One resumed run per projection, each in its own task: a held rebuild follows the feed
+    // until an operator switches it, which must not keep the others' resumption waiting.
+    let mut running: tokio::task::JoinSet<(&'static str, Result<Report, RebuildError>)> =
+        tokio::task::JoinSet::new();
+    let mut busy: std::collections::HashSet<&'static str> = std::collections::HashSet::new();
     ctx.up();
     while !ctx.shutdown().is_cancelled() {
+        while let Some(done) = running.try_join_next() {
+            let (name, result) = done.map_err(|e| anyhow::anyhow!("a rebuild task failed: {e}"))?;
+            busy.remove(name);
+            match result {
+                Ok(r) => tracing::info!(
+                    projection = r.projection,
+                    version = r.version,
+                    events = r.events,
+                    "rebuild finished"
+                ),
+                Err(RebuildError::Aborted(_)) => {}
+                Err(e @ RebuildError::Poison { .. }) => {
+                    tracing::error!(projection = name, error = %e, "rebuild stopped at a poison event");
+                    poisoned.insert(name, std::time::Instant::now());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         for p in status::all(pool, None).await? {
             let Some(kind) = Kind::parse(p.name) else {
                 continue;
@@ -866,7 +899,7 @@ async fn worker_loop(pool: &PgPool, ctx: &platform::supervisor::RoleCtx) -> anyh
             let cooling = poisoned
                 .get(p.name)
                 .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(300));
-            if p.state != State::RebuildInterrupted || cooling {
+            if p.state != State::RebuildInterrupted || cooling || busy.contains(p.name) {
                 continue;
             }
             let rebuild = match start(pool, kind, &RebuildOptions::default()).await {
@@ -879,24 +912,15 @@ async fn worker_loop(pool: &PgPool, ctx: &platform::supervisor::RoleCtx) -> anyh
                 version = rebuild.version(),
                 "resuming an interrupted rebuild"
             );
-            tokio::select! {
-                // Dropping the run releases the lock; the next start resumes where it was.
-                _ = ctx.shutdown().cancelled() => break,
-                done = rebuild.run(|_| {}) => match done {
-                    Ok(r) => tracing::info!(projection = r.projection, version = r.version, events = r.events, "rebuild finished"),
-                    Err(RebuildError::Aborted(_)) => {}
-                    Err(e @ RebuildError::Poison { .. }) => {
-                        tracing::error!(projection = p.name, error = %e, "rebuild stopped at a poison event");
-                        poisoned.insert(p.name, std::time::Instant::now());
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-            }
+            busy.insert(kind.name());
+            running.spawn(async move { (kind.name(), rebuild.run(|_| {}).await) });
         }
         tokio::select! {
             _ = ctx.shutdown().cancelled() => break,
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
         }
     }
+    // Dropping a run releases its lock; the next start resumes where it was.
+    running.shutdown().await;
     Ok(())
 }

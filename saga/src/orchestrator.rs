@@ -79,6 +79,8 @@ pub enum ByHand {
     Resolved { step: Step },
     /// The saga waits for no step (finished, or not started).
     NotWaiting,
+    /// The saga waits for another step than the one the operator resolved.
+    StepChanged { waiting: Step },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,9 +176,13 @@ impl Orchestrator {
     /// recorded with `actor` as its author, and the saga moves on as after a participant's
     /// reply (the next step, or the order confirmed). A participant's reply to that step
     /// arriving later is a duplicate and ignored. `causation` is the operator's action.
+    /// `expected` is the step the operator saw waiting: if the saga has moved meanwhile (a
+    /// participant answered, another operator acted) nothing is done, so a reference is never
+    /// taken for another step than the one it was given for.
     pub async fn resolve_by_hand(
         &self,
         order_id: OrderId,
+        expected: Step,
         reference: &str,
         actor: &str,
         causation: Uuid,
@@ -187,6 +193,9 @@ impl Orchestrator {
             let saga::Phase::Awaiting(step) = state.phase else {
                 return Ok(ByHand::NotWaiting);
             };
+            if step != expected {
+                return Ok(ByHand::StepChanged { waiting: step });
+            }
             let result = reference.to_owned();
             let input = match step {
                 Step::Inventory => SagaInput::InventoryReserved {

@@ -445,6 +445,30 @@ async fn an_operator_corrects_a_reply_the_saga_cannot_read_then_resolves_the_oth
             browser.text("#outcome").await
         }
     };
+    // A page that showed an earlier step waiting (here: its form edited back to inventory)
+    // resolves nothing: the reference is never taken for another step.
+    browser.goto(&format!("{console}/sagas")).await;
+    let row = format!("#saga-{order} form.resolve");
+    browser
+        .client
+        .execute(
+            &format!("document.querySelector('{row} input[name=step]').value = 'inventory';"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser
+        .fill(&format!("{row} input[name=reference]"), "STALE-1")
+        .await;
+    browser
+        .fill(&format!("{row} input[name=why]"), "stale page")
+        .await;
+    browser.click(&format!("{row} button")).await;
+    let stale = browser.text("#outcome").await;
+    assert!(
+        stale.contains("has moved on: it now waits for payment"),
+        "{stale}"
+    );
     let paid = resolve("PHONE-AUTH-77", "paid by phone").await;
     assert!(
         paid.contains("payment marked resolved by hand (PHONE-AUTH-77)"),
@@ -499,10 +523,11 @@ async fn an_operator_corrects_a_reply_the_saga_cannot_read_then_resolves_the_oth
     .fetch_all(&shop.db.pool)
     .await
     .unwrap();
-    assert_eq!(resolved.len(), 2, "{resolved:?}");
-    assert_eq!(resolved[0].0, "paid by phone");
+    assert_eq!(resolved.len(), 3, "{resolved:?}");
+    assert!(resolved[0].1.starts_with("refused: "), "{resolved:?}");
+    assert_eq!(resolved[1].0, "paid by phone");
     assert!(
-        resolved.iter().all(|r| r.1.starts_with("ok: ")),
+        resolved[1..].iter().all(|r| r.1.starts_with("ok: ")),
         "{resolved:?}"
     );
     browser.close().await;
@@ -1087,7 +1112,7 @@ async fn an_operator_rebuilds_a_projection_aborts_another_and_sees_a_tampered_or
     assert_eq!(
         verdict,
         format!(
-            "1 of her {} order(s) have a broken hash chain.",
+            "1 of her {} order(s) have a broken hash chain or are missing from the store.",
             orders.len()
         )
     );

@@ -616,6 +616,20 @@ async fn order_status_changes_stream_to_the_owner_over_websocket_after_they_comm
     stack.stop().await;
 }
 
+/// The `rebuilds` role of `shop run` under a supervisor; cancel the token to stop it.
+fn rebuild_worker(
+    pool: &PgPool,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let shutdown = CancellationToken::new();
+    let mut supervisor = platform::supervisor::Supervisor::new(shutdown.clone());
+    let p = pool.clone();
+    supervisor.spawn("rebuilds", move |ctx| rebuild::run_worker(p.clone(), ctx));
+    (shutdown, tokio::spawn(supervisor.wait()))
+}
+
 /// A rebuild whose process died is finished by the `rebuilds` role of `shop run`, without a
 /// manual step, and the switched version equals the event-store fold.
 #[tokio::test]
@@ -633,11 +647,7 @@ async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
         .unwrap();
     assert_eq!(interrupted.version(), 2);
     drop(interrupted); // as if its process died
-    let shutdown = CancellationToken::new();
-    let mut supervisor = platform::supervisor::Supervisor::new(shutdown.clone());
-    let p = pool.clone();
-    supervisor.spawn("rebuilds", move |ctx| rebuild::run_worker(p.clone(), ctx));
-    let supervising = tokio::spawn(supervisor.wait());
+    let (shutdown, supervising) = rebuild_worker(&pool);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let all = read_side::status::all(&pool, None).await.unwrap();
@@ -654,6 +664,98 @@ async fn the_rebuild_worker_finishes_an_interrupted_rebuild() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (want, _) = expected_from_event_store(&pool).await;
+    let (got, _) = actual(&pool).await;
+    assert_eq!(got, want);
+    shutdown.cancel();
+    supervising.await.unwrap().unwrap();
+}
+
+/// A rebuild held for an operator's switch (the console's) and interrupted is resumed by the
+/// `rebuilds` role and waits again, ready, following the feed (orders placed meanwhile are
+/// in it), without holding up another projection's interrupted rebuild; it switches when
+/// the operator says so.
+#[tokio::test]
+async fn a_held_rebuild_resumed_by_the_worker_waits_for_the_switch_and_holds_up_no_other() {
+    let db = TestDb::new().await;
+    let pool = db.pool.clone();
+    append_orders(&pool, 40, 4).await;
+    for (kind, hold) in [(Kind::OrderSummary, true), (Kind::SalesByProduct, false)] {
+        let options = RebuildOptions {
+            batch_size: 20,
+            restart: false,
+            hold,
+        };
+        let interrupted = rebuild::start(&pool, kind, &options).await.unwrap();
+        drop(interrupted); // as if its process died
+    }
+    let (shutdown, supervising) = rebuild_worker(&pool);
+    let status = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            read_side::status::all(&pool, None)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|p| p.name == name)
+                .unwrap()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (summary, sales) = (
+            status("order_summary").await,
+            status("sales_by_product").await,
+        );
+        let held_ready = summary.rebuild.as_ref().is_some_and(|r| r.held && r.ready);
+        if held_ready && sales.version == 2 && sales.rebuild.is_none() {
+            assert_eq!(
+                summary.version, 1,
+                "a held rebuild does not switch by itself"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "order_summary {:?} v{} {:?}; sales_by_product v{}",
+            summary.state,
+            summary.version,
+            summary.rebuild,
+            sales.version
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Orders placed while it waits reach the waiting version: it reads them from the feed
+    // (once every transaction older than theirs has ended, here or in other tests).
+    append_orders(&pool, 10, 2).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let followed = status("order_summary")
+            .await
+            .rebuild
+            .map_or(0, |r| r.processed);
+        if followed >= stored {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "followed {followed} of {stored} events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (want, _) = expected_from_event_store(&pool).await;
+    assert_eq!(
+        rebuild::switch(&pool, Kind::OrderSummary).await.unwrap(),
+        rebuild::Switch::Now { version: 2 }
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while status("order_summary").await.version != 2 {
+        assert!(std::time::Instant::now() < deadline, "not switched");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (got, _) = actual(&pool).await;
     assert_eq!(got, want);
     shutdown.cancel();
