@@ -346,13 +346,26 @@ pub(crate) async fn broker(console: &Console) -> Result<(lapin::Connection, &cra
     Ok((conn, amqp))
 }
 
-async fn saga_letters(console: &Console) -> Result<Vec<Letter>, String> {
+/// Runs `work` on a connection of its own to the saga's broker, waiting at most
+/// [`BROKER_WAIT`] for the answer, then closes it.
+pub(crate) async fn on_broker<T, E: std::fmt::Display>(
+    console: &Console,
+    work: impl AsyncFnOnce(&lapin::Connection, &crate::Amqp) -> Result<T, E>,
+) -> Result<T, String> {
     let (conn, amqp) = broker(console).await?;
-    let listed = tokio::time::timeout(BROKER_WAIT, saga::dead_letters::list(&conn, &amqp.names))
-        .await
-        .map_err(|_| format!("no answer within {BROKER_WAIT:?}"))?
-        .map_err(|e| e.to_string());
-    conn.close(200, "listed".into()).await.ok();
+    let done = match tokio::time::timeout(BROKER_WAIT, work(&conn, amqp)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {BROKER_WAIT:?}")),
+    };
+    conn.close(200, "done".into()).await.ok();
+    done
+}
+
+async fn saga_letters(console: &Console) -> Result<Vec<Letter>, String> {
+    let listed = on_broker(console, async |conn, amqp| {
+        saga::dead_letters::list(conn, &amqp.names).await
+    })
+    .await;
     Ok(listed?
         .into_iter()
         .filter_map(|d| {

@@ -96,11 +96,11 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
                     table.queues {
                         thead { tr { th { "Saga queue" } th.num { "Waiting" } th.num { "Consumers" } } }
                         tbody {
-                            @for (queue, waiting, consumers) in q {
+                            @for d in q {
                                 tr {
-                                    td { (queue) }
-                                    td.num { (waiting) }
-                                    td class={ "num " (if *consumers == 0 && !queue.ends_with(".dlq") { "bad" } else { "" }) } { (consumers) }
+                                    td { (d.queue) }
+                                    td.num { (d.waiting) }
+                                    td class={ "num " (if d.consumers == 0 && !d.dead_letter { "bad" } else { "" }) } { (d.consumers) }
                                 }
                             }
                         }
@@ -127,16 +127,12 @@ pub async fn page(State(console): State<Console>, op: Operator) -> Result<Markup
 }
 
 /// The saga's queues with their depth and consumers (none when this process runs no saga).
-async fn queues(console: &Console) -> Result<Vec<(String, u32, u32)>, String> {
+async fn queues(console: &Console) -> Result<Vec<saga::QueueDepth>, String> {
     if console.amqp.is_none() {
         return Ok(Vec::new());
     }
-    let (conn, amqp) = letters::broker(console).await?;
-    let wait = std::time::Duration::from_secs(3);
-    let depths = match tokio::time::timeout(wait, saga::queue_depths(&conn, &amqp.names)).await {
-        Ok(d) => d.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {wait:?}")),
-    };
-    conn.close(200, "counted".into()).await.ok();
-    depths
+    letters::on_broker(console, async |conn, amqp| {
+        saga::queue_depths(conn, &amqp.names).await
+    })
+    .await
 }

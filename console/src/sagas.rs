@@ -126,16 +126,9 @@ pub async fn act(
         "retry" => ("retry_saga_step", retry(&console, order).await?),
         "resolve" => {
             let reference = reference(&act.form.reference)?;
-            let step = match act.form.step.as_str() {
-                "inventory" => Step::Inventory,
-                "payment" => Step::Payment,
-                "shipment" => Step::Shipment,
-                other => {
-                    return Err(ConsoleError::BadRequest(format!(
-                        "`{other}` is not a step of the saga"
-                    )));
-                }
-            };
+            let step = domain::saga::parse_step(&act.form.step).ok_or_else(|| {
+                ConsoleError::BadRequest(format!("`{}` is not a step of the saga", act.form.step))
+            })?;
             if act.form.why.trim().is_empty() {
                 return Err(ConsoleError::BadRequest(
                     "say how the step was done outside the shop".into(),

@@ -631,6 +631,13 @@ pub fn step_name(step: Step) -> &'static str {
     }
 }
 
+/// The step named `s` ([`step_name`]'s inverse).
+pub fn parse_step(s: &str) -> Option<Step> {
+    [Step::Inventory, Step::Payment, Step::Shipment]
+        .into_iter()
+        .find(|step| step_name(*step) == s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,10 +219,9 @@ pub async fn append_at(
             expected: expected.version,
         });
     }
-    if !outbox.is_empty() {
-        // Readers in this process look again shortly (they find the rows once committed).
-        crate::wake::appended();
-    }
+    // Readers of the feed and the outbox in this process look again shortly (they find the
+    // rows once the caller commits).
+    crate::wake::appended();
     Ok(AppendOutcome {
         version: new_version,
         head_hash: prev,

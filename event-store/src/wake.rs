@@ -71,7 +71,8 @@ impl Idle {
     }
 
     /// The wait the next idle poll would take.
-    pub fn next_wait(&self) -> Duration {
+    #[cfg(test)]
+    fn next_wait(&self) -> Duration {
         self.next
     }
 }

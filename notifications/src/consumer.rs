@@ -238,8 +238,7 @@ impl EmailGroup {
         // One handler per event at a time, across processes (a rebalance or an eviction during
         // an SMTP outage can hand the partition to another instance while this one retries):
         // the winner sends and records; the other then finds the record.
-        let mut lock = self.pool.acquire().await?;
-        inbox::lock(&mut lock, env.event_id).await?;
+        let mut lock = inbox::EventLock::take(&self.pool, env.event_id).await?;
         // What the message claims, only to file a poison message under a kind.
         let claimed = if env.event_type == wire::ORDER_CANCELLED {
             Kind::OrderCancelled
@@ -248,13 +247,13 @@ impl EmailGroup {
         };
         let result = self
             .handle_locked(
-                &mut lock,
+                lock.conn(),
                 msg,
                 (env.event_id, env.stream_id, claimed),
                 deferrals,
             )
             .await;
-        inbox::unlock(lock, env.event_id).await;
+        lock.unlock().await;
         result
     }
 

@@ -61,25 +61,53 @@ pub async fn record(
     Ok(())
 }
 
-/// Takes the event's lock (a session advisory lock): one sender per event at a time, across
-/// processes and with an operator's resend. Waits for a holder.
-pub async fn lock(conn: &mut PgConnection, event_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 7))")
-        .bind(event_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+/// An event's lock (a session advisory lock) and the session holding it: one sender per
+/// event at a time, across processes and with an operator's resend. Released by
+/// [`EventLock::unlock`]; dropped without it (its holder's future was dropped, or unlocking
+/// failed) the session is closed instead, which releases the lock: it never goes back to the
+/// pool holding it.
+pub struct EventLock {
+    conn: Option<PoolConnection<sqlx::Postgres>>,
+    event_id: Uuid,
 }
 
-/// Releases [`lock`]. If that fails the session is closed instead (which releases it): it
-/// must not go back to the pool holding the lock.
-pub async fn unlock(mut conn: PoolConnection<sqlx::Postgres>, event_id: Uuid) {
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 7))")
-        .bind(event_id)
-        .execute(&mut *conn)
-        .await;
-    if unlocked.is_err() {
-        drop(conn.detach());
+impl EventLock {
+    /// Takes the lock of `event_id` on a session of `pool`, waiting for a holder.
+    pub async fn take(pool: &PgPool, event_id: Uuid) -> Result<Self, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1::text, 7))")
+            .bind(event_id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(Self {
+            conn: Some(conn),
+            event_id,
+        })
+    }
+
+    /// The session holding the lock.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("held until unlocked")
+    }
+
+    /// Releases the lock and gives the session back to the pool.
+    pub async fn unlock(mut self) {
+        let mut conn = self.conn.take().expect("held until unlocked");
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1::text, 7))")
+            .bind(self.event_id)
+            .execute(&mut *conn)
+            .await;
+        if unlocked.is_err() {
+            drop(conn.detach());
+        }
+    }
+}
+
+impl Drop for EventLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
     }
 }
 
@@ -140,7 +168,7 @@ pub async fn settle(
 }
 
 /// A server's text without the recipient (personal data the inbox does not keep).
-fn redact(to: Option<&str>, error: &str) -> String {
+pub(crate) fn redact(to: Option<&str>, error: &str) -> String {
     match to {
         Some(to) => error.replace(to, "<recipient>"),
         None => error.to_owned(),

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     consumer::{Draft, draft},
-    inbox::{self, Outcome},
+    inbox::{self, EventLock, Outcome},
     mailer::{Mailer, SendError},
 };
 
@@ -42,15 +42,14 @@ pub enum ResendError {
 }
 
 /// Sends the email of `event_id` again if it is recorded dead. Runs to its end in a task of
-/// its own even if the caller goes away (a browser closed mid-send), so the event's lock is
-/// always released and the outcome recorded.
+/// its own even if the caller goes away (a browser closed mid-send), so what the server
+/// answered is recorded.
 pub async fn resend(pool: &PgPool, mailer: &Mailer, event_id: Uuid) -> Result<Resent, ResendError> {
     let (pool, mailer) = (pool.clone(), mailer.clone());
     tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
-        inbox::lock(&mut conn, event_id).await?;
-        let result = resend_locked(&pool, &mut conn, &mailer, event_id).await;
-        inbox::unlock(conn, event_id).await;
+        let mut lock = EventLock::take(&pool, event_id).await?;
+        let result = resend_locked(&pool, lock.conn(), &mailer, event_id).await;
+        lock.unlock().await;
         result
     })
     .await
@@ -86,7 +85,7 @@ async fn resend_locked(
             Ok(Resent::Sent)
         }
         Err(SendError::Permanent(error)) => {
-            let shown = error.replace(&letter.to, "<recipient>");
+            let shown = inbox::redact(Some(&letter.to), &error);
             let dead = Outcome::Dead {
                 to: Some(letter.to.clone()),
                 error,
@@ -95,22 +94,15 @@ async fn resend_locked(
             Err(ResendError::Refused(shown))
         }
         Err(SendError::Deferred(e) | SendError::Unavailable(e)) => {
-            Err(ResendError::NotNow(e.replace(&letter.to, "<recipient>")))
+            Err(ResendError::NotNow(inbox::redact(Some(&letter.to), &e)))
         }
     }
 }
 
-/// Gives up an email recorded dead (recorded `discarded`); false if it is not dead. Like
-/// [`resend`], in a task of its own.
+/// Gives up an email recorded dead (recorded `discarded`); false if it is not dead.
 pub async fn discard(pool: &PgPool, event_id: Uuid) -> Result<bool, sqlx::Error> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
-        inbox::lock(&mut conn, event_id).await?;
-        let settled = inbox::settle(&mut conn, event_id, None).await;
-        inbox::unlock(conn, event_id).await;
-        settled
-    })
-    .await
-    .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?
+    let mut lock = EventLock::take(pool, event_id).await?;
+    let settled = inbox::settle(lock.conn(), event_id, None).await;
+    lock.unlock().await;
+    settled
 }

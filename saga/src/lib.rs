@@ -334,19 +334,34 @@ async fn report_dead_letter_depth(
     Ok(())
 }
 
-/// A saga queue's depth: (queue, messages ready, consumers), for every destination's queue
-/// and its dead-letter queue (passive declares: nothing is created; a queue that does not
-/// exist is an error).
+/// A saga queue as the broker counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub queue: String,
+    /// A dead-letter queue (nothing consumes it; operators drain it).
+    pub dead_letter: bool,
+    /// Messages ready for a consumer.
+    pub waiting: u32,
+    pub consumers: u32,
+}
+
+/// Every destination's queue and its dead-letter queue with their depth and consumers
+/// (passive declares: nothing is created; a queue that does not exist is an error).
 pub async fn queue_depths(
     conn: &lapin::Connection,
     names: &topology::Names,
-) -> Result<Vec<(String, u32, u32)>, lapin::Error> {
+) -> Result<Vec<QueueDepth>, lapin::Error> {
     let ch = conn.create_channel().await?;
     let mut out = Vec::new();
     for d in topology::DESTINATIONS {
-        for queue in [names.queue(d), names.dead_letter_queue(d)] {
+        for (queue, dead_letter) in [(names.queue(d), false), (names.dead_letter_queue(d), true)] {
             let q = declared(&ch, &queue).await?;
-            out.push((queue, q.message_count(), q.consumer_count()));
+            out.push(QueueDepth {
+                queue,
+                dead_letter,
+                waiting: q.message_count(),
+                consumers: q.consumer_count(),
+            });
         }
     }
     ch.close(200, "counted".into()).await.ok();

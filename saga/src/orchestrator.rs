@@ -37,7 +37,9 @@ use crate::{
 
 /// Stream type of sagas in the event store.
 pub const SAGA_STREAM: &str = "checkout_saga";
-pub use domain::saga::{INPUT_RECORDED, fold_stream, step_name, stream_id as saga_stream_id};
+pub use domain::saga::{
+    INPUT_RECORDED, fold_stream, parse_step, step_name, stream_id as saga_stream_id,
+};
 
 /// Step latency when a step ends, sagas started and finished.
 fn record_metrics(
@@ -679,12 +681,6 @@ impl Orchestrator {
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
-}
-
-fn parse_step(s: &str) -> Option<Step> {
-    [Step::Inventory, Step::Payment, Step::Shipment]
-        .into_iter()
-        .find(|step| step_name(*step) == s)
 }
 
 /// AMQP headers of a command: what caused it, its type, and the trace context.
