@@ -8,8 +8,10 @@
 //!    the baseline every ratio is against;
 //! 2. plain `INSERT`s of the same event row and outbox row, one transaction each (the floor
 //!    of what this schema costs);
-//! 3. the event-store append path in-process (decide + records + one-statement append);
-//! 4. `POST /orders` over HTTP against the command API served in this process.
+//! 3. the event-store append in-process (decide + records + one-statement append), one
+//!    transaction per append;
+//! 4. the same appends group-committed ([`event_store::group`], as the command API writes);
+//! 5. `POST /orders` over HTTP against the command API served in this process.
 //!
 //! Every phase reports operations/s, p50/p99 latency and its ratio to the peer. Results go
 //! in `docs/benchmarks.md`.
@@ -226,6 +228,30 @@ async fn append_op(pool: PgPool, i: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same append as a group-commit job: the product's write path batches concurrent
+/// commands into one transaction ([`event_store::group`]).
+async fn group_op(
+    committer: event_store::group::Committer<event_store::group::Appends>,
+    i: usize,
+) -> anyhow::Result<()> {
+    let cmd = place_command(i);
+    let id = cmd.order_id;
+    let events = order::decide(&Order::NotPlaced, OrderCommand::Place(cmd))?;
+    let at = event_store::now_micros();
+    let (stored, outbox) = order_records(id, 1, &events, &bench_metadata(id), at);
+    committer
+        .submit(event_store::group::AppendJob {
+            stream_id: id.0,
+            stream_type: ORDER_STREAM.into(),
+            expected: Expected::new_stream(),
+            events: stored,
+            outbox,
+            recorded_at: at,
+        })
+        .await??;
+    Ok(())
+}
+
 /// A benchmark run's own infrastructure: a scratch database (migrated) and the order-events
 /// topic under a fresh prefix. [`Scratch::cleanup`] removes both.
 pub(crate) struct Scratch {
@@ -385,22 +411,32 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
         })
         .await?;
         let p = pool.clone();
-        let appended = load("event-store append (in-process)", n, c, move |i| {
+        let appended = load("event-store append, 1 tx each", n, c, move |i| {
             append_op(p.clone(), i)
+        })
+        .await?;
+        let committer = event_store::group::Committer::start(
+            pool.clone(),
+            event_store::group::Appends,
+            write_side::checkouts::WORKERS,
+            write_side::checkouts::MAX_BATCH,
+        );
+        let grouped = load("event-store append, group commit", n, c, move |i| {
+            group_op(committer.clone(), i)
         })
         .await?;
         let op = http_op.clone();
         let http = load("POST /orders over HTTP", n, c, move |i| op(offset + i)).await?;
-        tables.push((c, [peer_run, baseline, appended, http]));
+        tables.push((c, [peer_run, baseline, appended, grouped, http]));
     }
     shutdown.cancel();
     let _ = server.await;
 
-    for (c, [peer_run, baseline, appended, http]) in &tables {
+    for (c, [peer_run, baseline, appended, grouped, http]) in &tables {
         println!("{c} concurrent clients:\n");
         print_header("vs cqrs-es");
         println!("{}", peer_run.row(None));
-        for s in [baseline, appended, http] {
+        for s in [baseline, appended, grouped, http] {
             println!("{}", s.row(Some(peer_run)));
         }
         println!();

@@ -1,10 +1,11 @@
-//! Appending events and their outbox messages in one statement.
+//! Appending events and their outbox messages in one statement, for one stream or many.
 //!
-//! The statement moves the stream's head row (insert for a new stream, conditional update
-//! otherwise) and, only if that succeeded, inserts the events and the outbox rows. If the head
-//! did not move (another writer took the expected version, or a younger transaction already
-//! wrote the stream), nothing is written and the caller gets a conflict. Everything happens in
-//! the caller's transaction, so more rows (an idempotency record) can join it.
+//! The statement moves each stream's head row (insert for a new stream, conditional update
+//! otherwise) and inserts the events and the outbox rows of exactly the streams whose head
+//! moved. A stream whose head did not move (another writer took the expected version, or a
+//! younger transaction already wrote the stream) gets nothing written and its caller a
+//! conflict; the other streams of the same call are unaffected. Everything happens in the
+//! caller's transaction, so more rows (an idempotency record) can join it.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -43,25 +44,60 @@ impl Expected {
     }
 }
 
-const INSERT_EVENTS_AND_OUTBOX: &str = r#"
-, ev AS (
+/// One stream's append, for [`append_many`]: `events` go onto `stream_id` if it is at
+/// `expected`, with `outbox` messages, recorded at `recorded_at` (from [`now_micros`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub stream_id: Uuid,
+    pub stream_type: &'a str,
+    pub expected: &'a Expected,
+    pub events: &'a [NewEvent],
+    pub outbox: &'a [OutboxMessage],
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Moves every stream's head (insert for a new stream, conditional update otherwise) and
+/// inserts the events and outbox rows of exactly the streams whose head moved. One statement
+/// for any number of streams: a group commit writes a whole batch of commands with it.
+const APPEND_MANY: &str = r#"
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bytea[])
+        AS r(stream_id, stream_type, expected, version, head_hash)
+), ins AS (
+    INSERT INTO streams (stream_id, stream_type, version, head_hash, last_tx)
+    SELECT stream_id, stream_type, version, head_hash, pg_current_xact_id()
+    FROM req WHERE expected = 0
+    ON CONFLICT (stream_id) DO NOTHING
+    RETURNING stream_id
+), upd AS (
+    UPDATE streams s
+    SET version = r.version, head_hash = r.head_hash, last_tx = pg_current_xact_id()
+    FROM req r
+    WHERE r.expected > 0 AND s.stream_id = r.stream_id AND s.version = r.expected
+      AND s.last_tx < pg_current_xact_id()
+    RETURNING s.stream_id
+), head AS (
+    SELECT stream_id FROM ins UNION ALL SELECT stream_id FROM upd
+), ev AS (
     INSERT INTO events (stream_id, stream_type, stream_version, event_id, event_type,
                         schema_version, payload, metadata, recorded_at, prev_hash, hash,
                         hash_kid)
-    SELECT $1, $2, x.v, x.id, x.t, x.sv, x.p, x.m, $3, x.ph, x.h, $22::text
-    FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[],
-                $10::bytea[], $11::bytea[]) AS x(v, id, t, sv, p, m, ph, h)
-    WHERE EXISTS (SELECT 1 FROM head)
+    SELECT x.s, x.st, x.v, x.id, x.t, x.sv, x.p, x.m, x.at, x.ph, x.h, x.kid
+    FROM unnest($6::uuid[], $7::text[], $8::bigint[], $9::uuid[], $10::text[], $11::int[],
+                $12::jsonb[], $13::jsonb[], $14::timestamptz[], $15::bytea[], $16::bytea[],
+                $17::text[]) AS x(s, st, v, id, t, sv, p, m, at, ph, h, kid)
+    WHERE x.s IN (SELECT stream_id FROM head)
     RETURNING 1
 ), ob AS (
     INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
-    SELECT * FROM unnest($12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[],
-                         $17::jsonb[], $18::bytea[])
-    WHERE EXISTS (SELECT 1 FROM head)
+    SELECT x.id, x.d, x.t, x.rk, x.ok, x.hd, x.p
+    FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::text[], $23::text[],
+                $24::jsonb[], $25::bytea[]) AS x(s, id, d, t, rk, ok, hd, p)
+    WHERE x.s IN (SELECT stream_id FROM head)
     RETURNING 1
 )
 -- ev and ob run to completion whether or not they are read (data-modifying CTEs).
-SELECT count(*) FROM head
+SELECT stream_id FROM head
 "#;
 
 /// Appends `events` to the stream if it is at `expected`, with `outbox` messages, in the
@@ -86,8 +122,6 @@ pub async fn append(
     .await
 }
 
-// Long on purpose: one SQL statement and the column arrays it binds; the statement and its
-// binds must be read together to check that every column gets the right array.
 /// [`append`] with the recorded time chosen by the caller (from [`now_micros`]), for callers
 /// that put the time into the outbox messages too. It is part of the hash, so it must have
 /// microsecond precision, like `timestamptz`.
@@ -100,133 +134,193 @@ pub async fn append_at(
     outbox: &[OutboxMessage],
     recorded_at: DateTime<Utc>,
 ) -> Result<AppendOutcome, StoreError> {
-    if events.is_empty() {
-        return Ok(AppendOutcome {
-            version: expected.version,
-            head_hash: expected.head_hash.clone(),
-            recorded_at,
-        });
-    }
-    let n = events.len();
-    let mut versions = Vec::with_capacity(n);
-    let mut ids = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut schema_versions = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
-    let mut metadatas = Vec::with_capacity(n);
-    let mut prev_hashes = Vec::with_capacity(n);
-    let mut hashes = Vec::with_capacity(n);
-    let mut prev = expected.head_hash.clone();
-    let mut kid = None;
-    for (i, e) in events.iter().enumerate() {
-        let version = expected.version + 1 + i as i64;
-        let metadata = serde_json::to_value(&e.metadata).expect("metadata serializes");
-        let (hash, signed_by) = hash::sign(
-            &prev,
-            &HashInput {
-                stream_id,
-                stream_version: version,
-                event_id: e.event_id,
-                event_type: &e.event_type,
-                schema_version: e.schema_version,
-                payload: &e.payload,
-                metadata: &metadata,
-                recorded_at,
-            },
-        );
-        kid = signed_by;
-        versions.push(version);
-        ids.push(e.event_id);
-        types.push(e.event_type.as_str());
-        schema_versions.push(e.schema_version);
-        payloads.push(Json(e.payload.clone()));
-        metadatas.push(Json(metadata));
-        prev_hashes.push(std::mem::replace(&mut prev, hash.clone()));
-        hashes.push(hash);
-    }
-    let new_version = expected.version + n as i64;
-
-    // $21 (the expected version) is only compared when the stream exists; the new-stream
-    // statement still names it so that $22 (the audit key's kid) has a place.
-    let head = if expected.version == 0 {
-        "WITH head AS (
-            INSERT INTO streams (stream_id, stream_type, version, head_hash, last_tx)
-            SELECT $1, $2, $19, $20, pg_current_xact_id() WHERE $21::bigint = 0
-            ON CONFLICT (stream_id) DO NOTHING
-            RETURNING 1)"
-    } else {
-        "WITH head AS (
-            UPDATE streams SET version = $19, head_hash = $20, last_tx = pg_current_xact_id()
-            WHERE stream_id = $1 AND version = $21 AND last_tx < pg_current_xact_id()
-            RETURNING 1)"
-    };
-    let sql = format!("{head}{INSERT_EVENTS_AND_OUTBOX}");
-    let q = sqlx::query_scalar::<_, i64>(&sql)
-        .bind(stream_id)
-        .bind(stream_type)
-        .bind(recorded_at)
-        .bind(&versions)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&schema_versions)
-        .bind(&payloads)
-        .bind(&metadatas)
-        .bind(&prev_hashes)
-        .bind(&hashes)
-        .bind(outbox.iter().map(|m| m.message_id).collect::<Vec<_>>())
-        .bind(
-            outbox
-                .iter()
-                .map(|m| m.destination.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(outbox.iter().map(|m| m.target.as_str()).collect::<Vec<_>>())
-        .bind(
-            outbox
-                .iter()
-                .map(|m| m.routing_key.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outbox
-                .iter()
-                .map(|m| m.ordering_key.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            outbox
-                .iter()
-                .map(|m| Json(m.headers.clone()))
-                .collect::<Vec<Json<Value>>>(),
-        )
-        .bind(
-            outbox
-                .iter()
-                .map(|m| m.payload.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(new_version)
-        .bind(&prev)
-        .bind(expected.version)
-        .bind(kid);
-    let moved = q
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| map_conflict(e, stream_id, expected.version))?;
-    if moved == 0 {
-        return Err(StoreError::Conflict {
-            stream_id,
-            expected: expected.version,
-        });
-    }
-    // Readers of the feed and the outbox in this process look again shortly (they find the
-    // rows once the caller commits).
-    crate::wake::appended();
-    Ok(AppendOutcome {
-        version: new_version,
-        head_hash: prev,
+    let one = Append {
+        stream_id,
+        stream_type,
+        expected,
+        events,
+        outbox,
         recorded_at,
-    })
+    };
+    append_many(conn, &[one])
+        .await
+        .map_err(|e| map_conflict(e, stream_id, expected.version))?
+        .pop()
+        .expect("one outcome per append")
+}
+
+/// The column arrays of a batch: per stream, per event and per outbox message.
+#[derive(Default)]
+struct Columns<'a> {
+    heads: Vec<Uuid>,
+    head_types: Vec<&'a str>,
+    expected: Vec<i64>,
+    versions: Vec<i64>,
+    head_hashes: Vec<Vec<u8>>,
+    ev_streams: Vec<Uuid>,
+    ev_types: Vec<&'a str>,
+    ev_versions: Vec<i64>,
+    ids: Vec<Uuid>,
+    event_types: Vec<&'a str>,
+    schema_versions: Vec<i32>,
+    payloads: Vec<Json<&'a Value>>,
+    metadatas: Vec<Json<Value>>,
+    recorded: Vec<DateTime<Utc>>,
+    prev_hashes: Vec<Vec<u8>>,
+    hashes: Vec<Vec<u8>>,
+    kids: Vec<Option<&'static str>>,
+    ob_streams: Vec<Uuid>,
+    ob_ids: Vec<Uuid>,
+    ob_destinations: Vec<&'a str>,
+    ob_targets: Vec<&'a str>,
+    ob_routing: Vec<&'a str>,
+    ob_ordering: Vec<&'a str>,
+    ob_headers: Vec<Json<&'a Value>>,
+    ob_payloads: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    /// Adds one stream's append: its events chained (versions and hashes) onto `expected`.
+    fn push(&mut self, a: &Append<'a>) {
+        let mut prev = a.expected.head_hash.clone();
+        for (i, e) in a.events.iter().enumerate() {
+            let version = a.expected.version + 1 + i as i64;
+            let metadata = serde_json::to_value(&e.metadata).expect("metadata serializes");
+            let (hash, kid) = hash::sign(
+                &prev,
+                &HashInput {
+                    stream_id: a.stream_id,
+                    stream_version: version,
+                    event_id: e.event_id,
+                    event_type: &e.event_type,
+                    schema_version: e.schema_version,
+                    payload: &e.payload,
+                    metadata: &metadata,
+                    recorded_at: a.recorded_at,
+                },
+            );
+            self.ev_streams.push(a.stream_id);
+            self.ev_types.push(a.stream_type);
+            self.ev_versions.push(version);
+            self.ids.push(e.event_id);
+            self.event_types.push(&e.event_type);
+            self.schema_versions.push(e.schema_version);
+            self.payloads.push(Json(&e.payload));
+            self.metadatas.push(Json(metadata));
+            self.recorded.push(a.recorded_at);
+            self.prev_hashes
+                .push(std::mem::replace(&mut prev, hash.clone()));
+            self.hashes.push(hash);
+            self.kids.push(kid);
+        }
+        for m in a.outbox {
+            self.ob_streams.push(a.stream_id);
+            self.ob_ids.push(m.message_id);
+            self.ob_destinations.push(m.destination.as_str());
+            self.ob_targets.push(&m.target);
+            self.ob_routing.push(&m.routing_key);
+            self.ob_ordering.push(&m.ordering_key);
+            self.ob_headers.push(Json(&m.headers));
+            self.ob_payloads.push(&m.payload);
+        }
+        self.heads.push(a.stream_id);
+        self.head_types.push(a.stream_type);
+        self.expected.push(a.expected.version);
+        self.versions
+            .push(a.expected.version + a.events.len() as i64);
+        self.head_hashes.push(prev);
+    }
+}
+
+/// Appends to several streams at once, in the caller's transaction, with one statement:
+/// each stream's events and outbox rows are written if and only if it is at its expected
+/// version, so one stream's conflict costs the others nothing. Returns one outcome per
+/// append, in order: its [`AppendOutcome`] or [`StoreError::Conflict`].
+///
+/// The streams must be distinct (panics otherwise: two appends to one stream in one
+/// transaction would chain onto the same head). An `Err` of the whole call (a database
+/// error, or the events' unique key as the second line of defence) leaves the transaction
+/// failed: the caller rolls back, and may retry the appends one by one to isolate it.
+pub async fn append_many(
+    conn: &mut PgConnection,
+    appends: &[Append<'_>],
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, sqlx::Error> {
+    let mut cols = Columns::default();
+    let mut written = Vec::with_capacity(appends.len());
+    for a in appends {
+        assert!(
+            !cols.heads.contains(&a.stream_id),
+            "append_many takes each stream once"
+        );
+        if !a.events.is_empty() {
+            cols.push(a);
+            written.push(a.stream_id);
+        }
+    }
+    let moved: Vec<Uuid> = if written.is_empty() {
+        Vec::new()
+    } else {
+        let c = &cols;
+        sqlx::query_scalar(APPEND_MANY)
+            .bind(&c.heads)
+            .bind(&c.head_types)
+            .bind(&c.expected)
+            .bind(&c.versions)
+            .bind(&c.head_hashes)
+            .bind(&c.ev_streams)
+            .bind(&c.ev_types)
+            .bind(&c.ev_versions)
+            .bind(&c.ids)
+            .bind(&c.event_types)
+            .bind(&c.schema_versions)
+            .bind(&c.payloads)
+            .bind(&c.metadatas)
+            .bind(&c.recorded)
+            .bind(&c.prev_hashes)
+            .bind(&c.hashes)
+            .bind(&c.kids)
+            .bind(&c.ob_streams)
+            .bind(&c.ob_ids)
+            .bind(&c.ob_destinations)
+            .bind(&c.ob_targets)
+            .bind(&c.ob_routing)
+            .bind(&c.ob_ordering)
+            .bind(&c.ob_headers)
+            .bind(&c.ob_payloads)
+            .fetch_all(&mut *conn)
+            .await?
+    };
+    if !moved.is_empty() {
+        // Readers of the feed and the outbox in this process look again shortly (they find
+        // the rows once the caller commits).
+        crate::wake::appended();
+    }
+    let mut heads = cols.heads.iter().zip(&cols.versions).zip(&cols.head_hashes);
+    Ok(appends
+        .iter()
+        .map(|a| {
+            if a.events.is_empty() {
+                return Ok(AppendOutcome {
+                    version: a.expected.version,
+                    head_hash: a.expected.head_hash.clone(),
+                    recorded_at: a.recorded_at,
+                });
+            }
+            let ((id, version), head_hash) = heads.next().expect("one head per written append");
+            if moved.contains(id) {
+                Ok(AppendOutcome {
+                    version: *version,
+                    head_hash: head_hash.clone(),
+                    recorded_at: a.recorded_at,
+                })
+            } else {
+                Err(StoreError::Conflict {
+                    stream_id: a.stream_id,
+                    expected: a.expected.version,
+                })
+            }
+        })
+        .collect())
 }
 
 /// The events table's own unique key is a second line of defence behind the head row.

@@ -23,6 +23,7 @@
 //! - [`outbox`]: the outbox table, its one owner: messages in, the relay's reads and marks.
 //! - [`hash`]: canonical encoding and the chain hash.
 //! - [`append`](mod@append): the one-statement append (events + outbox rows).
+//! - [`group`]: group commit, concurrent commands written in one transaction.
 //! - [`read`]: loading a stream (or one event, or several streams), the global feed.
 //! - [`wake`]: how the outbox's and the feed's readers wait between polls (no NOTIFY).
 //! - [`audit`]: hash-chain verification.
@@ -33,13 +34,14 @@ pub mod append;
 pub mod audit;
 pub mod checkpoint;
 pub mod envelope;
+pub mod group;
 pub mod hash;
 pub mod model;
 pub mod outbox;
 pub mod read;
 pub mod wake;
 
-pub use append::{AppendOutcome, Expected, append, append_at, now_micros};
+pub use append::{Append, AppendOutcome, Expected, append, append_at, append_many, now_micros};
 pub use envelope::{Envelope, Headers};
 pub use model::{Metadata, NewEvent, StoredEvent};
 pub use outbox::{Destination, OutboxMessage, enqueue};

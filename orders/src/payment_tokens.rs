@@ -14,26 +14,43 @@ use domain::{
     values::{CustomerId, OrderId},
 };
 use sqlx::{PgConnection, PgPool, types::Json};
-use uuid::Uuid;
 
-/// Holds the sealed token for `order_id`; returns the reference the event carries.
-pub async fn hold(
-    conn: &mut PgConnection,
-    order_id: OrderId,
-    customer_id: &CustomerId,
-    sealed_token: &Sealed,
-) -> Result<PaymentRef, sqlx::Error> {
-    let payment_ref = PaymentRef(Uuid::now_v7());
+/// A token to hold: the reference the order's event carries, and the sealed token.
+pub struct Held<'a> {
+    pub payment_ref: PaymentRef,
+    pub order_id: OrderId,
+    pub customer_id: &'a CustomerId,
+    pub sealed_token: &'a Sealed,
+}
+
+/// Holds the sealed tokens (one statement, in the caller's transaction: a group commit
+/// holds a whole batch's). Each reference is made by the caller ([`PaymentRef`] is a fresh
+/// UUIDv7) and goes into the order's event.
+pub async fn hold(conn: &mut PgConnection, tokens: &[Held<'_>]) -> Result<(), sqlx::Error> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
     )
-    .bind(payment_ref.0)
-    .bind(order_id.0)
-    .bind(customer_id.as_str())
-    .bind(Json(sealed_token))
+    .bind(tokens.iter().map(|t| t.payment_ref.0).collect::<Vec<_>>())
+    .bind(tokens.iter().map(|t| t.order_id.0).collect::<Vec<_>>())
+    .bind(
+        tokens
+            .iter()
+            .map(|t| t.customer_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tokens
+            .iter()
+            .map(|t| Json(t.sealed_token))
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut *conn)
     .await?;
-    Ok(payment_ref)
+    Ok(())
 }
 
 /// Takes the sealed token of `order_id` (deleting it, in the caller's transaction): `None`

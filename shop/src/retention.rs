@@ -45,8 +45,7 @@ pub async fn prune_once(
     pool: &PgPool,
     cfg: &RetentionConfig,
 ) -> Result<Vec<(&'static str, u64)>, sqlx::Error> {
-    let keys =
-        write_side::commands::prune_idempotency_keys(pool, cfg.idempotency_key_retention).await?;
+    let keys = write_side::idempotency::prune(pool, cfg.idempotency_key_retention).await?;
     let tokens = orders::payment_tokens::prune(pool, cfg.payment_token_ttl).await?;
     let mut pruned = vec![("idempotency_keys", keys), ("payment_tokens", tokens)];
     pruned.extend(saga::retention::prune(pool, cfg.inbox_retention).await?);

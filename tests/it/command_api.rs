@@ -526,11 +526,15 @@ async fn concurrent_requests_with_one_idempotency_key_create_one_order() {
         bodies.insert(b.to_string());
     }
     assert_eq!(bodies.len(), 1);
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&api.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(events, 1);
+    // One order, and nothing of the losers: no event, no held payment token, one record.
+    let (events, tokens, keys): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM payment_tokens),
+                (SELECT count(*) FROM idempotency_keys)",
+    )
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((events, tokens, keys), (1, 1, 1));
 }
 
 /// A client that times out and sends its cancel again while the first is still running:
@@ -689,6 +693,16 @@ async fn two_hundred_concurrent_checkouts_lose_and_duplicate_nothing() {
         .await
         .unwrap();
     assert_eq!(outbox, 200);
+    // Every order's payment token and idempotency record, each its own.
+    let (tokens, token_orders, keys): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM payment_tokens),
+                (SELECT count(DISTINCT t.order_id) FROM payment_tokens t JOIN streams s ON s.stream_id = t.order_id),
+                (SELECT count(*) FROM idempotency_keys)",
+    )
+    .fetch_one(&api.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((tokens, token_orders, keys), (200, 200, 200));
 }
 
 #[tokio::test]

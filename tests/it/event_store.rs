@@ -607,3 +607,200 @@ async fn a_signed_checkpoint_and_the_keyed_chain_reveal_every_kind_of_tampering(
     assert!(out.contains("CHECKPOINT BadSignature"), "{out}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Several streams in one statement: each is written if and only if it is at its expected
+/// version; a conflicting one leaves no event and no outbox row, and costs the others nothing.
+#[tokio::test]
+async fn append_many_writes_exactly_the_streams_at_their_expected_version() {
+    let db = TestDb::new().await;
+    let (at_two, fresh, stale) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    append_n(&db, at_two, 2).await.unwrap();
+    append_n(&db, stale, 1).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let (_, two) = event_store::load_stream(&mut conn, at_two).await.unwrap();
+    let new_stream = Expected::new_stream();
+    let (e1, e2, e3) = ([event(3), event(4)], [event(1)], [event(2)]);
+    let (o1, o2, o3) = (outbox(at_two, 2), outbox(fresh, 1), outbox(stale, 1));
+    let at = event_store::now_micros();
+    let append = |stream_id, expected, events, outbox| event_store::Append {
+        stream_id,
+        stream_type: "thing",
+        expected,
+        events,
+        outbox,
+        recorded_at: at,
+    };
+    let mut tx = db.pool.begin().await.unwrap();
+    let outcomes = event_store::append_many(
+        &mut tx,
+        &[
+            append(at_two, &two, &e1, &o1),
+            append(fresh, &new_stream, &e2, &o2),
+            // `stale` exists: creating it again is a conflict.
+            append(stale, &new_stream, &e3, &o3),
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outcomes[0].as_ref().unwrap().version, 4);
+    assert_eq!(outcomes[1].as_ref().unwrap().version, 1);
+    assert!(
+        matches!(outcomes[2], Err(StoreError::Conflict { stream_id, expected: 0 }) if stream_id == stale),
+        "{:?}",
+        outcomes[2]
+    );
+    for (stream, events, outbox_rows) in [(at_two, 4, 4), (fresh, 1, 1), (stale, 1, 1)] {
+        let (stored, head) = event_store::load_stream(&mut conn, stream).await.unwrap();
+        assert_eq!((stored.len(), head.version), (events, events as i64));
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE ordering_key = $1")
+            .bind(stream.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, outbox_rows, "{stream}");
+        let report = verify_stream(&mut conn, stream).await.unwrap();
+        assert!(report.broken.is_none(), "{report:?}");
+    }
+    // The returned head is the stored head: the next append chains onto it.
+    let next = outcomes[0].as_ref().unwrap();
+    let expected = Expected {
+        version: next.version,
+        head_hash: next.head_hash.clone(),
+    };
+    event_store::append(&mut conn, at_two, "thing", &expected, &[event(5)], &[])
+        .await
+        .unwrap();
+    assert!(
+        verify_stream(&mut conn, at_two)
+            .await
+            .unwrap()
+            .broken
+            .is_none()
+    );
+}
+
+fn job(stream_id: Uuid, events: Vec<NewEvent>) -> event_store::group::AppendJob {
+    event_store::group::AppendJob {
+        stream_id,
+        stream_type: "thing".into(),
+        expected: Expected::new_stream(),
+        outbox: outbox(stream_id, events.len()),
+        events,
+        recorded_at: event_store::now_micros(),
+    }
+}
+
+/// Group commit: what waits while a batch is written goes into the next transaction together;
+/// two jobs on one stream never share one (one wins, one conflicts); a job that breaks a unique
+/// key makes its batch fail, and then fails alone while its batch-mates are written.
+#[tokio::test]
+async fn group_commit_shares_transactions_and_isolates_conflicts_and_failures() {
+    use event_store::group::{Appends, CommitError, Committer};
+    let db = TestDb::with_pool_size(4).await;
+    let committer = Committer::start(db.pool.clone(), Appends, 1, 8);
+
+    // Hold the one worker: its first job waits for a row lock of an open transaction.
+    let blocker = Uuid::now_v7();
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO streams (stream_id, stream_type, version, head_hash, last_tx) VALUES ($1, 'thing', 1, $2, pg_current_xact_id())")
+        .bind(blocker)
+        .bind(vec![0u8; 32])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let c = committer.clone();
+        async move { c.submit(job(blocker, vec![event(1)])).await }
+    });
+    while committer.waiting() > 0 || !first_taken(&db).await {
+        tokio::task::yield_now().await;
+    }
+
+    // Meanwhile: 12 new streams, two jobs on one more stream, and a job reusing a stored
+    // event's id (the events' unique key refuses it).
+    let stored = Uuid::now_v7();
+    append_n(&db, stored, 1).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let (taken, _) = event_store::load_stream(&mut conn, stored).await.unwrap();
+    let mut reused = event(1);
+    reused.event_id = taken[0].event_id;
+    let streams: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    let twice = Uuid::now_v7();
+    let bad = Uuid::now_v7();
+    let mut jobs: Vec<_> = streams.iter().map(|s| job(*s, vec![event(1)])).collect();
+    jobs.insert(3, job(twice, vec![event(1)]));
+    jobs.insert(5, job(twice, vec![event(2)]));
+    jobs.push(job(bad, vec![reused]));
+    let n = jobs.len();
+    let waiting: Vec<_> = jobs
+        .into_iter()
+        .map(|j| {
+            let c = committer.clone();
+            let stream = j.stream_id;
+            tokio::spawn(async move { (stream, c.submit(j).await) })
+        })
+        .collect();
+    while committer.waiting() < n {
+        tokio::task::yield_now().await;
+    }
+    holder.commit().await.unwrap();
+
+    let blocked = first.await.unwrap().unwrap();
+    assert!(
+        matches!(blocked, Err(StoreError::Conflict { .. })),
+        "{blocked:?}"
+    );
+    let (mut written, mut conflicts, mut failed) = (Vec::new(), 0, Vec::new());
+    for w in waiting {
+        match w.await.unwrap() {
+            (s, Ok(Ok(out))) => {
+                assert_eq!(out.version, 1);
+                written.push(s);
+            }
+            (s, Ok(Err(StoreError::Conflict { .. }))) => {
+                assert_eq!(s, twice);
+                conflicts += 1;
+            }
+            (s, Err(CommitError::Database(_))) => failed.push(s),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(failed, [bad]);
+    assert_eq!(conflicts, 1);
+    assert_eq!(written.len(), 13);
+    assert!(written.contains(&twice));
+    for s in &streams {
+        assert!(written.contains(s), "{s} was not written");
+    }
+    // Nothing of the failed job, one event of the doubled stream, and new streams sharing a
+    // transaction (the queue went in batches of at most 8: whichever batch the failing job
+    // was not in held at least 5 of them).
+    let (bad_events, twice_events): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE stream_id = $1), count(*) FILTER (WHERE stream_id = $2) FROM events",
+    )
+    .bind(bad)
+    .bind(twice)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!((bad_events, twice_events), (0, 1));
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM streams WHERE stream_id = ANY($1) GROUP BY last_tx::text) t",
+    )
+    .bind(&streams)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(shared >= 5, "at most {shared} streams shared a transaction");
+}
+
+/// Whether the committer's worker has taken the blocker's job (it waits for the lock).
+async fn first_taken(db: &TestDb) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}

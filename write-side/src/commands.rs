@@ -1,21 +1,21 @@
-//! Executing a command: one transaction holding the idempotency check, the load, the pure
-//! decision, the append (events + outbox) and the idempotency record.
+//! Executing a command. A checkout is decided in the request and group-committed with
+//! other checkouts ([`crate::checkouts`]); a cancel runs in one transaction holding the
+//! idempotency check, the load, the pure decision, the append (events + outbox) and the
+//! idempotency record.
 //!
-//! Idempotency: the first successful response for `(principal, key)` is stored in the same
-//! transaction as the events, so it survives restarts and is never stored without its events.
-//! A retry with the same key and the same request gets that response back; with a different
-//! request, a 422. Two concurrent cancels with one key are serialized by a transaction-level
-//! advisory lock on (caller, key): the second waits for the first transaction to end and then
-//! answers with its stored response. Two concurrent checkouts with one key both decide (on
-//! different new streams); the key's unique index lets one response be stored, and the loser
-//! rolls back everything it did and answers with the winner's response.
+//! Idempotency ([`crate::idempotency`]): the first successful response for
+//! `(principal, key)` is stored in the same transaction as the events. Two concurrent cancels
+//! with one key are serialized by a transaction-level advisory lock on (caller, key): the
+//! second waits for the first transaction to end and then answers with its stored response.
+//! Two concurrent checkouts with one key both decide (on different new streams); the key's
+//! unique index lets one response be stored, and the loser writes nothing and answers with
+//! the winner's response.
 
 use domain::{
-    order::{CancelledBy, Order, OrderCommand, OrderRejected, PlaceOrder},
-    personal,
+    order::{CancelledBy, Order, OrderCommand, OrderRejected},
     values::{OrderId, Reason},
 };
-use event_store::{Expected, Metadata};
+use event_store::{Expected, Metadata, group::Committer};
 use orders::OrderError;
 use platform::{
     auth::{Principal, Role},
@@ -26,7 +26,7 @@ use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{dto::Checkout, problem::ApiError};
+use crate::{checkouts::Checkouts, dto::Checkout, idempotency, problem::ApiError};
 
 /// Who asks, with which key and request, in which trace.
 #[derive(Debug, Clone)]
@@ -69,6 +69,7 @@ impl Command {
 /// Runs the command in its transaction, inside a span that continues the request's trace.
 pub async fn execute(
     pool: &PgPool,
+    checkouts: &Committer<Checkouts>,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
@@ -81,7 +82,16 @@ pub async fn execute(
     );
     platform::trace::follow(&span, Some(&ctx.traceparent));
     async {
-        let result = execute_once_or_twice(pool, ctx, command).await;
+        let result = match command {
+            Command::Checkout(checkout, key) => {
+                crate::checkouts::place(checkouts, pool, ctx, checkout, key).await
+            }
+            Command::Cancel {
+                order_id,
+                if_match,
+                reason,
+            } => cancel_once_or_twice(pool, ctx, *order_id, *if_match, reason).await,
+        };
         // One line per command, inside its span: it carries the trace id to follow.
         match &result {
             Ok(r) => tracing::info!(
@@ -97,10 +107,12 @@ pub async fn execute(
     .await
 }
 
-async fn execute_once_or_twice(
+async fn cancel_once_or_twice(
     pool: &PgPool,
     ctx: &CommandContext,
-    command: &Command,
+    order_id: OrderId,
+    if_match: Option<i64>,
+    reason: &Reason,
 ) -> Result<CommandResponse, ApiError> {
     // Two rounds at most: the second only runs after losing an idempotency-key race, and then
     // finds the winner's response.
@@ -109,30 +121,20 @@ async fn execute_once_or_twice(
         // Copies of a command on an existing order (same caller, same key) run one after the
         // other: a copy waits here until the first one's transaction ends, then finds its
         // stored response instead of deciding again on the state the first one left (a 409
-        // or "already cancelled" for a retried cancel). A checkout needs no lock: its copies
-        // create different streams, and the key's unique index lets one response win.
-        if matches!(command, Command::Cancel { .. }) {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(format!(
-                    "{}\n{}",
-                    ctx.principal.actor(),
-                    ctx.idempotency_key
-                ))
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(stored) = stored_response(&mut tx, ctx).await? {
+        // or "already cancelled" for a retried cancel).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!(
+                "{}\n{}",
+                ctx.principal.actor(),
+                ctx.idempotency_key
+            ))
+            .execute(&mut *tx)
+            .await?;
+        if let Some(stored) = idempotency::stored_response(&mut tx, ctx).await? {
             return Ok(stored);
         }
-        let response = match command {
-            Command::Checkout(cmd, key) => checkout(&mut tx, key, ctx, cmd).await?,
-            Command::Cancel {
-                order_id,
-                if_match,
-                reason,
-            } => cancel(&mut tx, ctx, *order_id, *if_match, reason.clone()).await?,
-        };
-        if remember_response(&mut tx, ctx, &response).await? {
+        let response = cancel(&mut tx, ctx, order_id, if_match, reason.clone()).await?;
+        if idempotency::remember(&mut tx, ctx, &response).await? {
             tx.commit().await?;
             return Ok(response);
         }
@@ -143,58 +145,7 @@ async fn execute_once_or_twice(
     ))
 }
 
-async fn stored_response(
-    conn: &mut PgConnection,
-    ctx: &CommandContext,
-) -> Result<Option<CommandResponse>, ApiError> {
-    let row: Option<(Vec<u8>, i16, Value)> = sqlx::query_as(
-        "SELECT request_hash, response_status, response_body FROM idempotency_keys
-         WHERE principal = $1 AND key = $2",
-    )
-    .bind(ctx.principal.actor())
-    .bind(&ctx.idempotency_key)
-    .fetch_optional(&mut *conn)
-    .await?;
-    match row {
-        None => Ok(None),
-        Some((hash, _, _)) if hash != ctx.request_hash => Err(ApiError::IdempotencyKeyReused),
-        Some((_, status, body)) => Ok(Some(CommandResponse {
-            status: status as u16,
-            body,
-        })),
-    }
-}
-
-/// Stores the response under the key; `false` if a concurrent request took the key first.
-async fn remember_response(
-    conn: &mut PgConnection,
-    ctx: &CommandContext,
-    r: &CommandResponse,
-) -> Result<bool, ApiError> {
-    let done = sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(ctx.principal.actor())
-    .bind(&ctx.idempotency_key)
-    .bind(&ctx.request_hash)
-    .bind(r.status as i16)
-    .bind(&r.body)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Forgets idempotency keys older than `age` (retention): a retry after that is a new
-/// command. Returns how many went.
-pub async fn prune_idempotency_keys(
-    pool: &PgPool,
-    age: std::time::Duration,
-) -> Result<u64, sqlx::Error> {
-    platform::db::delete_older_than(pool, "idempotency_keys", "created_at", age, 5000).await
-}
-
-fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
+pub(crate) fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
     Metadata {
         correlation_id: order_id.0,
         causation_id: ctx.request_id,
@@ -204,7 +155,7 @@ fn metadata(ctx: &CommandContext, order_id: OrderId) -> Metadata {
     }
 }
 
-fn order_error(e: OrderError) -> ApiError {
+pub(crate) fn order_error(e: OrderError) -> ApiError {
     match e {
         OrderError::Rejected(OrderRejected::NotFound) => ApiError::NotFound("no such order".into()),
         OrderError::Rejected(other) => ApiError::Rejected(other.to_string()),
@@ -214,48 +165,6 @@ fn order_error(e: OrderError) -> ApiError {
         OrderError::Unreadable(e) => ApiError::Internal(e),
         OrderError::Database(e) => e.into(),
     }
-}
-
-/// Seals the shipping address with the customer's data key and holds the payment token,
-/// then places the order: the event carries only the sealed box and the token's reference
-/// (`domain::personal`). All in the command's transaction: a refused or lost race leaves no
-/// token row behind.
-async fn checkout(
-    conn: &mut PgConnection,
-    key: &DataKey,
-    ctx: &CommandContext,
-    checkout: &Checkout,
-) -> Result<CommandResponse, ApiError> {
-    let order_id = checkout.order_id;
-    let shipping_address = key.seal(
-        &personal::shipping_address_context(order_id),
-        &checkout.shipping_address,
-    );
-    let sealed_token = key.seal(
-        &personal::payment_token_context(order_id),
-        &checkout.payment_token,
-    );
-    let payment_ref =
-        orders::payment_tokens::hold(conn, order_id, &checkout.customer_id, &sealed_token).await?;
-    let cmd = PlaceOrder {
-        order_id,
-        customer_id: checkout.customer_id.clone(),
-        currency: checkout.currency,
-        lines: checkout.lines.clone(),
-        shipping_address,
-        payment_ref,
-    };
-    let version = orders::decide_and_append(
-        conn,
-        order_id,
-        &Order::NotPlaced,
-        &Expected::new_stream(),
-        OrderCommand::Place(cmd),
-        &metadata(ctx, order_id),
-    )
-    .await
-    .map_err(order_error)?;
-    Ok(accepted(order_id, "PENDING", version))
 }
 
 /// The customer's data key, made (and committed) outside the command's transaction: an
@@ -280,7 +189,7 @@ fn vault_error(e: VaultError) -> ApiError {
     }
 }
 
-fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {
+pub(crate) fn accepted(order_id: OrderId, status: &str, version: i64) -> CommandResponse {
     CommandResponse {
         status: 202,
         body: json!({"order_id": order_id, "status": status, "version": version}),

@@ -19,6 +19,7 @@ use domain::{
     order::{MAX_LINES, OrderRejected},
     values::{CustomerId, OrderId, Reason},
 };
+use event_store::group::Committer;
 use platform::{
     auth::{Authenticator, Principal, Role},
     limits::{Admission, ApiLimits},
@@ -32,6 +33,7 @@ use uuid::Uuid;
 
 use crate::{
     catalog,
+    checkouts::Checkouts,
     commands::{self, Command, CommandContext, CommandResponse},
     dto::{CancelRequest, CheckoutRequest},
     problem::ApiError,
@@ -49,11 +51,14 @@ pub struct AppState {
     pub(crate) activity: Option<crate::activity::Ingest>,
     /// Seals checkouts' personal data with customers' data keys.
     pub(crate) vault: Vault,
+    /// Writes checkouts, many per transaction.
+    pub(crate) checkouts: Committer<Checkouts>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, auth: Authenticator, vault: Vault) -> Self {
         Self {
+            checkouts: crate::checkouts::committer(pool.clone()),
             pool,
             auth,
             vault,
@@ -305,8 +310,13 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
             commands::data_key(&state.pool, &state.vault, customer.as_str()),
         )?;
         let cmd = req.into_command(order_id, customer, &prices)?;
-        let r =
-            commands::execute(&state.pool, &ctx, &Command::Checkout(cmd, Box::new(key))).await?;
+        let r = commands::execute(
+            &state.pool,
+            &state.checkouts,
+            &ctx,
+            &Command::Checkout(cmd, Box::new(key)),
+        )
+        .await?;
         let location = r.body["order_id"]
             .as_str()
             .map(|id| format!("/orders/{id}"));
@@ -344,6 +354,7 @@ async fn cancel(
         )?;
         let r = commands::execute(
             &state.pool,
+            &state.checkouts,
             &ctx,
             &Command::Cancel {
                 order_id,

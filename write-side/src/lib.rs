@@ -3,15 +3,17 @@
 //!
 //! A request is authenticated, parsed into domain values, decided by the pure order aggregate,
 //! and its events are appended with their outbox messages and the idempotency record in one
-//! PostgreSQL transaction. Nothing on the command path talks to a broker.
+//! PostgreSQL transaction (checkouts share theirs with concurrent ones: group commit). Nothing on the command path talks to a broker.
 //!
 //! # Layout
 //! - [`problem`]: every error as `application/problem+json` with a stable `type`.
 //! - [`dto`]: request bodies and their conversion into domain commands.
 //! - [`catalog`]: the shop's products and prices (a checkout names products, never prices).
 //! - [`customers`]: customer profiles (`PUT|GET /customers/{id}`): where notifications go.
-//! - [`commands`]: the transaction: idempotency, then the order stream's load, decide and
-//!   append ([`orders`]), then the idempotency record.
+//! - [`commands`]: executing a command: a checkout through [`checkouts`] (decided in the
+//!   request, group-committed with concurrent ones), a cancel in its own transaction
+//!   (idempotency, the order stream's load, decide and append ([`orders`]), the record).
+//! - [`idempotency`]: the stored responses of commands (`idempotency_keys`).
 //! - [`activity`]: `POST /activity`, user activity produced straight to Kafka (telemetry
 //!   decides nothing, so it skips the event store).
 //! - [`http`]: routes, extractors, metrics; [`build`] binds and [`App::run`] serves.
@@ -19,10 +21,12 @@
 
 pub mod activity;
 pub mod catalog;
+pub mod checkouts;
 pub mod commands;
 pub mod customers;
 pub mod dto;
 pub mod http;
+pub mod idempotency;
 pub mod problem;
 
 use std::net::SocketAddr;
