@@ -43,6 +43,40 @@ pub struct BenchArgs {
     /// Concurrent clients: every phase runs at each count.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     pub clients: Vec<usize>,
+    /// Phases to run, in this order (one alone, e.g. under a profiler: `--phases http`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "peer,plain,single,group,http"
+    )]
+    pub phases: Vec<Phase>,
+}
+
+/// A phase of `shop-bench append`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// cqrs-es 0.5 + postgres-es: the baseline.
+    Peer,
+    /// Plain INSERTs of the same rows, one transaction each.
+    Plain,
+    /// The event-store append, one transaction each.
+    Single,
+    /// The event-store append, group-committed.
+    Group,
+    /// `POST /orders` over HTTP.
+    Http,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Peer => "cqrs-es 0.5 + postgres-es (peer)",
+            Phase::Plain => "plain INSERTs, event + outbox (1 tx)",
+            Phase::Single => "event-store append, 1 tx each",
+            Phase::Group => "event-store append, group commit",
+            Phase::Http => "POST /orders over HTTP",
+        }
+    }
 }
 
 pub(crate) struct Stats {
@@ -399,45 +433,57 @@ pub async fn append(database_url: &str, args: &BenchArgs) -> anyhow::Result<()> 
     for (round, &c) in args.clients.iter().enumerate() {
         // Distinct idempotency keys per round.
         let offset = round * n;
-        let cqrs = peer.clone();
-        let peer_run = load("cqrs-es 0.5 + postgres-es (peer)", n, c, move |i| {
-            let cqrs = cqrs.clone();
-            async move { crate::peer::place(&cqrs, place_command(i)).await }
-        })
-        .await?;
-        let p = pool.clone();
-        let baseline = load("plain INSERTs, event + outbox (1 tx)", n, c, move |i| {
-            baseline_op(p.clone(), i)
-        })
-        .await?;
-        let p = pool.clone();
-        let appended = load("event-store append, 1 tx each", n, c, move |i| {
-            append_op(p.clone(), i)
-        })
-        .await?;
-        let committer = event_store::group::Committer::start(
-            pool.clone(),
-            event_store::group::Appends,
-            write_side::checkouts::WORKERS,
-            write_side::checkouts::MAX_BATCH,
-        );
-        let grouped = load("event-store append, group commit", n, c, move |i| {
-            group_op(committer.clone(), i)
-        })
-        .await?;
-        let op = http_op.clone();
-        let http = load("POST /orders over HTTP", n, c, move |i| op(offset + i)).await?;
-        tables.push((c, [peer_run, baseline, appended, grouped, http]));
+        let mut runs = Vec::new();
+        for phase in &args.phases {
+            let stats = match phase {
+                Phase::Peer => {
+                    let cqrs = peer.clone();
+                    load(phase.name(), n, c, move |i| {
+                        let cqrs = cqrs.clone();
+                        async move { crate::peer::place(&cqrs, place_command(i)).await }
+                    })
+                    .await?
+                }
+                Phase::Plain => {
+                    let p = pool.clone();
+                    load(phase.name(), n, c, move |i| baseline_op(p.clone(), i)).await?
+                }
+                Phase::Single => {
+                    let p = pool.clone();
+                    load(phase.name(), n, c, move |i| append_op(p.clone(), i)).await?
+                }
+                Phase::Group => {
+                    let committer = event_store::group::Committer::start(
+                        pool.clone(),
+                        event_store::group::Appends,
+                        write_side::checkouts::WORKERS,
+                        write_side::checkouts::MAX_BATCH,
+                    );
+                    load(phase.name(), n, c, move |i| group_op(committer.clone(), i)).await?
+                }
+                Phase::Http => {
+                    let op = http_op.clone();
+                    load(phase.name(), n, c, move |i| op(offset + i)).await?
+                }
+            };
+            runs.push((*phase, stats));
+        }
+        tables.push((c, runs));
     }
     shutdown.cancel();
     let _ = server.await;
 
-    for (c, [peer_run, baseline, appended, grouped, http]) in &tables {
+    for (c, runs) in &tables {
         println!("{c} concurrent clients:\n");
         print_header("vs cqrs-es");
-        println!("{}", peer_run.row(None));
-        for s in [baseline, appended, grouped, http] {
-            println!("{}", s.row(Some(peer_run)));
+        let peer_run = runs.iter().find(|(p, _)| *p == Phase::Peer).map(|(_, s)| s);
+        for (phase, s) in runs {
+            let against = if *phase == Phase::Peer {
+                None
+            } else {
+                peer_run
+            };
+            println!("{}", s.row(against));
         }
         println!();
     }

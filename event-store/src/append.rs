@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, types::Json};
+use sqlx::{PgConnection, Row, types::Json};
 use uuid::Uuid;
 
 use crate::{
@@ -56,13 +56,21 @@ pub struct Append<'a> {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// Moves every stream's head (insert for a new stream, conditional update otherwise) and
-/// inserts the events and outbox rows of exactly the streams whose head moved. One statement
-/// for any number of streams: a group commit writes a whole batch of commands with it.
-const APPEND_MANY: &str = r#"
-WITH req AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bytea[])
+/// The statement's common table expressions: `req` (the appends tried), `ins`/`upd` (heads
+/// moved), `head` (the stream ids whose head moved), `ev` and `ob` (their events and outbox
+/// rows). Parameters are numbered from `first`; `gate`, if given, names an earlier CTE with a
+/// `stream_id` column: only those streams are tried (a caller's statement can make the append
+/// depend on its own rows, e.g. an idempotency claim).
+fn ctes(gate: Option<&str>, first: usize) -> String {
+    let p = |n: usize| format!("${}", first + n - 1);
+    let gate = gate
+        .map(|g| format!("WHERE r.stream_id IN (SELECT stream_id FROM {g})"))
+        .unwrap_or_default();
+    format!(
+        r#"req AS (
+    SELECT * FROM unnest({p1}::uuid[], {p2}::text[], {p3}::bigint[], {p4}::bigint[], {p5}::bytea[])
         AS r(stream_id, stream_type, expected, version, head_hash)
+    {gate}
 ), ins AS (
     INSERT INTO streams (stream_id, stream_type, version, head_hash, last_tx)
     SELECT stream_id, stream_type, version, head_hash, pg_current_xact_id()
@@ -83,22 +91,47 @@ WITH req AS (
                         schema_version, payload, metadata, recorded_at, prev_hash, hash,
                         hash_kid)
     SELECT x.s, x.st, x.v, x.id, x.t, x.sv, x.p, x.m, x.at, x.ph, x.h, x.kid
-    FROM unnest($6::uuid[], $7::text[], $8::bigint[], $9::uuid[], $10::text[], $11::int[],
-                $12::jsonb[], $13::jsonb[], $14::timestamptz[], $15::bytea[], $16::bytea[],
-                $17::text[]) AS x(s, st, v, id, t, sv, p, m, at, ph, h, kid)
+    FROM unnest({p6}::uuid[], {p7}::text[], {p8}::bigint[], {p9}::uuid[], {p10}::text[],
+                {p11}::int[], {p12}::jsonb[], {p13}::jsonb[], {p14}::timestamptz[],
+                {p15}::bytea[], {p16}::bytea[], {p17}::text[])
+        AS x(s, st, v, id, t, sv, p, m, at, ph, h, kid)
     WHERE x.s IN (SELECT stream_id FROM head)
     RETURNING 1
 ), ob AS (
     INSERT INTO outbox (message_id, destination, target, routing_key, ordering_key, headers, payload)
     SELECT x.id, x.d, x.t, x.rk, x.ok, x.hd, x.p
-    FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::text[], $23::text[],
-                $24::jsonb[], $25::bytea[]) AS x(s, id, d, t, rk, ok, hd, p)
+    FROM unnest({p18}::uuid[], {p19}::uuid[], {p20}::text[], {p21}::text[], {p22}::text[],
+                {p23}::text[], {p24}::jsonb[], {p25}::bytea[]) AS x(s, id, d, t, rk, ok, hd, p)
     WHERE x.s IN (SELECT stream_id FROM head)
     RETURNING 1
-)
--- ev and ob run to completion whether or not they are read (data-modifying CTEs).
-SELECT stream_id FROM head
-"#;
+)"#,
+        p1 = p(1),
+        p2 = p(2),
+        p3 = p(3),
+        p4 = p(4),
+        p5 = p(5),
+        p6 = p(6),
+        p7 = p(7),
+        p8 = p(8),
+        p9 = p(9),
+        p10 = p(10),
+        p11 = p(11),
+        p12 = p(12),
+        p13 = p(13),
+        p14 = p(14),
+        p15 = p(15),
+        p16 = p(16),
+        p17 = p(17),
+        p18 = p(18),
+        p19 = p(19),
+        p20 = p(20),
+        p21 = p(21),
+        p22 = p(22),
+        p23 = p(23),
+        p24 = p(24),
+        p25 = p(25),
+    )
+}
 
 /// Appends `events` to the stream if it is at `expected`, with `outbox` messages, in the
 /// caller's transaction, recorded now (see [`append_at`]).
@@ -147,6 +180,122 @@ pub async fn append_at(
         .map_err(|e| map_conflict(e, stream_id, expected.version))?
         .pop()
         .expect("one outcome per append")
+}
+
+/// Several streams' appends prepared for one statement: their events chained (versions and
+/// hashes), every column as an array. [`append_many`] runs them alone; a caller with more
+/// rows to write in the same statement embeds [`AppendBatch::ctes`] in its own statement,
+/// binds [`AppendBatch::bind`] at that place, and reads the moved streams from `head`.
+pub struct AppendBatch<'a> {
+    appends: Vec<Append<'a>>,
+    cols: Columns<'a>,
+}
+
+/// Parameters [`AppendBatch::ctes`] takes.
+pub const APPEND_PARAMS: usize = 25;
+
+impl<'a> AppendBatch<'a> {
+    /// Prepares `appends` (distinct streams: panics otherwise, as two appends to one stream
+    /// in one transaction would chain onto the same head).
+    pub fn new(appends: &[Append<'a>]) -> Self {
+        let mut cols = Columns::default();
+        for a in appends {
+            assert!(
+                !cols.heads.contains(&a.stream_id),
+                "an append batch takes each stream once"
+            );
+            if !a.events.is_empty() {
+                cols.push(a);
+            }
+        }
+        Self {
+            appends: appends.to_vec(),
+            cols,
+        }
+    }
+
+    /// Whether no append has events (nothing to write).
+    pub fn is_empty(&self) -> bool {
+        self.cols.heads.is_empty()
+    }
+
+    /// The CTEs (see [`ctes`]) with parameters from `$first` ([`APPEND_PARAMS`] of them).
+    pub fn ctes(gate: Option<&str>, first: usize) -> String {
+        ctes(gate, first)
+    }
+
+    /// Binds the batch's arrays, in the order [`AppendBatch::ctes`] numbers them.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let c = &self.cols;
+        q.bind(&c.heads)
+            .bind(&c.head_types)
+            .bind(&c.expected)
+            .bind(&c.versions)
+            .bind(&c.head_hashes)
+            .bind(&c.ev_streams)
+            .bind(&c.ev_types)
+            .bind(&c.ev_versions)
+            .bind(&c.ids)
+            .bind(&c.event_types)
+            .bind(&c.schema_versions)
+            .bind(&c.payloads)
+            .bind(&c.metadatas)
+            .bind(&c.recorded)
+            .bind(&c.prev_hashes)
+            .bind(&c.hashes)
+            .bind(&c.kids)
+            .bind(&c.ob_streams)
+            .bind(&c.ob_ids)
+            .bind(&c.ob_destinations)
+            .bind(&c.ob_targets)
+            .bind(&c.ob_routing)
+            .bind(&c.ob_ordering)
+            .bind(&c.ob_headers)
+            .bind(&c.ob_payloads)
+    }
+
+    /// One outcome per append, in order, given the streams whose head moved.
+    pub fn outcomes(&self, moved: &[Uuid]) -> Vec<Result<AppendOutcome, StoreError>> {
+        if !moved.is_empty() {
+            // Readers of the feed and the outbox in this process look again shortly (they
+            // find the rows once the caller commits).
+            crate::wake::appended();
+        }
+        let mut heads = self
+            .cols
+            .heads
+            .iter()
+            .zip(&self.cols.versions)
+            .zip(&self.cols.head_hashes);
+        self.appends
+            .iter()
+            .map(|a| {
+                if a.events.is_empty() {
+                    return Ok(AppendOutcome {
+                        version: a.expected.version,
+                        head_hash: a.expected.head_hash.clone(),
+                        recorded_at: a.recorded_at,
+                    });
+                }
+                let ((id, version), head_hash) = heads.next().expect("one head per written append");
+                if moved.contains(id) {
+                    Ok(AppendOutcome {
+                        version: *version,
+                        head_hash: head_hash.clone(),
+                        recorded_at: a.recorded_at,
+                    })
+                } else {
+                    Err(StoreError::Conflict {
+                        stream_id: a.stream_id,
+                        expected: a.expected.version,
+                    })
+                }
+            })
+            .collect()
+    }
 }
 
 /// The column arrays of a batch: per stream, per event and per outbox message.
@@ -237,90 +386,30 @@ impl<'a> Columns<'a> {
 /// version, so one stream's conflict costs the others nothing. Returns one outcome per
 /// append, in order: its [`AppendOutcome`] or [`StoreError::Conflict`].
 ///
-/// The streams must be distinct (panics otherwise: two appends to one stream in one
-/// transaction would chain onto the same head). An `Err` of the whole call (a database
+/// The streams must be distinct (panics otherwise). An `Err` of the whole call (a database
 /// error, or the events' unique key as the second line of defence) leaves the transaction
 /// failed: the caller rolls back, and may retry the appends one by one to isolate it.
 pub async fn append_many(
     conn: &mut PgConnection,
     appends: &[Append<'_>],
 ) -> Result<Vec<Result<AppendOutcome, StoreError>>, sqlx::Error> {
-    let mut cols = Columns::default();
-    let mut written = Vec::with_capacity(appends.len());
-    for a in appends {
-        assert!(
-            !cols.heads.contains(&a.stream_id),
-            "append_many takes each stream once"
-        );
-        if !a.events.is_empty() {
-            cols.push(a);
-            written.push(a.stream_id);
-        }
+    let batch = AppendBatch::new(appends);
+    if batch.is_empty() {
+        return Ok(batch.outcomes(&[]));
     }
-    let moved: Vec<Uuid> = if written.is_empty() {
-        Vec::new()
-    } else {
-        let c = &cols;
-        sqlx::query_scalar(APPEND_MANY)
-            .bind(&c.heads)
-            .bind(&c.head_types)
-            .bind(&c.expected)
-            .bind(&c.versions)
-            .bind(&c.head_hashes)
-            .bind(&c.ev_streams)
-            .bind(&c.ev_types)
-            .bind(&c.ev_versions)
-            .bind(&c.ids)
-            .bind(&c.event_types)
-            .bind(&c.schema_versions)
-            .bind(&c.payloads)
-            .bind(&c.metadatas)
-            .bind(&c.recorded)
-            .bind(&c.prev_hashes)
-            .bind(&c.hashes)
-            .bind(&c.kids)
-            .bind(&c.ob_streams)
-            .bind(&c.ob_ids)
-            .bind(&c.ob_destinations)
-            .bind(&c.ob_targets)
-            .bind(&c.ob_routing)
-            .bind(&c.ob_ordering)
-            .bind(&c.ob_headers)
-            .bind(&c.ob_payloads)
-            .fetch_all(&mut *conn)
-            .await?
-    };
-    if !moved.is_empty() {
-        // Readers of the feed and the outbox in this process look again shortly (they find
-        // the rows once the caller commits).
-        crate::wake::appended();
-    }
-    let mut heads = cols.heads.iter().zip(&cols.versions).zip(&cols.head_hashes);
-    Ok(appends
+    // ev and ob run to completion whether or not they are read (data-modifying CTEs).
+    let sql = format!(
+        "WITH {} SELECT stream_id FROM head",
+        AppendBatch::ctes(None, 1)
+    );
+    let moved: Vec<Uuid> = batch
+        .bind(sqlx::query(&sql))
+        .fetch_all(&mut *conn)
+        .await?
         .iter()
-        .map(|a| {
-            if a.events.is_empty() {
-                return Ok(AppendOutcome {
-                    version: a.expected.version,
-                    head_hash: a.expected.head_hash.clone(),
-                    recorded_at: a.recorded_at,
-                });
-            }
-            let ((id, version), head_hash) = heads.next().expect("one head per written append");
-            if moved.contains(id) {
-                Ok(AppendOutcome {
-                    version: *version,
-                    head_hash: head_hash.clone(),
-                    recorded_at: a.recorded_at,
-                })
-            } else {
-                Err(StoreError::Conflict {
-                    stream_id: a.stream_id,
-                    expected: a.expected.version,
-                })
-            }
-        })
-        .collect())
+        .map(|r| r.get(0))
+        .collect();
+    Ok(batch.outcomes(&moved))
 }
 
 /// The events table's own unique key is a second line of defence behind the head row.

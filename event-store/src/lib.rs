@@ -41,7 +41,10 @@ pub mod outbox;
 pub mod read;
 pub mod wake;
 
-pub use append::{Append, AppendOutcome, Expected, append, append_at, append_many, now_micros};
+pub use append::{
+    APPEND_PARAMS, Append, AppendBatch, AppendOutcome, Expected, append, append_at, append_many,
+    now_micros,
+};
 pub use envelope::{Envelope, Headers};
 pub use model::{Metadata, NewEvent, StoredEvent};
 pub use outbox::{Destination, OutboxMessage, enqueue};

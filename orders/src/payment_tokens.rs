@@ -15,7 +15,8 @@ use domain::{
 };
 use sqlx::{PgConnection, PgPool, types::Json};
 
-/// A token to hold: the reference the order's event carries, and the sealed token.
+/// A token to hold ([`hold_cte`]): the reference the order's event carries (a fresh UUIDv7
+/// made by the caller), and the sealed token.
 pub struct Held<'a> {
     pub payment_ref: PaymentRef,
     pub order_id: OrderId,
@@ -23,34 +24,47 @@ pub struct Held<'a> {
     pub sealed_token: &'a Sealed,
 }
 
-/// Holds the sealed tokens (one statement, in the caller's transaction: a group commit
-/// holds a whole batch's). Each reference is made by the caller ([`PaymentRef`] is a fresh
-/// UUIDv7) and goes into the order's event.
-pub async fn hold(conn: &mut PgConnection, tokens: &[Held<'_>]) -> Result<(), sqlx::Error> {
-    if tokens.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token)
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])",
+/// Parameters [`hold_cte`] takes.
+pub const HOLD_PARAMS: usize = 4;
+
+/// The CTE `held`: holds the tokens whose order is in the CTE `gate` (a `stream_id` column),
+/// for a caller's statement (a group commit holds the tokens of the orders it appended), with
+/// parameters from `$first` ([`HOLD_PARAMS`], bound by [`bind_holds`]).
+pub fn hold_cte(gate: &str, first: usize) -> String {
+    let p = |n: usize| format!("${}", first + n - 1);
+    format!(
+        "held AS (
+    INSERT INTO payment_tokens (payment_ref, order_id, customer_id, sealed_token)
+    SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::text[], {}::jsonb[]) AS t(r, o, c, s)
+    WHERE t.o IN (SELECT stream_id FROM {gate})
+    RETURNING 1
+)",
+        p(1),
+        p(2),
+        p(3),
+        p(4)
     )
-    .bind(tokens.iter().map(|t| t.payment_ref.0).collect::<Vec<_>>())
-    .bind(tokens.iter().map(|t| t.order_id.0).collect::<Vec<_>>())
-    .bind(
-        tokens
-            .iter()
-            .map(|t| t.customer_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        tokens
-            .iter()
-            .map(|t| Json(t.sealed_token))
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+}
+
+/// Binds `tokens` for [`hold_cte`].
+pub fn bind_holds<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    tokens: &[Held<'q>],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    q.bind(tokens.iter().map(|t| t.payment_ref.0).collect::<Vec<_>>())
+        .bind(tokens.iter().map(|t| t.order_id.0).collect::<Vec<_>>())
+        .bind(
+            tokens
+                .iter()
+                .map(|t| t.customer_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            tokens
+                .iter()
+                .map(|t| Json(t.sealed_token))
+                .collect::<Vec<_>>(),
+        )
 }
 
 /// Takes the sealed token of `order_id` (deleting it, in the caller's transaction): `None`

@@ -169,6 +169,7 @@ impl MasterKeys {
 }
 
 /// One customer's data key, unwrapped: seals and opens boxes.
+#[derive(Clone)]
 pub struct DataKey {
     pub key_id: Uuid,
     cipher: Aes256Gcm,
@@ -374,6 +375,21 @@ pub async fn forget(conn: &mut PgConnection, customer_id: &str) -> Result<u64, s
     )
 }
 
+/// Which of `key_ids` still exist (their customers were not forgotten), asked at once.
+pub async fn live_keys(
+    conn: &mut PgConnection,
+    key_ids: &[Uuid],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT key_id FROM customer_keys WHERE key_id = ANY($1)")
+            .bind(key_ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect(),
+    )
+}
+
 /// A stored message as an operator sees it (`shop dlq show`, the console): when it is JSON,
 /// the value with [`mark_erased`] applied; `None` when it is not JSON (shown as text).
 pub async fn shown_message(
@@ -402,13 +418,7 @@ pub async fn mark_erased<'v>(
     if ids.is_empty() {
         return Ok(());
     }
-    let live: HashSet<Uuid> =
-        sqlx::query_scalar("SELECT key_id FROM customer_keys WHERE key_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
+    let live = live_keys(conn, &ids).await?;
     for v in values {
         replace_erased(v, &live);
     }

@@ -800,3 +800,49 @@ async fn checkouts_are_priced_from_the_catalog_and_keep_their_prices() {
         "{problem}"
     );
 }
+
+/// The command API keeps customers' data keys in memory; a key deleted meanwhile by another
+/// process (the customer forgotten) is never used again: the checkout is sealed afresh with
+/// her new key, so her new order stays readable.
+#[tokio::test]
+async fn a_checkout_after_the_customer_was_forgotten_elsewhere_seals_with_a_live_key() {
+    let api = TestApi::new().await;
+    let token = api.customer("cust-1");
+    let key_of = |order: String| {
+        let pool = api.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT payload #>> '{shipping_address,sealed,key_id}' FROM events
+                 WHERE stream_id = $1::uuid AND event_type = 'OrderPlaced'",
+            )
+            .bind(order)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .parse::<Uuid>()
+            .unwrap()
+        }
+    };
+    let r = api
+        .post("/orders", &token, "before", &checkout_body())
+        .await;
+    let (status, body, _) = json_of(r).await;
+    assert_eq!(status, 202, "{body}");
+    let first = key_of(body["order_id"].as_str().unwrap().to_owned()).await;
+
+    let mut conn = api.db.pool.acquire().await.unwrap();
+    assert_eq!(
+        platform::vault::forget(&mut conn, "cust-1").await.unwrap(),
+        1
+    );
+
+    let r = api.post("/orders", &token, "after", &checkout_body()).await;
+    let (status, body, _) = json_of(r).await;
+    assert_eq!(status, 202, "{body}");
+    let second = key_of(body["order_id"].as_str().unwrap().to_owned()).await;
+    assert_ne!(first, second);
+    let live = platform::vault::live_keys(&mut conn, &[first, second])
+        .await
+        .unwrap();
+    assert!(live.contains(&second) && !live.contains(&first), "{live:?}");
+}

@@ -2,13 +2,17 @@
 //! `catalog_products`, owned by this crate).
 //!
 //! Prices belong to the shop, never to the client: a checkout names products and quantities,
-//! [`prices`] looks them up, and the order aggregate records the prices it was placed at in
+//! [`prices`] looks them up (checkouts through [`Prices`], checked again when written), and
+//! the order aggregate records the prices it was placed at in
 //! `OrderPlaced`, so a later price change never alters a placed order (events stored before
 //! the catalog existed keep the prices they recorded). Prices are bounded (at most
 //! [`MAX_PRICE_MINOR`]) so that no order total can overflow: 100 lines x 1,000 units x the
 //! largest price still fits in 64-bit minor units.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use domain::values::{Currency, MinorUnits, Sku, ValueError};
 use sqlx::{PgPool, Row};
@@ -88,6 +92,48 @@ pub async fn prices(pool: &PgPool, skus: &[Sku]) -> Result<HashMap<Sku, Product>
             Ok((p.sku.clone(), p))
         })
         .collect()
+}
+
+/// The prices checkouts are decided with, kept in memory: one query per checkout saved. What
+/// is kept may be stale (a price changed, a product withdrawn, by any process); the writing
+/// transaction checks every line against the catalog and a stale checkout is
+/// decided again with [`Prices::get`]`(.., fresh = true)`, so no order is ever placed at a
+/// price the catalog no longer has (see `crate::checkouts`). Holds only products that exist
+/// (bounded by the catalog).
+#[derive(Clone, Default)]
+pub struct Prices {
+    known: Arc<RwLock<HashMap<Sku, Product>>>,
+}
+
+impl Prices {
+    /// The active products among `skus`: from memory when all are known and not `fresh`,
+    /// otherwise from the catalog (and remembered).
+    pub async fn get(
+        &self,
+        pool: &PgPool,
+        skus: &[Sku],
+        fresh: bool,
+    ) -> Result<HashMap<Sku, Product>, sqlx::Error> {
+        if !fresh {
+            let known = self.known.read().expect("prices lock");
+            let found: HashMap<Sku, Product> = skus
+                .iter()
+                .filter_map(|s| known.get(s).map(|p| (s.clone(), p.clone())))
+                .collect();
+            if skus.iter().all(|s| found.contains_key(s)) {
+                return Ok(found);
+            }
+        }
+        let found = prices(pool, skus).await?;
+        let mut known = self.known.write().expect("prices lock");
+        for sku in skus {
+            match found.get(sku) {
+                Some(p) => known.insert(sku.clone(), p.clone()),
+                None => known.remove(sku),
+            };
+        }
+        Ok(found)
+    }
 }
 
 /// Every product, by SKU.

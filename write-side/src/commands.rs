@@ -13,9 +13,9 @@
 
 use domain::{
     order::{CancelledBy, Order, OrderCommand, OrderRejected},
-    values::{OrderId, Reason},
+    values::{CustomerId, OrderId, Reason},
 };
-use event_store::{Expected, Metadata, group::Committer};
+use event_store::{Expected, Metadata};
 use orders::OrderError;
 use platform::{
     auth::{Principal, Role},
@@ -26,7 +26,7 @@ use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{checkouts::Checkouts, dto::Checkout, idempotency, problem::ApiError};
+use crate::{checkouts::Checkouts, dto::CheckoutRequest, idempotency, problem::ApiError};
 
 /// Who asks, with which key and request, in which trace.
 #[derive(Debug, Clone)]
@@ -47,9 +47,13 @@ pub struct CommandResponse {
 }
 
 pub enum Command {
-    /// With the customer's data key, fetched (or made and committed) before the command's
-    /// transaction ([`data_key`]).
-    Checkout(Checkout, Box<DataKey>),
+    /// A checkout request (priced and sealed when placed: [`crate::checkouts::place`]) for
+    /// the customer, as the new order.
+    Checkout {
+        request: Box<CheckoutRequest>,
+        customer: CustomerId,
+        order_id: OrderId,
+    },
     Cancel {
         order_id: OrderId,
         if_match: Option<i64>,
@@ -60,7 +64,7 @@ pub enum Command {
 impl Command {
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Checkout(..) => "checkout",
+            Command::Checkout { .. } => "checkout",
             Command::Cancel { .. } => "cancel",
         }
     }
@@ -69,7 +73,7 @@ impl Command {
 /// Runs the command in its transaction, inside a span that continues the request's trace.
 pub async fn execute(
     pool: &PgPool,
-    checkouts: &Committer<Checkouts>,
+    checkouts: &Checkouts,
     ctx: &CommandContext,
     command: &Command,
 ) -> Result<CommandResponse, ApiError> {
@@ -83,9 +87,11 @@ pub async fn execute(
     platform::trace::follow(&span, Some(&ctx.traceparent));
     async {
         let result = match command {
-            Command::Checkout(checkout, key) => {
-                crate::checkouts::place(checkouts, pool, ctx, checkout, key).await
-            }
+            Command::Checkout {
+                request,
+                customer,
+                order_id,
+            } => crate::checkouts::place(checkouts, ctx, request, customer, *order_id).await,
             Command::Cancel {
                 order_id,
                 if_match,

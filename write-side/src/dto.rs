@@ -118,8 +118,8 @@ impl CheckoutRequest {
 
     /// The domain command for this request, for `customer` and the new order id, priced
     /// from `catalog` (the active products among the request's; see [`crate::catalog`]).
-    pub fn into_command(
-        self,
+    pub fn command(
+        &self,
         order_id: OrderId,
         customer: CustomerId,
         catalog: &HashMap<Sku, Product>,
@@ -210,7 +210,7 @@ mod tests {
     }
 
     fn place(currency: &str, items: serde_json::Value) -> Result<Checkout, ValueError> {
-        request(currency, items).into_command(
+        request(currency, items).command(
             OrderId(uuid::Uuid::now_v7()),
             CustomerId::parse("c-1").unwrap(),
             &catalog(),

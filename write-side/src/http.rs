@@ -19,7 +19,6 @@ use domain::{
     order::{MAX_LINES, OrderRejected},
     values::{CustomerId, OrderId, Reason},
 };
-use event_store::group::Committer;
 use platform::{
     auth::{Authenticator, Principal, Role},
     limits::{Admission, ApiLimits},
@@ -32,7 +31,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    catalog,
     checkouts::Checkouts,
     commands::{self, Command, CommandContext, CommandResponse},
     dto::{CancelRequest, CheckoutRequest},
@@ -52,13 +50,13 @@ pub struct AppState {
     /// Seals checkouts' personal data with customers' data keys.
     pub(crate) vault: Vault,
     /// Writes checkouts, many per transaction.
-    pub(crate) checkouts: Committer<Checkouts>,
+    pub(crate) checkouts: Checkouts,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, auth: Authenticator, vault: Vault) -> Self {
         Self {
-            checkouts: crate::checkouts::committer(pool.clone()),
+            checkouts: Checkouts::start(pool.clone(), vault.clone()),
             pool,
             auth,
             vault,
@@ -303,18 +301,15 @@ async fn checkout(State(state): State<AppState>, request: Request) -> Result<Res
             }
             _ => {}
         }
-        // The prices and the customer's data key at once (both outside the transaction).
-        let skus = req.skus()?;
-        let (prices, key) = tokio::try_join!(
-            async { Ok::<_, ApiError>(catalog::prices(&state.pool, &skus).await?) },
-            commands::data_key(&state.pool, &state.vault, customer.as_str()),
-        )?;
-        let cmd = req.into_command(order_id, customer, &prices)?;
         let r = commands::execute(
             &state.pool,
             &state.checkouts,
             &ctx,
-            &Command::Checkout(cmd, Box::new(key)),
+            &Command::Checkout {
+                request: Box::new(req),
+                customer,
+                order_id,
+            },
         )
         .await?;
         let location = r.body["order_id"]

@@ -92,6 +92,90 @@ pub async fn claim(
         .collect())
 }
 
+/// Records to claim inside a caller's statement ([`Claims::ctes`]): each with its owner's
+/// index and the stream its command writes.
+#[derive(Default)]
+pub struct Claims<'a> {
+    principals: Vec<String>,
+    keys: Vec<&'a str>,
+    hashes: Vec<&'a [u8]>,
+    statuses: Vec<i16>,
+    bodies: Vec<Json<&'a Value>>,
+    of: Vec<i64>,
+    streams: Vec<uuid::Uuid>,
+}
+
+/// Parameters [`Claims::ctes`] takes.
+pub const CLAIM_PARAMS: usize = 7;
+
+impl<'a> Claims<'a> {
+    /// Adds the record of command `of`, which writes `stream`. A caller adds each
+    /// `(principal, key)` once: two records of one key in a statement would both be seen as
+    /// claimed.
+    pub fn push(
+        &mut self,
+        of: usize,
+        stream: uuid::Uuid,
+        ctx: &'a CommandContext,
+        r: &'a CommandResponse,
+    ) {
+        self.principals.push(ctx.principal.actor());
+        self.keys.push(&ctx.idempotency_key);
+        self.hashes.push(&ctx.request_hash);
+        self.statuses.push(r.status as i16);
+        self.bodies.push(Json(&r.body));
+        self.of.push(of as i64);
+        self.streams.push(stream);
+    }
+
+    /// CTEs `claim` (the records stored; a key already taken is not) and `claimed` (`i` and
+    /// `stream_id` of the commands whose record was stored), for a caller's statement, with
+    /// parameters from `$first` ([`CLAIM_PARAMS`]); commands whose `i` is in the CTE `skip`
+    /// are not tried.
+    pub fn ctes(skip: &str, first: usize) -> String {
+        let p = |n: usize| format!("${}", first + n - 1);
+        format!(
+            "claim AS (
+    INSERT INTO idempotency_keys (principal, key, request_hash, response_status, response_body)
+    SELECT r.p, r.k, r.h, r.s, r.b
+    FROM unnest({}::text[], {}::text[], {}::bytea[], {}::smallint[], {}::jsonb[], {}::bigint[])
+        AS r(p, k, h, s, b, i)
+    WHERE r.i NOT IN (SELECT i FROM {skip})
+    ON CONFLICT DO NOTHING
+    RETURNING principal, key
+), claimed AS (
+    SELECT r.i, r.stream_id
+    FROM unnest({}::text[], {}::text[], {}::bigint[], {}::uuid[]) AS r(p, k, i, stream_id)
+    JOIN claim c ON c.principal = r.p AND c.key = r.k
+)",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(1),
+            p(2),
+            p(6),
+            p(7)
+        )
+    }
+
+    /// Binds the records, in the order [`Claims::ctes`] numbers them.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.principals)
+            .bind(&self.keys)
+            .bind(&self.hashes)
+            .bind(&self.statuses)
+            .bind(&self.bodies)
+            .bind(&self.of)
+            .bind(&self.streams)
+    }
+}
+
 /// Gives back keys claimed in the caller's transaction by commands that then wrote nothing
 /// (their append conflicted), so the records leave with nothing of theirs.
 pub async fn release(
