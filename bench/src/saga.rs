@@ -36,6 +36,9 @@ pub struct SagaBenchArgs {
     /// Checkouts in the burst phase.
     #[arg(long, default_value_t = 2000)]
     pub burst: usize,
+    /// Messages each saga consumer handles at once (`SAGA_CONCURRENCY` of `shop run`).
+    #[arg(long, default_value_t = saga::SagaConfig::default().concurrency)]
+    pub saga_concurrency: usize,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -165,6 +168,7 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
     let relay_task = tokio::spawn(outbox_relay::run(relay, db_url.clone(), shutdown.clone()));
     let saga_cfg = saga::SagaConfig {
         queue_prefix: prefix.clone(),
+        concurrency: args.saga_concurrency,
         ..saga::SagaConfig::default()
     };
     let names = saga::topology::Names::new(&prefix);
@@ -277,6 +281,15 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
         pct(&burst_lat, 0.99),
         pct(&burst_lat, 1.0)
     );
+    // Issue 17's cost target: `shop run`'s peak RSS under this burst. Everything `shop run`
+    // runs for a checkout runs in this process (plus the benchmark's own client and
+    // bookkeeping), so its high-water mark bounds it from above.
+    if let Some(kib) = peak_rss_kib() {
+        println!(
+            "\npeak RSS of this process (command API, relay, orchestrator, participants, client): {:.0} MB",
+            kib as f64 / 1024.0
+        );
+    }
 
     shutdown.cancel();
     relay_task.await??;
@@ -291,4 +304,13 @@ pub async fn saga(infra: &InfraConfig, args: &SagaBenchArgs) -> anyhow::Result<(
     conn.close(200, "done".into()).await.ok();
     scratch.cleanup().await?;
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM` of `/proc/self/status`), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
